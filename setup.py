@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="guided-diffusion-rcdm",
+    version="0.1.0",
+    description=(
+        "Representation-Conditioned Diffusion Models (RCDM): see what a "
+        "self-supervised representation keeps by sampling images from it."
+    ),
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["guided_diffusion_rcdm", "guided_diffusion_rcdm.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "numpy",
+        "blobfile",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "mpi": ["mpi4py"],
+        "slurm": ["submitit"],
+        "faiss": ["faiss-cpu"],
+        "test": ["pytest", "scikit-image"],
+    },
+)
