@@ -1,0 +1,567 @@
+"""Checkpoint files in and out: download, cache, mirror, checksum, safe load, save with metadata.
+
+This is the only module that reads or writes checkpoint files. Downloads go to the torch.hub cache
+(`$TORCH_HOME/hub/checkpoints/<file name in the URL>`, so a file placed there by hand is used with no
+network), are written to a temporary name and renamed only once complete and checked against their
+SHA-256 when it is known, and can be redirected to a local mirror (a directory or a base URL) with
+`RCDM_MIRROR`. Every load is `weights_only`: upstream training checkpoints are accepted with a small
+allow-list (argparse.Namespace and numpy scalars, which they carry next to the weights) and anything
+else that would run code while unpickling is refused. The project's own checkpoints record the
+flags they were made with, so a mismatch can say which flags to use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "rcdm-checkpoint-v1"
+MIRROR_ENV = "RCDM_MIRROR"
+TIMEOUT_ENV = "RCDM_DOWNLOAD_TIMEOUT"
+
+# SHA-256 of every published file the project downloads, keyed by URL. None = not recorded yet
+# (nobody with network access has hashed it); fill in as they are verified, and `download` then
+# refuses any other content. torchvision files carry a hash prefix in their name (see
+# `expected_sha256`), which is checked when no full digest is recorded.
+PUBLISHED_SHA256: dict[str, str | None] = {
+    "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/"
+    "dino_resnet50_pretrain_full_checkpoint.pth": None,
+    "https://dl.fbaipublicfiles.com/vissl/model_zoo/"
+    "simclr_rn50_1000ep_simclr_8node_resnet_16_07_20.afe428c7/"
+    "model_final_checkpoint_phase999.torch": None,
+    "https://dl.fbaipublicfiles.com/vissl/model_zoo/barlow_twins/"
+    "barlow_twins_32gpus_4node_imagenet1k_1000ep_resnet50.torch": None,
+    "https://dl.fbaipublicfiles.com/vicreg/resnet50_fullckpt.pth": None,
+    **{
+        f"https://dl.fbaipublicfiles.com/rcdm/rcdm_ema_{name}.pt": None
+        for name in (
+            "simclr_trunk", "simclr_head", "barlow_trunk", "barlow_head", "vicreg_trunk",
+            "vicreg_head", "dino_trunk", "dino_head", "supervised",
+        )
+    },
+}
+
+_TORCHVISION_HASH = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched (network, mirror, truncated transfer)."""
+
+
+class ChecksumError(DownloadError):
+    """A file's SHA-256 is not the recorded one."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read (corrupt, truncated, not a checkpoint)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds Python objects whose unpickling could run code; refused."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the model (missing / unexpected keys, other shapes)."""
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def hub_cache_dir() -> Path:
+    """`$TORCH_HOME/hub/checkpoints`, the directory torch.hub caches downloaded weights in."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def expected_sha256(url: str) -> str | None:
+    """The recorded digest of a published URL, or the hash prefix in a torchvision file name."""
+    known = PUBLISHED_SHA256.get(url)
+    if known:
+        return known
+    parts = urllib.parse.urlparse(url)
+    if parts.netloc == "download.pytorch.org":
+        match = _TORCHVISION_HASH.search(os.path.basename(parts.path))
+        if match:
+            return match.group(1)
+    return None
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_digest(actual: str, expected: str | None, what: str, fix: str) -> None:
+    # `expected` may be a prefix (torchvision names carry the first 8+ hex digits).
+    if expected and not actual.startswith(expected.lower()):
+        raise ChecksumError(
+            f"checksum mismatch for {what}: SHA-256 {actual}, expected "
+            f"{expected.lower()}{'...' if len(expected) < 64 else ''}. {fix}"
+        )
+
+
+def _mirror_candidates(url: str, mirror: str) -> list[str]:
+    """Where a mirror may hold `url`: by file name first, then under the URL's path."""
+    path = urllib.parse.urlparse(url).path.lstrip("/")
+    names = [os.path.basename(path), path]
+    if mirror.startswith("file://"):
+        mirror = urllib.request.url2pathname(urllib.parse.urlparse(mirror).path)
+    if "://" in mirror:
+        return [mirror.rstrip("/") + "/" + urllib.parse.quote(n) for n in names]
+    return [os.path.join(os.path.expanduser(mirror), n) for n in names]
+
+
+def _failure_message(url: str, cache_path: Path, reason: str, tried: list[str]) -> str:
+    tried_text = "".join(f"\n  tried: {t}" for t in tried)
+    return (
+        f"could not download {url}: {reason}{tried_text}\n"
+        f"To work offline, put the file by hand at {cache_path} (it is then used with no "
+        f"network), or set {MIRROR_ENV} to a directory or base URL holding "
+        f"'{cache_path.name}' (e.g. {MIRROR_ENV}=/shared/weights or "
+        f"{MIRROR_ENV}=http://host/weights); {MIRROR_ENV} redirects every download."
+    )
+
+
+def download(
+    url: str,
+    *,
+    sha256: str | None = None,
+    file_name: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Return a local path to the file at `url`, downloading it into the torch.hub cache if needed.
+
+    `sha256` (full digest or a prefix of at least 8 hex digits; defaults to `expected_sha256(url)`)
+    is verified on every use when known. With `RCDM_MIRROR` set, the URL is never contacted: a
+    directory mirror's file is used in place, a URL mirror's file is downloaded into the cache.
+    A failed or mismatching download leaves nothing in the cache.
+    """
+    expected = (sha256 or expected_sha256(url) or "").lower() or None
+    name = file_name or os.path.basename(urllib.parse.urlparse(url).path)
+    cache_path = hub_cache_dir() / name
+    if cache_path.is_file():
+        _check_digest(
+            sha256_of(cache_path), expected, str(cache_path),
+            "Delete it so that it is downloaded again, or replace it with the published file.",
+        )
+        return cache_path
+
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    sources = _mirror_candidates(url, mirror) if mirror else [url]
+    if mirror and "://" not in sources[0]:
+        for candidate in sources:
+            if os.path.isfile(candidate):
+                _check_digest(
+                    sha256_of(candidate), expected, candidate,
+                    f"The mirror {mirror} holds another file than the published one.",
+                )
+                return Path(candidate)
+        raise DownloadError(
+            _failure_message(url, cache_path, f"not found in the {MIRROR_ENV} directory", sources)
+        )
+
+    errors = []
+    for source in sources:
+        try:
+            _fetch(source, cache_path, expected, progress)
+            return cache_path
+        except ChecksumError:
+            raise
+        except urllib.error.HTTPError as err:
+            errors.append(f"{source}: HTTP {err.code} {err.reason}")
+            if err.code != 404:
+                break
+        except (urllib.error.URLError, OSError, http.client.HTTPException, DownloadError) as err:
+            errors.append(f"{source}: {getattr(err, 'reason', None) or err}")
+            break  # the host itself failed: no point trying the next path on it
+    raise DownloadError(_failure_message(url, cache_path, "; ".join(errors), []))
+
+
+def _fetch(source: str, dest: Path, expected: str | None, progress: bool) -> None:
+    """Stream `source` to a temporary file next to `dest`; rename it only once it is verified."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    timeout = float(os.environ.get(TIMEOUT_ENV, "60"))
+    request = urllib.request.Request(source, headers={"User-Agent": "guided-diffusion-rcdm"})
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+    try:
+        digest = hashlib.sha256()
+        received = 0
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
+            total = resp.headers.get("Content-Length")
+            total = int(total) if total and total.isdigit() else None
+            bar = _progress_bar(total, dest.name) if progress else None
+            try:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+            finally:
+                if bar is not None:
+                    bar.close()
+            if total is not None and received != total:
+                raise DownloadError(f"transfer cut short ({received} of {total} bytes)")
+            out.flush()
+            os.fsync(out.fileno())
+        _check_digest(
+            digest.hexdigest(), expected, source,
+            "The download was discarded; if the mirror is right, the recorded checksum is not.",
+        )
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _progress_bar(total: int | None, name: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name)
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+def _upstream_safe_globals() -> list:
+    """Non-tensor objects that upstream training checkpoints hold next to their weights.
+
+    DINO stores its argparse arguments; VISSL and others store numpy scalars (which need
+    `numpy.dtype` and the dtype classes to rebuild). None of these run code when rebuilt.
+    """
+    allowed: list = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:  # numpy is a dependency, but loading plain weights must not need it
+        return allowed
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    # Files written with numpy 1.x name the reconstructor numpy.core.multiarray.scalar.
+    allowed += [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [
+            getattr(dtypes, n) for n in dir(dtypes)
+            if n.endswith("DType") and isinstance(getattr(dtypes, n), type)
+        ]
+    return allowed
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _describe_unpickling_error(err: Exception) -> str | None:
+    """The refused global if `err` is weights_only refusing code, else None (a corrupt file)."""
+    text = str(err)
+    match = re.search(r"GLOBAL ([\w.]+)", text)
+    if match:
+        return match.group(1)
+    match = re.search(r"[^\n]*(unsupported|blocked|not an allowed|unrecognized)[^\n]*", text, re.I)
+    return match.group(0).strip() if match else None
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """`torch.load(..., weights_only=True)` with the upstream allow-list and clear errors."""
+    path = str(path)
+    try:
+        with torch.serialization.safe_globals(_upstream_safe_globals()):
+            if _is_remote(path):
+                import blobfile as bf
+
+                with bf.BlobFile(path, "rb") as f:
+                    return torch.load(io.BytesIO(f.read()), map_location=map_location,
+                                      weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint file at {path}") from None
+    except pickle.UnpicklingError as err:
+        refused = _describe_unpickling_error(err)
+        if refused:
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: besides weights it holds Python code to run while "
+                f"unpickling ({refused}), which could do anything on this machine. Only tensors "
+                "and plain data are loaded (weights_only=True). If you trust the file, re-save "
+                "its state dict: torch.save(torch.load(f, weights_only=False)['state_dict'], g)."
+            ) from None
+        raise CheckpointError(_corrupt_message(path, err)) from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as err:
+        raise CheckpointError(_corrupt_message(path, err)) from None
+
+
+def _corrupt_message(path: str, err: Exception) -> str:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    size_text = f" ({size} bytes)" if size is not None else ""
+    where = hub_cache_dir()
+    hint = (
+        " It is in the download cache: delete it so that it is downloaded again."
+        if Path(path).resolve().parent == where.resolve() else ""
+    )
+    return (
+        f"cannot read checkpoint {path}{size_text}: the file is truncated or corrupt "
+        f"({reason}).{hint}"
+    )
+
+
+def _looks_like_safetensors(path: str) -> bool:
+    if path.endswith(".safetensors"):
+        return True
+    if _is_remote(path) or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then a JSON object.
+    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
+
+
+def _load_safetensors(path: str, map_location: Any) -> tuple[dict, dict]:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError(
+            f"{path} is a safetensors file: pip install safetensors "
+            "(or guided-diffusion-rcdm[safetensors])"
+        ) from None
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+            header = f.metadata() or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint file at {path}") from None
+    except Exception as err:  # safetensors raises its own SafetensorError for bad headers
+        raise CheckpointError(_corrupt_message(path, err)) from None
+    meta = json.loads(header["meta"]) if "meta" in header else {}
+    return state_dict, meta
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[dict, dict]:
+    """Load a model checkpoint as `(state_dict, meta)`, never running code from the file.
+
+    Accepts the project's own files (`save_checkpoint`, torch or safetensors), plain state dicts
+    such as the published RCDM checkpoints (`meta == {}`), and `{"state_dict": ...}` wrappers.
+    A state dict saved from a DistributedDataParallel model loses its `module.` prefix.
+    """
+    path = str(path)
+    if _looks_like_safetensors(path):
+        state_dict, meta = _load_safetensors(path, map_location)
+    else:
+        obj = safe_torch_load(path, map_location)
+        fmt = obj.get("format") if isinstance(obj, Mapping) else None
+        if isinstance(fmt, str) and fmt.startswith("rcdm-checkpoint-") and fmt != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{path} is a {fmt} file; this version reads {CHECKPOINT_FORMAT}: upgrade "
+                "guided-diffusion-rcdm"
+            )
+        if fmt == CHECKPOINT_FORMAT:
+            state_dict, meta = obj["state_dict"], dict(obj.get("meta") or {})
+        elif _is_state_dict(obj):
+            state_dict, meta = obj, {}
+        elif isinstance(obj, Mapping) and _is_state_dict(obj.get("state_dict")):
+            state_dict, meta = obj["state_dict"], {}
+        else:
+            keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+            raise CheckpointError(
+                f"{path} does not hold a model state dict (found {keys}); expected a dict of "
+                "tensors or a file written by guided_diffusion_rcdm.hub.save_checkpoint"
+            )
+    state_dict = dict(state_dict)
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict, meta
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save` that never leaves a truncated `path`: temp file, fsync, rename.
+
+    Remote blobfile paths (gs://, az://) are written in one upload, which object stores publish
+    only once complete.
+    """
+    path = str(path)
+    if _is_remote(path):
+        import blobfile as bf
+
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        with bf.BlobFile(path, "wb") as f:
+            f.write(buffer.getvalue())
+        return
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _atomic_write(path: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable; not possible on every platform / filesystem
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _plain_meta(meta: dict | None) -> dict:
+    # A JSON round trip guarantees `meta` loads back under weights_only and fits safetensors.
+    try:
+        return json.loads(json.dumps(meta or {}))
+    except TypeError as err:
+        raise TypeError(f"checkpoint meta must be JSON-serialisable: {err}") from None
+
+
+def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
+                    meta: dict | None = None) -> None:
+    """Save a model the way the project reads it back: weights plus `meta` (flags, encoder, step).
+
+    A path ending in `.safetensors` gives a safetensors file with `meta` JSON-encoded in its
+    header; anything else a torch file `{"format", "state_dict", "meta"}`. Written atomically.
+    """
+    path = str(path)
+    meta = _plain_meta(meta)
+    if not path.endswith(".safetensors"):
+        atomic_torch_save(
+            {"format": CHECKPOINT_FORMAT, "state_dict": dict(state_dict), "meta": meta}, path
+        )
+        return
+    try:
+        from safetensors.torch import save as st_save
+    except ImportError:
+        raise ImportError(
+            "saving .safetensors needs: pip install safetensors "
+            "(or guided-diffusion-rcdm[safetensors])"
+        ) from None
+    tensors, seen = {}, set()
+    for key, value in state_dict.items():
+        value = value.detach().contiguous()
+        # safetensors refuses tensors that share memory (tied weights): give each its own copy.
+        ptr = (value.untyped_storage().data_ptr(), value.storage_offset())
+        if value.numel() and ptr in seen:
+            value = value.clone()
+        seen.add(ptr)
+        tensors[key] = value.cpu()
+    header = {"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta)}
+    payload = st_save(tensors, metadata=header)
+    if _is_remote(path):
+        import blobfile as bf
+
+        with bf.BlobFile(path, "wb") as f:
+            f.write(payload)
+        return
+    _atomic_write(path, lambda f: f.write(payload))
+
+
+# ----------------------------------------------------------------------------- checked loading
+
+
+def format_flags(flags: Mapping[str, Any]) -> str:
+    """`{"image_size": 64, ...}` -> `--image_size 64 ...`, the way the scripts take them."""
+    return " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                    for k, v in flags.items())
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def load_state_dict_checked(
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    meta: dict | None = None,
+    strict: bool = True,
+    *,
+    assign: bool = False,
+    shown: int = 5,
+) -> None:
+    """`model.load_state_dict` that fails with a short, actionable message instead of a key wall.
+
+    Shape mismatches always fail; missing and unexpected keys fail when `strict`. The message gives
+    the counts, the first `shown` keys of each kind with their shapes, and the flags the checkpoint
+    was saved with when `meta` records them.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        (k, _shape(state_dict[k]), _shape(expected[k]))
+        for k in expected
+        if k in state_dict and _shape(state_dict[k]) != _shape(expected[k])
+    ]
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointMismatchError(
+            _mismatch_message(expected, state_dict, missing, unexpected, mismatched, meta, shown)
+        )
+    model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _mismatch_message(expected, state_dict, missing, unexpected, mismatched, meta, shown) -> str:
+    lines = [
+        f"the checkpoint does not fit the model: {len(mismatched)} tensors of another shape, "
+        f"{len(missing)} missing from the checkpoint, {len(unexpected)} unexpected "
+        f"(checkpoint {len(state_dict)} tensors, model {len(expected)})."
+    ]
+    for key, got, want in mismatched[:shown]:
+        lines.append(f"  shape   {key}: checkpoint {got}, model {want}")
+    for key in missing[:shown]:
+        lines.append(f"  missing {key}: model {_shape(expected[key])}")
+    for key in unexpected[:shown]:
+        lines.append(f"  unexpected {key}: checkpoint {_shape(state_dict[key])}")
+    if any(k == "ssl_emb.weight" for k, _, _ in mismatched):
+        _, got, want = next(m for m in mismatched if m[0] == "ssl_emb.weight")
+        lines.append(
+            f"The representation size differs (checkpoint ssl_dim {got[1]}, model {want[1]}): "
+            "check --type_model and --use_head."
+        )
+    meta = meta or {}
+    if meta.get("model_flags"):
+        lines.append(f"The checkpoint was saved with {format_flags(meta['model_flags'])}.")
+    if meta.get("encoder"):
+        enc = meta["encoder"]
+        lines.append(
+            f"Its encoder: --type_model {enc.get('type_model')}"
+            f"{' --use_head' if enc.get('use_head') else ''} (input {enc.get('normalize')})."
+        )
+    if not meta.get("model_flags"):
+        lines.append(
+            "The checkpoint does not record its flags: pass the ones it was trained with "
+            "(the published 128x128 models need $MODEL_FLAGS_128)."
+        )
+    return "\n".join(lines)
