@@ -1,0 +1,500 @@
+"""The representation-conditioned UNet of RCDM.
+
+The UNet of Dhariwal & Nichol (2021): residual blocks with optional up/down-sampling and FiLM-like
+scale-shift normalisation, multi-head self-attention at chosen resolutions, and a sinusoidal
+timestep embedding. RCDM adds one thing: with `feat_cond=True`, a linear layer `ssl_emb` maps the
+frozen encoder's representation (`feat`, [N x ssl_dim]) to the embedding width, and its output is
+added to the timestep embedding, so every ResBlock sees the representation through the same
+scale-shift path as the timestep. Parameter names match the original exactly, so the published
+checkpoints load with `strict=True`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fp16_util import convert_module_to_f16, convert_module_to_f32
+from .nn import avg_pool_nd, checkpoint, conv_nd, linear, normalization, timestep_embedding, zero_module
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep (and representation) embedding as a second input."""
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor: ...
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """A sequence that hands the embedding to the children that take it."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution.
+
+    For 3D signals only the inner two dimensions are upsampled.
+    """
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1] == self.channels
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.use_conv:
+            x = self.conv(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """2x downsampling by a strided 3x3 convolution or by average pooling."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=1)
+        else:
+            assert self.channels == self.out_channels
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1] == self.channels
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """A residual block conditioned on the embedding, optionally changing channels or resolution.
+
+    :param channels: input channels.
+    :param emb_channels: width of the timestep/representation embedding.
+    :param dropout: dropout rate before the last convolution.
+    :param out_channels: output channels (default: `channels`).
+    :param use_conv: with a channel change, use a 3x3 instead of a 1x1 convolution on the skip path.
+    :param use_scale_shift_norm: apply the embedding as `norm(h) * (1 + scale) + shift` (FiLM)
+        instead of adding it before the norm.
+    :param dims: 1, 2 or 3 for 1D, 2D or 3D signals.
+    :param use_checkpoint: recompute activations in the backward pass to save memory.
+    :param up: upsample by 2 inside the block.
+    :param down: downsample by 2 inside the block.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_conv: bool = False,
+        use_scale_shift_norm: bool = False,
+        dims: int = 2,
+        use_checkpoint: bool = False,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.emb_channels = emb_channels
+        self.dropout = dropout
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+
+        self.in_layers = nn.Sequential(
+            normalization(channels),
+            nn.SiLU(),
+            conv_nd(dims, channels, self.out_channels, 3, padding=1),
+        )
+
+        self.updown = up or down
+        if up:
+            self.h_upd = Upsample(channels, False, dims)
+            self.x_upd = Upsample(channels, False, dims)
+        elif down:
+            self.h_upd = Downsample(channels, False, dims)
+            self.x_upd = Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """:param x: [N x C x ...] features. :param emb: [N x emb_channels]. :return: [N x C' x ...]."""
+        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            # Resample between the activation and the convolution, on both paths.
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_conv(self.h_upd(in_rest(x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - emb_out.dim())))
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = out_rest(out_norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over all spatial positions, with a residual connection.
+
+    :param num_heads: number of heads, used when `num_head_channels` is -1.
+    :param num_head_channels: if not -1, a fixed width per head (heads = channels // width).
+    :param use_new_attention_order: split q/k/v before heads (`QKVAttention`) instead of heads
+        before q/k/v (`QKVAttentionLegacy`, what the published checkpoints use).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        use_checkpoint: bool = False,
+        use_new_attention_order: bool = False,
+    ):
+        super().__init__()
+        self.channels = channels
+        if num_head_channels == -1:
+            if channels % num_heads:
+                raise ValueError(f"{channels} attention channels cannot be split into num_heads={num_heads}")
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(
+                    f"{channels} attention channels are not divisible by num_head_channels={num_head_channels}"
+                )
+            self.num_heads = channels // num_head_channels
+        self.use_checkpoint = use_checkpoint
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        self.attention = (QKVAttention if use_new_attention_order else QKVAttentionLegacy)(self.num_heads)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        return (x + h).reshape(b, c, *spatial)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q^T k / sqrt(ch)) applied to v, for [B x ch x T] tensors; softmax in float32.
+
+    q and k are each scaled by ch^-1/4 before the product, which is more stable in fp16 than
+    dividing the product afterwards.
+    """
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v)
+
+
+class QKVAttentionLegacy(nn.Module):
+    """QKV attention on an [N x (H * 3 * C) x T] tensor: heads first, then q, k, v."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        """:return: [N x (H * C) x T]."""
+        bs, width, length = qkv.shape
+        assert width % (3 * self.n_heads) == 0
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        return _attend(q, k, v).reshape(bs, -1, length)
+
+
+class QKVAttention(nn.Module):
+    """QKV attention on an [N x (3 * H * C) x T] tensor: q, k, v first, then heads."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        """:return: [N x (H * C) x T]."""
+        bs, width, length = qkv.shape
+        assert width % (3 * self.n_heads) == 0
+        ch = width // (3 * self.n_heads)
+        q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
+        return _attend(q, k, v).reshape(bs, -1, length)
+
+
+class UNetModel(nn.Module):
+    """The full UNet with attention, timestep embedding and (RCDM) representation conditioning.
+
+    :param image_size: input resolution (recorded; the network itself is resolution-agnostic).
+    :param in_channels: channels of the input image.
+    :param model_channels: base channel count.
+    :param out_channels: output channels (6 with a learned variance: eps and the variance value).
+    :param num_res_blocks: residual blocks per resolution level.
+    :param attention_resolutions: downsampling rates (1, 2, 4, ...) at which to add attention.
+    :param dropout: dropout rate in the ResBlocks.
+    :param channel_mult: channel multiplier per level.
+    :param conv_resample: use learned convolutions for up/downsampling (when not `resblock_updown`).
+    :param dims: 1, 2 or 3 for 1D, 2D or 3D signals.
+    :param num_classes: if set, class-conditional with that many classes (input `y`).
+    :param use_checkpoint: gradient checkpointing in every ResBlock and AttentionBlock.
+    :param use_fp16: the torso (input, middle, output blocks) is meant to run in float16 once
+        `convert_to_fp16()` is called.
+    :param num_heads: attention heads (when `num_head_channels` is -1).
+    :param num_head_channels: fixed width per attention head, overriding `num_heads`.
+    :param num_heads_upsample: heads in the upsampling half (-1: same as `num_heads`).
+    :param use_scale_shift_norm: FiLM-like conditioning in the ResBlocks.
+    :param resblock_updown: ResBlocks with built-in resampling instead of Upsample/Downsample.
+    :param use_new_attention_order: split q/k/v before heads.
+    :param feat_cond: condition on a representation `feat` through `ssl_emb`.
+    :param ssl_dim: width of the representation.
+    :param instance_cond: the original's name for `feat_cond` (accepted for old call sites).
+    :param G_shared: accepted for the original's signature; has no effect.
+    :param pretrained: accepted for the original's signature; has no effect.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        num_classes: int | None = None,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        feat_cond: bool = False,
+        ssl_dim: int = 2048,
+        instance_cond: bool | None = None,
+        G_shared: bool = False,
+        pretrained: bool = False,
+    ):
+        super().__init__()
+        del G_shared, pretrained  # no effect; kept so the original's call sites still work
+        if instance_cond is not None:
+            feat_cond = feat_cond or instance_cond
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.conv_resample = conv_resample
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.use_fp16 = use_fp16
+        # The torso runs in float32 until `convert_to_fp16()` is called (by the trainer or a
+        # sampling script when `use_fp16` is set), as in the original.
+        self.dtype = torch.float32
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+        self.feat_cond = feat_cond
+        self.ssl_dim = ssl_dim
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, time_embed_dim),
+            nn.SiLU(),
+            linear(time_embed_dim, time_embed_dim),
+        )
+        if feat_cond:
+            # The one place the representation enters the network.
+            self.ssl_emb = nn.Linear(ssl_dim, time_embed_dim)
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+        def res_block(ch_in: int, ch_out: int | None = None, **kwargs) -> ResBlock:
+            return ResBlock(
+                ch_in,
+                time_embed_dim,
+                dropout,
+                out_channels=ch_out,
+                dims=dims,
+                use_checkpoint=use_checkpoint,
+                use_scale_shift_norm=use_scale_shift_norm,
+                **kwargs,
+            )
+
+        def attention(ch: int, heads: int) -> AttentionBlock:
+            return AttentionBlock(
+                ch,
+                use_checkpoint=use_checkpoint,
+                num_heads=heads,
+                num_head_channels=num_head_channels,
+                use_new_attention_order=use_new_attention_order,
+            )
+
+        ch = input_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+        )
+        input_block_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res_block(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                input_block_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = (
+                    res_block(ch, ch, down=True)
+                    if resblock_updown
+                    else Downsample(ch, conv_resample, dims=dims, out_channels=ch)
+                )
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                input_block_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            res_block(ch), attention(ch, num_heads), res_block(ch)
+        )
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                ich = input_block_chans.pop()
+                layers = [res_block(ch + ich, int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(attention(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(
+                        res_block(ch, ch, up=True)
+                        if resblock_updown
+                        else Upsample(ch, conv_resample, dims=dims, out_channels=ch)
+                    )
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
+        )
+
+    def convert_to_fp16(self) -> None:
+        """Store the torso's convolutions in float16."""
+        for blocks in (self.input_blocks, self.middle_block, self.output_blocks):
+            blocks.apply(convert_module_to_f16)
+        self.dtype = torch.float16
+
+    def convert_to_fp32(self) -> None:
+        """Undo `convert_to_fp16`."""
+        for blocks in (self.input_blocks, self.middle_block, self.output_blocks):
+            blocks.apply(convert_module_to_f32)
+        self.dtype = torch.float32
+
+    def embed(
+        self, timesteps: torch.Tensor, y: torch.Tensor | None = None, feat: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The [N x 4*model_channels] embedding every ResBlock receives: time (+ class) (+ feat)."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            if y is None or y.shape != (timesteps.shape[0],):
+                raise ValueError("a class-conditional model needs labels y of shape [N]")
+            emb = emb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("y was given but the model is not class-conditional (class_cond=False)")
+        if feat is not None:
+            if not self.feat_cond:
+                raise ValueError("feat was given but the model was built without feat_cond")
+            if feat.dim() != 2 or feat.shape[1] != self.ssl_dim:
+                raise ValueError(
+                    f"feat has shape {tuple(feat.shape)}; this model expects [N, {self.ssl_dim}] "
+                    f"(ssl_dim={self.ssl_dim})"
+                )
+            emb = emb + self.ssl_emb(feat.to(self.ssl_emb.weight.dtype))
+        return emb
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor | None = None,
+        feat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Apply the model.
+
+        :param x: [N x C x H x W] noisy images.
+        :param timesteps: [N] timesteps.
+        :param y: [N] class labels, for a class-conditional model.
+        :param feat: [N x ssl_dim] representations, for a `feat_cond` model (None: unconditional).
+        :return: [N x out_channels x H x W].
+        """
+        emb = self.embed(timesteps, y=y, feat=feat)
+        hs = []
+        h = x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h.type(x.dtype))
