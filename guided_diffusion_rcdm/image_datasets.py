@@ -147,3 +147,236 @@ def normalize_for_encoder(x: torch.Tensor, normalize: str = "minus_one_one") -> 
         f"unknown encoder normalisation {normalize!r}: use 'minus_one_one' (the published "
         "checkpoints) or 'imagenet'"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: folders of images -> (model crop, encoder crop, kwargs) batches
+# ----------------------------------------------------------------------------------------------
+
+
+def list_image_files_recursively(data_dir: str) -> list[str]:
+    """Every image file under `data_dir` (local or blobfile path), sorted, recursing into folders."""
+    results = []
+    for entry in sorted(bf.listdir(data_dir)):
+        full = bf.join(data_dir, entry)
+        ext = entry.rsplit(".", 1)[-1].lower() if "." in entry else ""
+        if ext in IMAGE_EXTENSIONS:
+            results.append(full)
+        elif bf.isdir(full):
+            results.extend(list_image_files_recursively(full))
+    return results
+
+
+_list_image_files_recursively = list_image_files_recursively  # the original's name
+
+
+def find_images(data_dir: str) -> list[str]:
+    """List `data_dir`'s images, or raise a clear error when it is unset, missing or empty."""
+    if not data_dir:
+        raise ValueError("no data directory given: pass --data_dir DIR (a folder of images)")
+    if not bf.exists(data_dir) or not bf.isdir(data_dir):
+        raise FileNotFoundError(f"data directory {data_dir!r} does not exist or is not a folder")
+    files = list_image_files_recursively(data_dir)
+    if not files:
+        raise ValueError(
+            f"data directory {data_dir!r} holds no images (looked recursively for files ending in "
+            f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)})"
+        )
+    return files
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """One shard of a list of image files, as the model's crop and the encoder's crop.
+
+    Item: `(model_view, encoder_view, out_dict)`: `model_view` is 3 x resolution x resolution in
+    [-1, 1]; `encoder_view` the 3 x 224 x 224 crop of the same image (same flip) scaled for the
+    encoder, or None when `features` (cached representations, N x 2 x D: unflipped and flipped)
+    are given, in which case `out_dict["feat"]` holds the image's representation. With
+    `random_crop` the two crops are drawn independently, as in the original.
+
+    A file that cannot be decoded is replaced by the next readable one of the shard; the item's
+    `out_dict["_skipped"]` lists `(path, reason)` for each file skipped on the way.
+    """
+
+    def __init__(
+        self,
+        resolution: int,
+        image_paths: list,
+        classes=None,
+        shard: int = 0,
+        num_shards: int = 1,
+        random_crop: bool = False,
+        random_flip: bool = True,
+        encoder_size: int = ENCODER_IMAGE_SIZE,
+        encoder_normalize: str = "minus_one_one",
+        features: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.resolution = resolution
+        self.local_images = list(image_paths[shard:][::num_shards])
+        self.local_classes = None if classes is None else list(classes[shard:][::num_shards])
+        self.local_features = None if features is None else features[shard:][::num_shards]
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.encoder_size = encoder_size
+        self.encoder_normalize = encoder_normalize
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.local_images)
+
+    def _crop(self, image: Image.Image, size: int) -> np.ndarray:
+        return random_crop_arr(image, size) if self.random_crop else center_crop_arr(image, size)
+
+    def __getitem__(self, idx: int):
+        skipped = []
+        n = len(self.local_images)
+        for attempt in range(n):
+            i = (idx + attempt) % n
+            if i in self._bad:
+                continue
+            try:
+                image = load_rgb_image(self.local_images[i])
+                break
+            except Exception as exc:  # any decoder failure: skip the file, keep training
+                self._bad.add(i)
+                skipped.append((self.local_images[i], f"{type(exc).__name__}: {exc}"))
+        else:
+            raise RuntimeError(
+                f"none of the {n} image files of this shard could be decoded (first: "
+                f"{self.local_images[0]!r}); check the data directory"
+            )
+        flip = self.random_flip and random.random() < 0.5
+        arr = self._crop(image, self.resolution)
+        if flip:
+            arr = arr[:, ::-1]
+        out = {"_skipped": skipped}
+        if self.local_classes is not None:
+            out["y"] = torch.tensor(self.local_classes[i], dtype=torch.int64)
+        encoder_view = None
+        if self.local_features is not None:
+            out["feat"] = self.local_features[i, int(flip)].float()
+        else:
+            big = self._crop(image, self.encoder_size)
+            if flip:
+                big = big[:, ::-1]
+            encoder_view = normalize_for_encoder(arr_to_tensor(big), self.encoder_normalize)
+        return arr_to_tensor(arr), encoder_view, out
+
+
+def collate(samples: list):
+    """Stack a list of dataset items; `_skipped` lists are concatenated."""
+    images = torch.stack([s[0] for s in samples])
+    big = None if samples[0][1] is None else torch.stack([s[1] for s in samples])
+    out = {"_skipped": [x for s in samples for x in s[2]["_skipped"]]}
+    for key in samples[0][2]:
+        if key != "_skipped":
+            out[key] = torch.stack([s[2][key] for s in samples])
+    return images, big, out
+
+
+class _InfiniteSampler(torch.utils.data.Sampler):
+    """Indices forever: a fresh permutation per pass (or in order when not shuffling)."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+            yield from order.tolist()
+
+
+class ImageStream:
+    """Endless batches `(images, encoder_images_or_None, kwargs)` of one rank's shard.
+
+    `bad_files` maps each skipped file to the reason; every newly skipped file is reported once
+    through the logger (rank 0's log, other ranks' stderr).
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int):
+        self.dataset = dataset
+        self.bad_files: dict[str, str] = {}
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=_InfiniteSampler(len(dataset), shuffle, seed),
+            num_workers=num_workers,
+            collate_fn=collate,
+            drop_last=True,
+            persistent_workers=num_workers > 0,
+        )
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = iter(self.loader)
+        images, big, kwargs = next(self._it)
+        for path, reason in kwargs.pop("_skipped"):
+            if path not in self.bad_files:
+                self.bad_files[path] = reason
+                from . import logger
+
+                logger.warn(
+                    f"skipping unreadable image {path} ({reason}); "
+                    f"{len(self.bad_files)} file(s) skipped so far"
+                )
+        return images, big, kwargs
+
+
+def load_data(
+    *,
+    data_dir,
+    batch_size,
+    image_size,
+    class_cond=False,
+    deterministic=False,
+    random_crop=False,
+    random_flip=True,
+    rank=None,
+    world_size=None,
+    num_workers=1,
+    encoder_normalize="minus_one_one",
+    features=None,
+    image_paths=None,
+    seed=0,
+) -> ImageStream:
+    """Endless `(images, encoder_images, kwargs)` batches from a folder, sharded by rank.
+
+    Checks the folder at once (missing or empty: an error, before any model is built). Each rank
+    reads files `rank::world_size` of the sorted list (defaults from `dist_util`). With
+    `class_cond`, `kwargs["y"]` is the index of the image's parent folder. With `features`
+    (cached representations aligned with `image_paths`, see `feature_cache`) the encoder crop is
+    not made and `kwargs["feat"]` is filled instead.
+    """
+    from . import dist_util
+
+    rank = dist_util.get_rank() if rank is None else rank
+    world_size = dist_util.get_world_size() if world_size is None else world_size
+    all_files = list(image_paths) if image_paths is not None else find_images(data_dir)
+    if len(all_files) < world_size:
+        raise ValueError(
+            f"{data_dir!r} holds {len(all_files)} images, fewer than the {world_size} processes "
+            "that must each read a share: add images or use fewer processes"
+        )
+    classes = None
+    if class_cond:
+        names = [bf.dirname(p) for p in all_files]
+        index = {x: i for i, x in enumerate(sorted(set(names)))}
+        classes = [index[x] for x in names]
+    dataset = ImageDataset(
+        image_size,
+        all_files,
+        classes=classes,
+        shard=rank,
+        num_shards=world_size,
+        random_crop=random_crop,
+        random_flip=random_flip,
+        encoder_normalize=encoder_normalize,
+        features=features,
+    )
+    return ImageStream(dataset, batch_size, not deterministic, num_workers, seed + rank)

@@ -1,0 +1,268 @@
+"""Encode a dataset once with the frozen encoder, then train from the cached representations.
+
+The cache is a folder holding `features.pt`: for every readable image (path relative to the data
+directory) the representation of its 224x224 centre crop and of the mirrored crop (training flips
+images, so both are needed), plus the encoder that made them. Training with `--feat_cache DIR`
+loads it (memory-mapped) and never builds the encoder; images added to the data directory since
+are encoded and appended; a cache made by another encoder is refused.
+
+As a separate command (any launcher: torchrun, SLURM, mpiexec share the work by rank):
+
+    python -m guided_diffusion_rcdm.feature_cache --data_dir DATA --type_model dino --feat_cache DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, Optional
+
+import blobfile as bf
+import torch
+
+from . import dist_util, logger
+from .image_datasets import (
+    ENCODER_IMAGE_SIZE,
+    arr_to_tensor,
+    center_crop_arr,
+    find_images,
+    load_rgb_image,
+    normalize_for_encoder,
+)
+
+CACHE_FORMAT = "rcdm-feature-cache-v1"
+CACHE_FILE = "features.pt"
+
+
+def cache_path(cache_dir: str) -> str:
+    return bf.join(cache_dir, CACHE_FILE)
+
+
+def _relative(path: str, root: str) -> str:
+    root = root.rstrip("/")
+    return path[len(root) + 1 :] if path.startswith(root + "/") else path
+
+
+class _EncoderViews(torch.utils.data.Dataset):
+    def __init__(self, paths: list, normalize: str):
+        self.paths, self.normalize = paths, normalize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = load_rgb_image(self.paths[i])
+        except Exception as exc:
+            return i, None, f"{type(exc).__name__}: {exc}"
+        view = arr_to_tensor(center_crop_arr(image, ENCODER_IMAGE_SIZE))
+        return i, normalize_for_encoder(view, self.normalize), None
+
+
+def _collate(items):
+    good = [(i, v) for i, v, _ in items if v is not None]
+    bad = [(i, r) for i, _, r in items if r is not None]
+    views = torch.stack([v for _, v in good]) if good else None
+    return [i for i, _ in good], views, bad
+
+
+@torch.no_grad()
+def encode_files(
+    paths: list,
+    encoder: torch.nn.Module,
+    *,
+    normalize: str = "minus_one_one",
+    batch_size: int = 32,
+    num_workers: int = 1,
+    precision: str = "fp32",
+    device=None,
+    progress: bool = True,
+) -> tuple[dict, dict]:
+    """Representations of `paths` as `({index: [2, D] tensor (plain, mirrored)}, {index: reason})`
+    for the files that could not be decoded."""
+    from .train_util import encode
+
+    device = device or dist_util.dev()
+    loader = torch.utils.data.DataLoader(
+        _EncoderViews(paths, normalize), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    if progress and dist_util.is_main_process():
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="encoding images", unit="batch")
+    feats, bad = {}, {}
+    for idx, views, failed in loader:
+        for i, reason in failed:
+            bad[i] = reason
+            logger.warn(f"skipping unreadable image {paths[i]} ({reason})")
+        if views is None:
+            continue
+        views = views.to(device)
+        out = encode(encoder, torch.cat([views, views.flip(-1)]), precision).cpu()
+        n = len(idx)
+        for k, i in enumerate(idx):
+            feats[i] = torch.stack([out[k], out[n + k]])
+    return feats, bad
+
+
+def load_cache(cache_dir: str) -> Optional[dict]:
+    """The cache in `cache_dir`, or None if there is none (memory-mapped when local)."""
+    path = cache_path(cache_dir)
+    if not bf.exists(path):
+        return None
+    if "://" in path:
+        from .hub import safe_torch_load
+
+        cache = safe_torch_load(path)
+    else:
+        cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path} is not a feature cache ({CACHE_FORMAT}); pass another --feat_cache")
+    return cache
+
+
+def prepare_feature_cache(
+    cache_dir: str,
+    data_dir: str,
+    image_paths: list,
+    encoder_info: dict,
+    make_encoder: Callable[[], torch.nn.Module],
+    *,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    precision: str = "fp32",
+) -> tuple[list, torch.Tensor]:
+    """Make sure `cache_dir` holds the representations of every image in `image_paths`.
+
+    Encodes only the images not cached yet (shared between ranks; the encoder is built by
+    `make_encoder` only then) and returns `(paths, features)`: the readable images, in order, and
+    their features (a `FeatureTable`, N x 2 x D). Every rank must call it.
+    """
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    encoder_info = dict(encoder_info)
+    cache = load_cache(cache_dir)
+    if cache is not None and cache["encoder"] != encoder_info:
+        raise ValueError(
+            f"feature cache {cache_path(cache_dir)} was made with encoder {cache['encoder']}, "
+            f"not {encoder_info}: pass another --feat_cache folder (or delete this one)"
+        )
+    rel = [_relative(p, data_dir) for p in image_paths]
+    known = set() if cache is None else set(cache["paths"]) | set(cache["bad"])
+    todo = [i for i, r in enumerate(rel) if r not in known]
+    if todo:
+        if rank == 0:
+            logger.log(f"feature cache {cache_dir}: encoding {len(todo)} image(s) with {encoder_info}")
+        mine = todo[rank::world]
+        encoder = make_encoder()
+        feats, bad = encode_files(
+            [image_paths[i] for i in mine], encoder, normalize=encoder_info.get("normalize", "minus_one_one"),
+            batch_size=batch_size, num_workers=num_workers, precision=precision,
+        )
+        del encoder
+        part = {
+            "paths": [rel[mine[k]] for k in sorted(feats)],
+            "features": torch.stack([feats[k] for k in sorted(feats)]) if feats else None,
+            "bad": {rel[mine[k]]: r for k, r in bad.items()},
+        }
+        parts = dist_util.all_gather_objects(part) if world > 1 else [part]
+        if rank == 0:
+            _merge_and_save(cache_dir, cache, parts, encoder_info)
+        dist_util.barrier()
+        cache = load_cache(cache_dir)
+    index = {p: i for i, p in enumerate(cache["paths"])}
+    keep = [i for i, r in enumerate(rel) if r in index]
+    if not keep:
+        raise ValueError(f"none of the images in {data_dir!r} could be decoded (see the warnings)")
+    if len(cache["bad"]) and rank == 0:
+        logger.warn(f"feature cache: {len(cache['bad'])} unreadable image(s) left out of training")
+    rows = torch.tensor([index[rel[i]] for i in keep], dtype=torch.long)
+    return [image_paths[i] for i in keep], FeatureTable(cache["features"], rows)
+
+
+class FeatureTable:
+    """Rows `rows` of a (memory-mapped) [N x 2 x D] feature tensor, without copying it.
+
+    `table[a:b:c]` is another table; `table[i, flip]` the [D] representation of image i.
+    """
+
+    def __init__(self, features: torch.Tensor, rows: torch.Tensor):
+        self.features, self.rows = features, rows
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.rows),) + tuple(self.features.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return FeatureTable(self.features, self.rows[key])
+        i, flip = key
+        return self.features[int(self.rows[i]), flip]
+
+
+def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_info: dict) -> None:
+    from .hub import atomic_torch_save
+
+    paths = list(old["paths"]) if old else []
+    chunks = [old["features"]] if old and len(old["paths"]) else []
+    bad = dict(old["bad"]) if old else {}
+    for part in parts:
+        paths += part["paths"]
+        if part["features"] is not None:
+            chunks.append(part["features"])
+        bad.update(part["bad"])
+    features = torch.cat([c.clone() for c in chunks]) if chunks else torch.zeros(0, 2, 0)
+    bf.makedirs(cache_dir)
+    atomic_torch_save(
+        {"format": CACHE_FORMAT, "encoder": encoder_info, "paths": paths, "features": features, "bad": bad},
+        cache_path(cache_dir),
+    )
+    logger.log(f"feature cache {cache_path(cache_dir)}: {len(paths)} images, {len(bad)} unreadable")
+
+
+def main(argv=None) -> None:
+    from .get_ssl_models import get_model
+    from .script_util import str2bool
+
+    parser = argparse.ArgumentParser(description="Encode a folder of images once for training.")
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--feat_cache", required=True, help="folder for the cache")
+    parser.add_argument("--type_model", default="dino")
+    parser.add_argument("--use_head", action="store_true")
+    parser.add_argument("--pretrained_encoder", type=str2bool, default=True)
+    parser.add_argument("--encoder_normalize", default="minus_one_one", choices=("minus_one_one", "imagenet"))
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    args = parser.parse_args(argv)
+    dist_util.setup_dist()
+    logger.configure(dir=args.feat_cache, format_strs="stdout")
+    paths = find_images(args.data_dir)
+    info = encoder_info_from_args(args)
+
+    def make():
+        return get_model(args.type_model, args.use_head, pretrained=args.pretrained_encoder).to(dist_util.dev())
+
+    kept, feats = prepare_feature_cache(
+        args.feat_cache, args.data_dir, paths, info, make,
+        batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
+    )
+    logger.log(f"{len(kept)} images cached, representation width {feats.shape[-1]}")
+    dist_util.cleanup()
+
+
+def encoder_info_from_args(args) -> dict:
+    """What identifies the encoder (and so the cache): name, head or trunk, input scaling, weights."""
+    return {
+        "type_model": args.type_model,
+        "use_head": bool(args.use_head),
+        "normalize": args.encoder_normalize,
+        "pretrained": bool(args.pretrained_encoder),
+    }
+
+
+if __name__ == "__main__":
+    main()

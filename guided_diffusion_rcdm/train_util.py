@@ -1,0 +1,496 @@
+"""TrainLoop: the diffusion training loop, from one CPU process to many GPUs.
+
+What one step does: draw timesteps for the whole batch (uniform or loss-second-moment), split it
+into microbatches, run the diffusion loss of each under `torch.autocast` (bf16 or fp16) or in fp32,
+accumulate gradients so that the step equals the full batch's mean gradient (DDP synchronises only
+on the last microbatch), take an AdamW step (through a GradScaler in fp16), then move every EMA.
+
+Files in `out_dir`, written by rank 0, for step S (the number of optimizer steps done):
+`ema_<rate>_S.pt` for each rate, `optS.pt` (optimizer, grad scaler, sampler, step), then
+`modelS.pt`. Every file is written to a temporary name and renamed, and the model file comes last,
+so a `modelS.pt` on disk means step S is complete. Model and EMA files record the flags and the
+encoder they need (`meta`). Resuming takes the newest step whose files all load, skipping damaged
+ones with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import sys
+from typing import Iterator, Optional
+
+import blobfile as bf
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import dist_util, logger
+from .nn import update_ema
+from .resample import LossAwareSampler, UniformSampler
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+INITIAL_LOG_LOSS_SCALE = 20.0  # the original's starting fp16 loss scale, 2**20
+TRAIN_STATE_FORMAT = "rcdm-train-state-v1"
+_MODEL_RE = re.compile(r"^model(\d+)\.pt$")
+
+
+# ------------------------------------------------------------------------------- precision
+
+
+def resolve_precision(precision: Optional[str], use_fp16: bool = False, device=None) -> str:
+    """The compute precision: `precision` if given, else fp16 for `use_fp16` on GPU (bf16 on CPU,
+    where fp16 autocast is slow), else fp32."""
+    device = torch.device(device) if device is not None else dist_util.dev()
+    if precision:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown --precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        return precision
+    if use_fp16:
+        return "fp16" if device.type == "cuda" else "bf16"
+    return "fp32"
+
+
+def autocast(precision: str, device) -> contextlib.AbstractContextManager:
+    """`torch.autocast` for bf16/fp16 on the device's type; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class _AutocastModel(nn.Module):
+    """Runs the wrapped model under autocast and hands its output back in float32, so the
+    diffusion's loss terms are computed in full precision."""
+
+    def __init__(self, model: nn.Module, precision: str, device):
+        super().__init__()
+        self.inner, self.precision, self.device_type = model, precision, torch.device(device).type
+
+    def forward(self, *args, **kwargs):
+        with autocast(self.precision, self.device_type):
+            out = self.inner(*args, **kwargs)
+        return out.float()
+
+
+# ------------------------------------------------------------------------------- features
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Representations of a batch of encoder-view images, in float32, without gradients."""
+    with autocast(precision, images.device):
+        return encoder(images).float()
+
+
+def conditioned_batches(stream, encoder: Optional[nn.Module], device, precision: str = "fp32") -> Iterator:
+    """Turn `(images, encoder_images, kwargs)` batches into the `(images, cond)` pairs TrainLoop
+    eats, with `cond["feat"]` computed by the frozen `encoder` (skipped when `kwargs` already holds
+    cached features or there is no encoder)."""
+    for images, big, kwargs in stream:
+        if encoder is not None and "feat" not in kwargs:
+            kwargs["feat"] = encode(encoder, big.to(device, non_blocking=True), precision)
+        yield images, kwargs
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def parse_resume_step_from_filename(filename: str) -> int:
+    """The step in `.../modelNNNNNN.pt` or `.../ema_R_NNNNNN.pt` (0 when there is none)."""
+    m = re.search(r"(\d+)\.pt$", bf.basename(str(filename)))
+    return int(m.group(1)) if m else 0
+
+
+def checkpoint_paths(out_dir: str, step: int, ema_rates) -> dict:
+    return {
+        "model": bf.join(out_dir, f"model{step:06d}.pt"),
+        "opt": bf.join(out_dir, f"opt{step:06d}.pt"),
+        "ema": {rate: bf.join(out_dir, f"ema_{rate}_{step:06d}.pt") for rate in ema_rates},
+    }
+
+
+def list_checkpoint_steps(out_dir: str) -> list[int]:
+    """Steps with a `modelNNNNNN.pt` in `out_dir`, newest first."""
+    if not out_dir or not bf.exists(out_dir):
+        return []
+    steps = [int(m.group(1)) for m in map(_MODEL_RE.match, bf.listdir(out_dir)) if m]
+    return sorted(set(steps), reverse=True)
+
+
+def _load_train_state(path: str) -> dict:
+    from . import hub
+
+    state = hub.safe_torch_load(path, map_location="cpu")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold an optimizer state")
+    if state.get("format") != TRAIN_STATE_FORMAT:  # the original's bare optimizer state dict
+        state = {"optimizer": state}
+    return state
+
+
+def load_resume_files(model_path: str, ema_rates) -> dict:
+    """Load a model file and, next to it, the optimizer and EMA files of the same step.
+
+    Returns `{"step", "model": (sd, meta), "opt": state | None, "ema": {rate: sd}, "problems": [...]}`;
+    raises if the model file itself cannot be loaded. Missing or damaged companions are listed in
+    `problems` (the caller decides).
+    """
+    from . import hub
+
+    step = parse_resume_step_from_filename(model_path)
+    sd, meta = hub.load_checkpoint(model_path, map_location="cpu")
+    if meta and isinstance(meta.get("step"), int):
+        step = meta["step"]
+    out = {"step": step, "path": model_path, "model": (sd, meta), "opt": None, "ema": {}, "problems": []}
+    paths = checkpoint_paths(bf.dirname(model_path), step, ema_rates)
+    if bf.exists(paths["opt"]):
+        try:
+            out["opt"] = _load_train_state(paths["opt"])
+        except Exception as exc:
+            out["problems"].append(f"damaged optimizer file {paths['opt']} ({type(exc).__name__}: {exc})")
+    else:
+        out["problems"].append(f"no optimizer file {paths['opt']}")
+    for rate, path in paths["ema"].items():
+        if not bf.exists(path):
+            out["problems"].append(f"no EMA file {path}")
+            continue
+        try:
+            out["ema"][rate] = hub.load_checkpoint(path, map_location="cpu")[0]
+        except Exception as exc:
+            out["problems"].append(f"damaged EMA file {path} ({type(exc).__name__}: {exc})")
+    return out
+
+
+def find_resume_checkpoint(out_dir: str, ema_rates=()) -> Optional[dict]:
+    """The newest complete checkpoint in `out_dir` (see `load_resume_files`), or None.
+
+    Damaged files are skipped with a warning. If no step is complete, the newest model file that
+    loads is used (its optimizer/EMA start afresh, with a warning).
+    """
+    fallback = None
+    for step in list_checkpoint_steps(out_dir):
+        path = checkpoint_paths(out_dir, step, ema_rates)["model"]
+        try:
+            found = load_resume_files(path, ema_rates)
+        except Exception as exc:
+            logger.warn(f"skipping damaged checkpoint {path} ({type(exc).__name__}: {exc})")
+            continue
+        if not found["problems"]:
+            return found
+        logger.warn(f"checkpoint {path} is incomplete: {'; '.join(found['problems'])}")
+        fallback = fallback or found
+    return fallback
+
+
+# ------------------------------------------------------------------------------- loop
+
+
+class TrainLoop:
+    """The training loop. Arguments are the original's, plus:
+
+    :param out_dir: where checkpoints go (default: the logger's directory).
+    :param precision: "fp32", "bf16" or "fp16" (None: from `use_fp16`, see `resolve_precision`).
+    :param checkpoint_meta: what model/EMA files record (`model_flags`, `encoder`, ...).
+    :param max_steps: stop once this many steps are done (0: never; `lr_anneal_steps` also stops).
+    :param progress: show a tqdm bar on rank 0.
+    """
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        ema_rate,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        out_dir=None,
+        precision=None,
+        checkpoint_meta=None,
+        max_steps=0,
+        progress=True,
+    ):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = (
+            [float(ema_rate)] if isinstance(ema_rate, (int, float))
+            else [float(x) for x in str(ema_rate).split(",") if x.strip()]
+        )
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.resume_checkpoint = resume_checkpoint or ""
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.max_steps = max_steps
+        self.out_dir = out_dir or logger.get_dir()
+        self.checkpoint_meta = dict(checkpoint_meta or {})
+        self.progress = progress
+        self.device = dist_util.dev()
+        self.precision = resolve_precision(precision, use_fp16, self.device)
+        self.world_size = dist_util.get_world_size()
+        self.global_batch = batch_size * self.world_size
+
+        self.step = 0
+        self.resume_step = 0
+        self.model.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
+        self.scaler = None
+        if self.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(
+                self.device.type,
+                init_scale=2.0**INITIAL_LOG_LOSS_SCALE,
+                growth_interval=max(1, round(1.0 / fp16_scale_growth)),
+            )
+        self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rate]
+        self._resume()
+
+        if self.world_size > 1:
+            self.ddp_model = DDP(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                bucket_cap_mb=128,
+            )
+        else:
+            self.ddp_model = self.model
+        self.use_ddp = self.world_size > 1
+        self.forward_model = (
+            self.ddp_model if self.precision == "fp32"
+            else _AutocastModel(self.ddp_model, self.precision, self.device)
+        )
+
+    # -- resume ----------------------------------------------------------------------------
+    def _resume(self) -> None:
+        found = None
+        if dist_util.is_main_process():
+            if self.resume_checkpoint:
+                if not bf.exists(self.resume_checkpoint):
+                    raise FileNotFoundError(f"--resume_checkpoint {self.resume_checkpoint!r} does not exist")
+                found = load_resume_files(self.resume_checkpoint, self.ema_rate)
+                for problem in found["problems"]:
+                    logger.warn(f"resuming from {self.resume_checkpoint}: {problem}")
+            else:
+                found = find_resume_checkpoint(self.out_dir, self.ema_rate)
+        choice = dist_util.broadcast_object(None if found is None else found["path"])
+        if choice is None:
+            dist_util.barrier()
+            return
+        if found is None:  # other ranks load the files rank 0 chose
+            found = load_resume_files(choice, self.ema_rate)
+        from . import hub
+
+        sd, meta = found["model"]
+        hub.load_state_dict_checked(self.model, sd, meta=meta, strict=True)
+        self.model.to(self.device)
+        self.step = self.resume_step = found["step"]
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            ema_sd = found["ema"].get(rate)
+            source = ema_sd if ema_sd is not None else self.model.state_dict()
+            with torch.no_grad():
+                for name, p in zip(names, params):
+                    p.copy_(source[name].to(p.device, p.dtype))
+        if found["opt"] is not None:
+            state = found["opt"]
+            self.opt.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("grad_scaler"):
+                self.scaler.load_state_dict(state["grad_scaler"])
+            if isinstance(self.schedule_sampler, LossAwareSampler) and state.get("schedule_sampler"):
+                sampler_state = {k: v.numpy() for k, v in state["schedule_sampler"].items()}
+                self.schedule_sampler.load_state_dict(sampler_state)
+        missing = "" if not found["problems"] else f" (starting afresh: {'; '.join(found['problems'])})"
+        logger.log(f"resumed from checkpoint {found['path']} at step {self.step}{missing}")
+        dist_util.sync_params(self.model.parameters())
+        for params in self.ema_params:
+            dist_util.sync_params(params)
+        dist_util.barrier()
+
+    # -- loop ------------------------------------------------------------------------------
+    def _done(self) -> bool:
+        if self.lr_anneal_steps and self.step >= self.lr_anneal_steps:
+            return True
+        return bool(self.max_steps) and self.step >= self.max_steps
+
+    def _target(self) -> Optional[int]:
+        targets = [t for t in (self.lr_anneal_steps, self.max_steps) if t]
+        return min(targets) if targets else None
+
+    def run_loop(self) -> None:
+        bar = None
+        if self.progress and dist_util.is_main_process():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self._target(), initial=self.step, desc="training", unit="step",
+                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0,
+            )
+        saved_at = self.step
+        while not self._done():
+            batch, cond = next(self.data)
+            loss = self.run_step(batch, cond)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if self.step % self.log_interval == 0:
+                logger.dumpkvs()
+            if self.step % self.save_interval == 0:
+                self.save()
+                saved_at = self.step
+                if os.environ.get("DIFFUSION_TRAINING_TEST"):
+                    break
+        if saved_at != self.step:
+            self.save()
+        if bar is not None:
+            bar.close()
+
+    def run_step(self, batch: torch.Tensor, cond: dict) -> float:
+        """One optimizer step on `batch`; returns its mean (weighted) loss."""
+        self._anneal_lr()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.forward_backward(batch, cond)
+        took_step = self._optimize()
+        if took_step:
+            self._update_ema()
+        self.step += 1
+        logger.logkv("step", self.step)
+        logger.logkv("samples", self.step * self.global_batch)
+        logger.logkv("lr", self.opt.param_groups[0]["lr"])
+        return loss
+
+    def forward_backward(self, batch: torch.Tensor, cond: dict) -> float:
+        batch = batch.to(self.device, non_blocking=True)
+        cond = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
+        n = batch.shape[0]
+        t, weights = self.schedule_sampler.sample(n, self.device)
+        noise = torch.randn_like(batch)
+        total = 0.0
+        for i in range(0, n, self.microbatch):
+            sl = slice(i, i + self.microbatch)
+            micro, micro_t, micro_w = batch[sl], t[sl], weights[sl]
+            micro_cond = {k: v[sl] for k, v in cond.items()}
+            last = i + self.microbatch >= n
+            sync = contextlib.nullcontext() if (last or not self.use_ddp) else self.ddp_model.no_sync()
+            with sync:
+                losses = self.diffusion.training_losses(
+                    self.forward_model, micro, micro_t, model_kwargs=micro_cond, noise=noise[sl]
+                )
+                if isinstance(self.schedule_sampler, LossAwareSampler):
+                    self.schedule_sampler.update_with_local_losses(micro_t, losses["loss"].detach())
+                # Weight each microbatch by its share so the sum is the full batch's mean.
+                loss = (losses["loss"] * micro_w).mean() * (micro.shape[0] / n)
+                log_loss_dict(self.diffusion, micro_t, {k: v * micro_w for k, v in losses.items()})
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            total += float(loss.detach())
+        return total
+
+    def _optimize(self) -> bool:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        grad_norm, param_norm = self._norms()
+        logger.logkv_mean("grad_norm", grad_norm)
+        logger.logkv_mean("param_norm", param_norm)
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            logger.logkv("lg_loss_scale", math.log2(scale))
+            return self.scaler.get_scale() >= scale  # a skipped step lowers the scale
+        if not math.isfinite(grad_norm):
+            logger.warn(f"non-finite gradient at step {self.step}: step skipped")
+            return False
+        self.opt.step()
+        return True
+
+    @torch.no_grad()
+    def _norms(self) -> tuple[float, float]:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        g = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in grads])) if grads else torch.zeros(())
+        w = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in self.params]))
+        return float(g), float(w)
+
+    def _update_ema(self) -> None:
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            update_ema(params, self.params, rate=rate)
+
+    def _anneal_lr(self) -> None:
+        if not self.lr_anneal_steps:
+            return
+        lr = self.lr * (1 - self.step / self.lr_anneal_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    # -- save ------------------------------------------------------------------------------
+    def _state_dict_with(self, params) -> dict:
+        """The model's state dict with `params` in place of its trainable parameters."""
+        sd = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        for name, p in zip(names, params):
+            sd[name] = p.detach().cpu().clone()
+        return sd
+
+    def _meta(self, weights: str) -> dict:
+        return {**self.checkpoint_meta, "step": self.step, "weights": weights}
+
+    def save(self) -> None:
+        """Write EMA, optimizer, then model files for the current step (rank 0), atomically."""
+        if dist_util.is_main_process():
+            from . import hub
+
+            paths = checkpoint_paths(self.out_dir, self.step, self.ema_rate)
+            bf.makedirs(self.out_dir)
+            for rate, params in zip(self.ema_rate, self.ema_params):
+                hub.save_checkpoint(paths["ema"][rate], self._state_dict_with(params), meta=self._meta(f"ema_{rate}"))
+            state = {
+                "format": TRAIN_STATE_FORMAT,
+                "step": self.step,
+                "optimizer": self.opt.state_dict(),
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "schedule_sampler": _sampler_state(self.schedule_sampler),
+            }
+            hub.atomic_torch_save(state, paths["opt"])
+            hub.save_checkpoint(paths["model"], self._state_dict_with(self.params), meta=self._meta("model"))
+            logger.log(f"saved checkpoint {paths['model']} (step {self.step})")
+        dist_util.barrier()
+
+
+def _sampler_state(sampler) -> Optional[dict]:
+    if isinstance(sampler, LossAwareSampler) and hasattr(sampler, "state_dict"):
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in sampler.state_dict().items()}
+    return None
+
+
+def log_loss_dict(diffusion, ts: torch.Tensor, losses: dict) -> None:
+    """Log each loss term's mean and its mean per quarter of the diffusion (`<term>_q0..q3`)."""
+    for key, values in losses.items():
+        values = values.detach().float()
+        logger.logkv_mean(key, values.mean().item())
+        quartiles = (4 * ts.detach().cpu().numpy() / diffusion.num_timesteps).astype(int)
+        for q, v in zip(quartiles, values.cpu().numpy()):
+            logger.logkv_mean(f"{key}_q{q}", v)
+
+
+def get_blob_logdir() -> Optional[str]:
+    """Where checkpoints go by default: the logger's directory (the original's hook)."""
+    return logger.get_dir()

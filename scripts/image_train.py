@@ -1,0 +1,201 @@
+"""Train a representation-conditioned diffusion model (RCDM) on a folder of images.
+
+    python scripts/image_train.py $MODEL_FLAGS_128 $TRAIN_FLAGS --feat_cond --data_dir DATA \
+        --type_model dino --out_dir RUN
+
+Launch it the same way with torchrun, srun, mpiexec or run_with_submitit.py: the process group
+comes from the launcher's environment. Rerunning the command resumes from the newest complete
+checkpoint in --out_dir. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import random
+import sys
+
+if __package__ in (None, ""):  # `python scripts/image_train.py` from anywhere
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import torch
+
+from guided_diffusion_rcdm import dist_util, logger
+from guided_diffusion_rcdm.feature_cache import encoder_info_from_args, prepare_feature_cache
+from guided_diffusion_rcdm.image_datasets import find_images, load_data
+from guided_diffusion_rcdm.resample import create_named_schedule_sampler
+from guided_diffusion_rcdm.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    check_model_flags,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    str2bool,
+)
+from guided_diffusion_rcdm.train_util import TrainLoop, conditioned_batches, resolve_precision
+
+DEFAULT_SSL_DIM = 2048  # the original's width when training without --feat_cond
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    defaults = dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA rates
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        # accepted for the original's command lines; the launcher's environment decides
+        submitit=False,
+        local_rank=0,
+        dist_url="env://",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser.add_argument("-h", "--help", action="help", help="show this help and exit")
+    parser.add_argument("--out_dir", default=".", help="folder for logs and checkpoints")
+    parser.add_argument("--feat_cond", action="store_true", help="condition on the encoder's representation")
+    parser.add_argument("--use_head", action="store_true", help="use the encoder's projector head output")
+    parser.add_argument("--no_shared", action="store_false", default=True,
+                        help="the original's G_shared switch (no effect on the UNet)")
+    parser.add_argument("--type_model", default="dino",
+                        help="encoder: dino, simclr, barlow, vicreg, supervised, or a torchvision model name")
+    add_dict_to_argparser(parser, defaults)
+    new = parser.add_argument_group("beyond the original")
+    new.add_argument("--pretrained_encoder", type=str2bool, default=True,
+                     help="False: the encoder with fixed-seed random weights (offline tests)")
+    new.add_argument("--encoder_normalize", default="minus_one_one", choices=("minus_one_one", "imagenet"),
+                     help="encoder input scaling (the published models: minus_one_one)")
+    new.add_argument("--feat_cache", default="",
+                     help="folder of cached representations: encode the dataset once, then train from it")
+    new.add_argument("--precision", default="", choices=("", "fp32", "bf16", "fp16"),
+                     help="compute precision (default: fp16 with --use_fp16 True on GPU, bf16 on CPU, else fp32)")
+    new.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: never)")
+    new.add_argument("--num_workers", type=int, default=1, help="data loading processes per rank")
+    new.add_argument("--random_crop", type=str2bool, default=False, help="random crops instead of centre crops")
+    new.add_argument("--random_flip", type=str2bool, default=True, help="random horizontal flips")
+    new.add_argument("--seed", type=int, default=0, help="seed (each rank adds its rank)")
+    new.add_argument("--progress", type=str2bool, default=True, help="tqdm progress bar")
+    return parser
+
+
+def _model_flag_check(args) -> None:
+    names = inspect.signature(check_model_flags).parameters
+    check_model_flags(**{k: getattr(args, k) for k in names if hasattr(args, k) and k not in ("feat_cond", "ssl_dim")})
+
+
+def _build_encoder(args):
+    from guided_diffusion_rcdm.get_ssl_models import get_model
+
+    encoder = get_model(args.type_model, args.use_head, pretrained=args.pretrained_encoder)
+    encoder.eval().requires_grad_(False)  # frozen: no parameter takes gradients
+    return encoder.to(dist_util.dev())
+
+
+def _representation_dim(encoder) -> int:
+    try:
+        from guided_diffusion_rcdm.get_ssl_models import representation_dim
+
+        return int(representation_dim(encoder))
+    except ImportError:
+        with torch.no_grad():
+            return int(encoder(torch.zeros(1, 3, 224, 224, device=dist_util.dev())).shape[1])
+
+
+def main(args) -> None:
+    dist_util.setup_dist()
+    logger.configure(dir=args.out_dir)
+    seed = args.seed + dist_util.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # the schedule sampler draws timesteps with numpy
+    random.seed(seed)
+    logger.log(
+        f"{dist_util.get_world_size()} process(es) launched by {dist_util.launcher()}, "
+        f"this one on {dist_util.dev()}"
+    )
+
+    # Cheap checks first: nothing heavy is built if the data or the flags cannot work.
+    image_paths = find_images(args.data_dir)
+    _model_flag_check(args)
+    precision = resolve_precision(args.precision, args.use_fp16)
+    logger.log(f"{len(image_paths)} images in {args.data_dir}; precision {precision}")
+
+    encoder, features, ssl_dim = None, None, DEFAULT_SSL_DIM
+    encoder_info = encoder_info_from_args(args)
+    if args.feat_cond:
+        if args.feat_cache:
+            image_paths, features = prepare_feature_cache(
+                args.feat_cache, args.data_dir, image_paths, encoder_info, lambda: _build_encoder(args),
+                batch_size=max(args.batch_size, 16), num_workers=args.num_workers, precision=precision,
+            )
+            ssl_dim = features.shape[-1]
+        else:
+            encoder = _build_encoder(args)
+            ssl_dim = _representation_dim(encoder)
+        logger.log(f"encoder {args.type_model} ({'head' if args.use_head else 'trunk'}): {ssl_dim}-d representation")
+
+    logger.log("creating model and diffusion...")
+    model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    model, diffusion = create_model_and_diffusion(
+        **model_flags, feat_cond=args.feat_cond, ssl_dim=ssl_dim, G_shared=args.no_shared
+    )
+    model.to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    logger.log("creating data loader...")
+    stream = load_data(
+        data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+        class_cond=args.class_cond, random_crop=args.random_crop, random_flip=args.random_flip,
+        num_workers=args.num_workers, encoder_normalize=args.encoder_normalize,
+        features=features, image_paths=image_paths, seed=args.seed,
+    )
+    data = conditioned_batches(stream, encoder, dist_util.dev(), precision)
+
+    meta = {
+        "model_flags": {**model_flags, "feat_cond": bool(args.feat_cond), "ssl_dim": int(ssl_dim)},
+        "encoder": encoder_info if args.feat_cond else None,
+        "train_flags": {k: getattr(args, k) for k in (
+            "lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch", "ema_rate",
+            "schedule_sampler", "use_fp16", "fp16_scale_growth", "data_dir", "feat_cache",
+        )} | {"precision": precision, "world_size": dist_util.get_world_size()},
+    }
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        out_dir=args.out_dir,
+        precision=precision,
+        checkpoint_meta=meta,
+        max_steps=args.max_steps,
+        progress=args.progress,
+    ).run_loop()
+    if stream.bad_files:
+        logger.warn(f"{len(stream.bad_files)} unreadable image(s) were skipped on this rank")
+    logger.log("done.")
+    dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    main(create_argparser().parse_args())
