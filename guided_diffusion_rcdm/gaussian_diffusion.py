@@ -36,6 +36,12 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
         raise ValueError(f"diffusion_steps must be positive, got {num_diffusion_timesteps}")
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps
+        if scale * 0.02 >= 1:
+            # The schedule is stretched to span 1000 steps' noise; too few steps push beta to 1.
+            raise ValueError(
+                f"diffusion_steps={num_diffusion_timesteps} is too few for the linear noise_schedule "
+                "(its last beta would reach 1): use more than 20 steps or the cosine schedule"
+            )
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
         return betas_for_alpha_bar(
