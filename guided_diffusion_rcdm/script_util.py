@@ -256,6 +256,10 @@ def check_diffusion_flags(*, diffusion_steps: int, noise_schedule: str, timestep
         raise ValueError(
             f"unknown --noise_schedule {noise_schedule!r}: choose one of {', '.join(gd.BETA_SCHEDULES)}"
         )
+    try:
+        gd.get_named_beta_schedule(noise_schedule, int(diffusion_steps))
+    except ValueError as err:
+        raise ValueError(f"--diffusion_steps / --noise_schedule: {err}") from None
     if timestep_respacing:
         try:
             space_timesteps(diffusion_steps, timestep_respacing)
