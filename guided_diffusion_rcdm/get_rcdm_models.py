@@ -1,0 +1,100 @@
+"""The published RCDM checkpoints, and reading `--model_path` files.
+
+Nine 128x128 models were released, one per encoder and representation (trunk or head); they are
+plain state dicts that record neither their flags nor their encoder, so `published_meta` supplies
+both (the README's `$MODEL_FLAGS_128` and the representation size). Downloads go through
+`hub.download` (torch.hub cache, `RCDM_MIRROR`, checksums, weights_only). The weights are under
+CC-BY-NC (https://dl.fbaipublicfiles.com/rcdm/LICENSE), unlike this code.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import hub
+from .get_ssl_models import ENCODER_NAMES, HEAD_DIMS
+
+RCDM_BASE_URL = "https://dl.fbaipublicfiles.com/rcdm/"
+
+# The flags every published checkpoint was trained with (the README's MODEL_FLAGS_128).
+MODEL_FLAGS_128 = {
+    "attention_resolutions": "32,16,8",
+    "class_cond": False,
+    "diffusion_steps": 1000,
+    "image_size": 128,
+    "learn_sigma": True,
+    "noise_schedule": "linear",
+    "num_channels": 256,
+    "num_heads": 4,
+    "num_res_blocks": 2,
+    "resblock_updown": True,
+    "use_fp16": False,
+    "use_scale_shift_norm": True,
+}
+
+
+def _check_name(model: str) -> str:
+    key = model.lower()
+    if key not in ENCODER_NAMES:
+        raise ValueError(
+            f"no published RCDM checkpoint for --type_model {model!r}: there is one for each of "
+            f"{', '.join(ENCODER_NAMES)} (trunk, or head with --use_head; supervised has no head). "
+            "For another encoder, train a model and pass it with --model_path."
+        )
+    return key
+
+
+def _use_head(model: str, use_head: bool) -> bool:
+    if model == "supervised" and use_head:
+        warnings.warn("the supervised RCDM has no head variant: use_head is ignored "
+                      "(as in the original)", stacklevel=3)
+        return False
+    return use_head
+
+
+def rcdm_checkpoint_url(model: str = "dino", use_head: bool = False) -> str:
+    """URL of the published checkpoint for an encoder and representation."""
+    model = _check_name(model)
+    if model == "supervised":
+        return RCDM_BASE_URL + "rcdm_ema_supervised.pt"
+    return RCDM_BASE_URL + f"rcdm_ema_{model}_{'head' if use_head else 'trunk'}.pt"
+
+
+def published_ssl_dim(model: str, use_head: bool = False) -> int:
+    model = _check_name(model)
+    return HEAD_DIMS[model] if use_head and model != "supervised" else 2048
+
+
+def published_meta(model: str = "dino", use_head: bool = False) -> dict:
+    """What a published checkpoint would record if it recorded anything: flags and encoder."""
+    model = _check_name(model)
+    use_head = use_head and model != "supervised"
+    return {
+        "model_flags": {**MODEL_FLAGS_128, "feat_cond": True,
+                        "ssl_dim": published_ssl_dim(model, use_head)},
+        "encoder": {"type_model": model, "use_head": use_head, "normalize": "minus_one_one"},
+    }
+
+
+def get_dict_rcdm_model(model: str = "dino", use_head: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a published RCDM checkpoint, downloaded (or cached) safely."""
+    key = _check_name(model)
+    url = rcdm_checkpoint_url(key, _use_head(key, use_head))
+    state_dict, _ = hub.load_checkpoint(hub.download(url))
+    return state_dict
+
+
+def load_rcdm_checkpoint(model_path: str = "", type_model: str = "dino",
+                         use_head: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """`(state_dict, meta)` for `--model_path`, or for the published model when it is empty.
+
+    `--model_path` may be a published-style plain state dict, one of the project's own
+    checkpoints (which carry `meta`: flags, encoder, step) or a `.safetensors` file.
+    """
+    if model_path:
+        return hub.load_checkpoint(model_path)
+    key = _check_name(type_model)
+    use_head = _use_head(key, use_head)
+    return get_dict_rcdm_model(key, use_head), published_meta(key, use_head)

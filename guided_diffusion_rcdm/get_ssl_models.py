@@ -1,0 +1,432 @@
+"""The frozen encoders whose representations RCDM is conditioned on.
+
+`get_model(name, use_head)` returns a torchvision ResNet-50 trunk (global-average-pooled, 2048-d)
+trained with DINO, SimCLR, Barlow Twins, VICReg or supervised labels, optionally followed by the
+method's projector head, read natively from the upstream files (VISSL model zoo, DINO and VICReg
+training checkpoints, torchvision weights; see `tests/reference/ssl_checkpoint_layouts.json`). Any
+torchvision classification model (its pooled features before the classifier) or a local checkpoint
+file works too. Encoders come back in eval mode with every parameter frozen. They do NOT normalise
+their input: feed 224x224 images as `image_datasets.encoder_input` makes them, in [-1, 1]
+(`x / 127.5 - 1`) for the published encoders, as the original fed them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Callable, Mapping
+
+import torch
+import torchvision
+from torch import nn
+
+from . import hub
+
+ENCODER_NAMES: tuple[str, ...] = ("dino", "simclr", "barlow", "vicreg", "supervised")
+HEAD_DIMS = {"dino": 256, "simclr": 128, "barlow": 8192, "vicreg": 8192}
+SSL_URLS = {
+    "dino": "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/"
+    "dino_resnet50_pretrain_full_checkpoint.pth",
+    "simclr": "https://dl.fbaipublicfiles.com/vissl/model_zoo/"
+    "simclr_rn50_1000ep_simclr_8node_resnet_16_07_20.afe428c7/"
+    "model_final_checkpoint_phase999.torch",
+    "barlow": "https://dl.fbaipublicfiles.com/vissl/model_zoo/barlow_twins/"
+    "barlow_twins_32gpus_4node_imagenet1k_1000ep_resnet50.torch",
+    "vicreg": "https://dl.fbaipublicfiles.com/vicreg/resnet50_fullckpt.pth",
+    # The original used resnet50(pretrained=True), i.e. these weights.
+    "supervised": torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url,
+}
+RANDOM_INIT_SEED = 0
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".torch", ".ckpt", ".bin", ".safetensors")
+
+
+class FrozenEncoder(nn.Module):
+    """trunk -> (global average pool if spatial) -> optional head; always frozen, always eval.
+
+    `train()` leaves it in eval mode, so calling `.train()` on a module that holds it can never
+    update its BatchNorm statistics. `input_normalize` says which input scaling its weights were
+    trained with ("minus_one_one" for the published RCDM encoders, "imagenet" for torchvision's);
+    the module itself does not rescale anything.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module | None = None, use_head: bool = False,
+                 input_normalize: str = "minus_one_one"):
+        super().__init__()
+        if use_head and head is None:
+            raise ValueError("use_head=True needs a head module")
+        self.model = model
+        self.head = head if use_head else None
+        self.use_head = use_head
+        self.input_normalize = input_normalize
+        freeze(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.model(x)
+        if x.ndim > 2:
+            x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        if self.head is not None:
+            x = self.head(x)
+        return x
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        return super().train(False)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and `requires_grad=False` on every parameter (the original set it on the module,
+    which froze nothing)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+@torch.no_grad()
+def representation_dim(encoder: nn.Module, device: torch.device | str | None = None) -> int:
+    """The size of the encoder's output, measured with one forward of a zero 1x3x224x224 image."""
+    if device is None:
+        first = next(encoder.parameters(), None)
+        device = first.device if first is not None else "cpu"
+    out = encoder(torch.zeros(1, 3, 224, 224, device=device))
+    if out.ndim != 2:
+        raise ValueError(f"an encoder must return B x D features, this one returns {list(out.shape)}")
+    return int(out.shape[1])
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+def resnet50_trunk() -> nn.Module:
+    trunk = torchvision.models.resnet50(weights=None)
+    trunk.fc = nn.Identity()
+    return trunk
+
+
+class DINOHead(nn.Module):
+    """DINO's projector up to its 256-d bottleneck (`head.mlp`); the 60000-way `last_layer` that
+    follows it in training is never used for RCDM, so it is not built."""
+
+    def __init__(self, in_dim: int = 2048, hidden_dim: int = 4096, bottleneck_dim: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def simclr_head() -> nn.Module:
+    return nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
+
+
+def barlow_head() -> nn.Module:
+    # VISSL's layout: one Sequential per stage, so the keys read 0.0, 0.1, 1.0, 1.1, 2.0.
+    def stage(i: int, o: int, last: bool = False) -> nn.Sequential:
+        layers = [nn.Linear(i, o, bias=False)]
+        return nn.Sequential(*layers if last else [*layers, nn.BatchNorm1d(o), nn.ReLU()])
+
+    return nn.Sequential(stage(2048, 8192), stage(8192, 8192), stage(8192, 8192, last=True))
+
+
+def vicreg_head() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(2048, 8192), nn.BatchNorm1d(8192), nn.ReLU(),
+        nn.Linear(8192, 8192), nn.BatchNorm1d(8192), nn.ReLU(),
+        nn.Linear(8192, 8192, bias=False),
+    )
+
+
+HEAD_BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "dino": DINOHead, "simclr": simclr_head, "barlow": barlow_head, "vicreg": vicreg_head,
+}
+
+
+# ----------------------------------------------------------------------------- upstream layouts
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _dig(obj, keys: list[str], what: str):
+    for depth, key in enumerate(keys):
+        if not isinstance(obj, Mapping) or key not in obj:
+            found = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+            raise hub.CheckpointError(
+                f"not a {what} checkpoint: expected {''.join(f'[{k!r}]' for k in keys)}, but "
+                f"{''.join(f'[{k!r}]' for k in keys[:depth]) or 'the file'} holds {found}"
+            )
+        obj = obj[key]
+    return obj
+
+
+def _strip_prefixes(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> StateDict:
+    out = {}
+    for key, value in sd.items():
+        changed = True
+        while changed:  # "module.backbone.x" and "backbone.module.x" both become "x"
+            changed = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _trunk_only(sd: StateDict) -> StateDict:
+    # The trunk's classifier (fc) is replaced by Identity; a file may still carry it.
+    return {k: v for k, v in sd.items() if not k.startswith("fc.")}
+
+
+def split_dino(obj) -> tuple[StateDict, StateDict]:
+    """DINO full checkpoint -> teacher's trunk and `head.mlp` (module./backbone. prefixes)."""
+    teacher = _dig(obj, ["teacher"], "DINO")
+    if isinstance(teacher, Mapping) and "state_dict" in teacher:
+        teacher = teacher["state_dict"]
+    sd = _strip_prefixes(teacher, ("module.", "backbone."))
+    trunk = _trunk_only({k: v for k, v in sd.items() if not k.startswith("head.")})
+    # head.last_layer (weight-normed upstream: weight_g / weight_v) is not part of the encoder.
+    head = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.mlp.")}
+    return trunk, head
+
+
+def _vissl_model(obj, what: str) -> tuple[StateDict, Mapping]:
+    model = _dig(obj, ["classy_state_dict", "base_model", "model"], f"VISSL {what}")
+    trunk = _dig(model, ["trunk"], f"VISSL {what}")
+    trunk = _trunk_only({k.replace("_feature_blocks.", "", 1): v for k, v in trunk.items()})
+    return trunk, model.get("heads", {})
+
+
+def split_simclr(obj) -> tuple[StateDict, StateDict]:
+    """VISSL SimCLR: heads `0.clf.0` (2048-2048) and `1.clf.0` (2048-128), a ReLU between."""
+    trunk, heads = _vissl_model(obj, "SimCLR")
+    rename = {"0.clf.0.": "0.", "1.clf.0.": "2."}
+    head = {}
+    for key, value in heads.items():
+        for old, new in rename.items():
+            if key.startswith(old):
+                head[new + key[len(old):]] = value
+                break
+        else:
+            head[key] = value  # left as is, so a strict load names it
+    return trunk, head
+
+
+def split_barlow(obj) -> tuple[StateDict, StateDict]:
+    """VISSL Barlow Twins: heads `N.clf.M` -> `N.M`."""
+    trunk, heads = _vissl_model(obj, "Barlow Twins")
+    return trunk, {k.replace("clf.", "", 1): v for k, v in heads.items()}
+
+
+def split_vicreg(obj) -> tuple[StateDict, StateDict]:
+    """VICReg full checkpoint: `model` with backbone./module. prefixes and a `projector`."""
+    sd = _strip_prefixes(_dig(obj, ["model"], "VICReg"), ("module.", "backbone."))
+    trunk = _trunk_only({k: v for k, v in sd.items() if not k.startswith(("projector.", "classifier."))})
+    head = {k[len("projector."):]: v for k, v in sd.items() if k.startswith("projector.")}
+    return trunk, head
+
+
+def split_supervised(obj) -> tuple[StateDict, StateDict]:
+    """torchvision ResNet-50 weights: the trunk without `fc`."""
+    sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
+    if not hub._is_state_dict(sd):
+        raise hub.CheckpointError("not a torchvision ResNet-50 state dict")
+    return _trunk_only(dict(sd)), {}
+
+
+SPLITTERS: dict[str, Callable[[object], tuple[StateDict, StateDict]]] = {
+    "dino": split_dino, "simclr": split_simclr, "barlow": split_barlow,
+    "vicreg": split_vicreg, "supervised": split_supervised,
+}
+
+
+def _materialise(builder: Callable[[], nn.Module], sd: StateDict | None, what: str) -> nn.Module:
+    """Build a module; with `sd`, on the meta device and filled with the checkpoint's tensors
+    (no random init of weights that are about to be overwritten, no second copy in memory)."""
+    if sd is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return builder()
+    with torch.device("meta"):
+        module = builder()
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    try:
+        hub.load_state_dict_checked(module, sd, strict=True, assign=True)
+    except hub.CheckpointMismatchError as err:
+        raise hub.CheckpointMismatchError(f"{what}: {err}") from None
+    return module
+
+
+def _published_encoder(name: str, use_head: bool, pretrained: bool, source: str | None = None,
+                       obj=None) -> FrozenEncoder:
+    if name == "supervised" and use_head:
+        warnings.warn("the supervised encoder has no projector head: use_head is ignored "
+                      "(as in the original)", stacklevel=3)
+        use_head = False
+    trunk_sd = head_sd = None
+    if pretrained:
+        if obj is None:
+            source = str(hub.download(SSL_URLS[name]))
+            obj = hub.safe_torch_load(source)
+        try:
+            trunk_sd, head_sd = SPLITTERS[name](obj)
+        except hub.CheckpointError as err:
+            raise hub.CheckpointError(f"{source}: {err}") from None
+        del obj  # drop optimizer state, student weights, ... before building the model
+    trunk = _materialise(resnet50_trunk, trunk_sd, f"{name} trunk from {source}")
+    head = (_materialise(HEAD_BUILDERS[name], head_sd, f"{name} head from {source}")
+            if use_head else None)
+    return FrozenEncoder(trunk, head, use_head)
+
+
+# ----------------------------------------------------------------------------- torchvision models
+
+
+def torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+# Arguments torchvision's builders set when they load weights (they change the architecture).
+_TV_KWARGS = {
+    "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
+    "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
+}
+_DENSENET_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _build_torchvision(name: str, weights=None) -> nn.Module:
+    kwargs = dict(_TV_KWARGS.get(name, {})) if weights is not None else {}
+    if weights is not None:
+        kwargs["num_classes"] = len(weights.meta["categories"])
+        if name.startswith("vit_") and "min_size" in weights.meta:
+            kwargs["image_size"] = weights.meta["min_size"][0]
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def strip_classifier(model: nn.Module) -> nn.Module:
+    """Replace the last Linear layer (the classifier) by Identity, so the model returns the pooled
+    features it classifies; models without one (SqueezeNet) get their `classifier` replaced by a
+    global average pool."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        model.set_submodule(linears[-1], nn.Identity())
+    elif hasattr(model, "classifier"):
+        model.classifier = nn.AdaptiveAvgPool2d(1)
+    else:
+        raise ValueError(f"cannot find the classifier of {type(model).__name__}")
+    return model
+
+
+def _torchvision_encoder(name: str, pretrained: bool) -> FrozenEncoder:
+    if not pretrained:
+        return FrozenEncoder(strip_classifier(_materialise(lambda: _build_torchvision(name),
+                                                           None, name)), input_normalize="imagenet")
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    path = hub.download(weights.url)
+    sd = hub.safe_torch_load(path)
+    if name.startswith("densenet"):
+        sd = {(lambda m: m.group(1) + m.group(2) if m else k)(_DENSENET_LEGACY.match(k)): v
+              for k, v in sd.items()}
+    model = _materialise(lambda: _build_torchvision(name, weights), sd, f"{name} from {path}")
+    return FrozenEncoder(strip_classifier(model), input_normalize="imagenet")
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def _looks_like_path(model: str) -> bool:
+    return os.path.exists(model) or os.sep in model or model.endswith(CHECKPOINT_SUFFIXES)
+
+
+def detect_layout(obj) -> str | None:
+    """Which upstream layout a loaded file has: one of ENCODER_NAMES, or None."""
+    if not isinstance(obj, Mapping):
+        return None
+    if "teacher" in obj:
+        return "dino"
+    if "classy_state_dict" in obj:
+        try:
+            heads = obj["classy_state_dict"]["base_model"]["model"].get("heads", {})
+        except (KeyError, TypeError, AttributeError):
+            return "simclr"
+        return "barlow" if any(".clf.1." in k for k in heads) else "simclr"
+    if isinstance(obj.get("model"), Mapping) and any("projector." in k for k in obj["model"]):
+        return "vicreg"
+    return None
+
+
+def _torchvision_match(sd: StateDict) -> str | None:
+    """The torchvision classification architecture whose state dict `sd` is, if any."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    names = torchvision_names()
+    for name in sorted(names, key=lambda n: (not n.startswith("resnet"), n)):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model = _build_torchvision(name)
+            except Exception:  # a builder that cannot run on meta: not a candidate
+                continue
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if want == shapes:
+            return name
+    return None
+
+
+def _local_encoder(path: str, use_head: bool) -> FrozenEncoder:
+    if path.endswith(".safetensors"):
+        obj, meta = hub.load_checkpoint(path)
+    else:
+        obj, meta = hub.safe_torch_load(path), {}
+        if isinstance(obj, Mapping) and obj.get("format") == hub.CHECKPOINT_FORMAT:
+            obj, meta = obj["state_dict"], obj.get("meta") or {}
+    layout = detect_layout(obj)
+    if layout is not None:
+        return _published_encoder(layout, use_head, True, source=path, obj=obj)
+    sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
+    if not hub._is_state_dict(sd):
+        raise hub.CheckpointError(
+            f"{path} is neither an upstream SSL checkpoint (DINO, VISSL, VICReg) nor a state dict"
+        )
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    arch = meta.get("arch") or _torchvision_match(sd)
+    if arch is None:
+        raise hub.CheckpointError(
+            f"{path}: cannot tell which architecture this state dict is for. Save it with "
+            "guided_diffusion_rcdm.hub.save_checkpoint(path, sd, meta={'arch': '<torchvision "
+            "model name>'}), or use a DINO / VISSL / VICReg checkpoint."
+        )
+    if use_head:
+        warnings.warn(f"{path} has no projector head: use_head is ignored", stacklevel=3)
+    model = _materialise(lambda: _build_torchvision(arch), sd, f"{arch} from {path}")
+    return FrozenEncoder(strip_classifier(model), input_normalize=meta.get("normalize", "imagenet"))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def get_model(model: str = "dino", use_head: bool = False, pretrained: bool = True) -> nn.Module:
+    """A frozen encoder: input Bx3x224x224 (in [-1, 1] for the published ones), output BxD.
+
+    `model`: one of ENCODER_NAMES; a torchvision classification model name (pooled features
+    before its classifier; weights through `hub.download`, so `RCDM_MIRROR` applies); or the path
+    of a local checkpoint (an upstream DINO / VISSL / VICReg file, or a torchvision state dict).
+    `pretrained=False` builds the same architecture with a fixed-seed random init and no download.
+    """
+    key = model.lower()
+    if key in ENCODER_NAMES:
+        return _published_encoder(key, use_head, pretrained)
+    if key in torchvision_names():
+        if use_head:
+            warnings.warn(f"{model} has no projector head: use_head is ignored", stacklevel=2)
+        return _torchvision_encoder(key, pretrained)
+    if _looks_like_path(model):
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"--type_model {model}: no such checkpoint file")
+        return _local_encoder(model, use_head)
+    raise ValueError(
+        f"unknown --type_model {model!r}. Use one of the published encoders "
+        f"({', '.join(ENCODER_NAMES)}), a torchvision classification model "
+        f"({', '.join(torchvision_names())}), or the path of a local checkpoint file."
+    )
