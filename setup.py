@@ -22,6 +22,7 @@ setup(
         "mpi": ["mpi4py"],
         "slurm": ["submitit"],
         "faiss": ["faiss-cpu"],
-        "test": ["pytest", "scikit-image"],
+        "safetensors": ["safetensors"],
+        "test": ["pytest", "scikit-image", "safetensors"],
     },
 )

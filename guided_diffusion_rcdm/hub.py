@@ -275,7 +275,8 @@ def _describe_unpickling_error(err: Exception) -> str | None:
     match = re.search(r"GLOBAL ([\w.]+)", text)
     if match:
         return match.group(1)
-    match = re.search(r"[^\n]*(unsupported|blocked|not an allowed|unrecognized)[^\n]*", text, re.I)
+    # Random bytes read as opcodes ("Unsupported operand 60") are corruption, not code.
+    match = re.search(r"[^\n]*(unrecognized function|Unsupported class|blocked)[^\n]*", text)
     return match.group(0).strip() if match else None
 
 
@@ -529,6 +530,8 @@ def load_state_dict_checked(
         raise CheckpointMismatchError(
             _mismatch_message(expected, state_dict, missing, unexpected, mismatched, meta, shown)
         )
+    # Copying into a model built on the meta device would be a silent no-op: take the tensors.
+    assign = assign or any(t.is_meta for t in expected.values())
     model.load_state_dict(state_dict, strict=strict, assign=assign)
 
 

@@ -4,7 +4,8 @@ The files are written in exactly the nesting and key names of the published upst
 (`reference/ssl_checkpoint_layouts.json`, `reference/pretrained_128_keys.json`), with random
 weights and the training state those files carry (optimizer, epoch, argparse arguments, numpy
 scalars). Tensors of 4M+ elements are stored as one random row broadcast to the full shape: same
-keys, shapes and dtype as upstream, hundreds of MB less to write and serve.
+keys, shapes and dtype as upstream, hundreds of MB less to write and serve (the RCDM file
+does this from 64K elements on).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ def layouts() -> dict:
     return json.loads((REFERENCE_DIR / "ssl_checkpoint_layouts.json").read_text())
 
 
-def random_tensor(name: str, shape: list[int], gen: torch.Generator) -> torch.Tensor:
+def random_tensor(name: str, shape: list[int], gen: torch.Generator, big: int = BIG) -> torch.Tensor:
     if name.endswith("num_batches_tracked"):
         return torch.randint(0, 1000, (), generator=gen, dtype=torch.long)
     # Scaled like a trained network (fan-in for matrices, ~1 for norm gains) so that a forward
     # pass through 50 random layers stays finite.
     scale = math.prod(shape[1:]) ** -0.5 if len(shape) >= 2 else 0.1
-    if math.prod(shape) >= BIG:
+    if math.prod(shape) >= big:
         return (torch.randn(shape[-1], generator=gen) * scale).expand(*shape)
     t = torch.randn(shape, generator=gen) * scale
     if name.endswith("running_var") or (len(shape) == 1 and name.endswith(".weight")):
@@ -45,9 +46,9 @@ def random_tensor(name: str, shape: list[int], gen: torch.Generator) -> torch.Te
     return t
 
 
-def random_state(shapes: dict[str, list[int]], seed: int) -> dict[str, torch.Tensor]:
+def random_state(shapes: dict[str, list[int]], seed: int, big: int = BIG) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {k: random_tensor(k, s, gen) for k, s in shapes.items()}
+    return {k: random_tensor(k, s, gen, big) for k, s in shapes.items()}
 
 
 def sha256(path: Path) -> str:
@@ -138,7 +139,7 @@ def write_rcdm_file(path: Path, ssl_dim_key: str = "trunk", seed: int = 0) -> di
     shapes = dict(ref["state_dict"])
     dim = ref["ssl_dims"][ssl_dim_key]
     shapes["ssl_emb.weight"] = [shapes["ssl_emb.weight"][0], dim]
-    sd = random_state(shapes, seed)
+    sd = random_state(shapes, seed, big=1 << 16)  # 422.6M parameters: keep the file small
     torch.save(sd, path)
     return sd
 
@@ -166,7 +167,7 @@ def serve_directory(directory: Path, cut: set[str] = frozenset()):
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(handler, directory=str(directory))
     )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
