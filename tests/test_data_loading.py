@@ -1,0 +1,156 @@
+"""The training data loader on real photographs and on every kind of bad file."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _train_photos import make_photo_dir, photo
+from guided_diffusion_rcdm import logger
+from guided_diffusion_rcdm.image_datasets import (
+    ImageDataset,
+    center_crop_arr,
+    find_images,
+    list_image_files_recursively,
+    load_data,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bad_folder(root: Path) -> dict:
+    """Good photos in many modes plus two files that are not decodable images."""
+    make_photo_dir(root, names=("astronaut", "coffee"), nested=False)
+    base = photo("chelsea", 80)
+    base.convert("L").save(root / "gray.png")
+    rgba = photo("rocket", 80).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, rgba.width, dtype=np.uint8), (rgba.height, 1))))
+    rgba.save(root / "alpha.png")
+    base.convert("P", palette=Image.ADAPTIVE, colors=32).save(root / "palette.gif")
+    arr16 = (np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(arr16).save(root / "deep16.png")
+    assert Image.open(root / "deep16.png").mode.startswith("I")
+    base.convert("CMYK").save(root / "cmyk.jpg")
+    good = root / "truncated_src.jpg"
+    photo("immunohistochemistry", 96).save(good, quality=95)
+    data = good.read_bytes()
+    good.unlink()
+    (root / "sub").mkdir()
+    (root / "sub" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "sub" / "notes.jpg").write_text("this is a text file with an image name\n")
+    (root / "readme.txt").write_text("not an image extension, never listed\n")
+    return {"bad": {str(root / "sub" / "truncated.jpg"), str(root / "sub" / "notes.jpg")}}
+
+
+def test_every_mode_becomes_rgb_and_bad_files_are_skipped_and_counted(tmp_path):
+    data_dir = tmp_path / "data"
+    expected = _bad_folder(data_dir)
+    files = list_image_files_recursively(str(data_dir))
+    assert len(files) == 9 and not any(f.endswith(".txt") for f in files)  # recursive, images only
+
+    logger.configure(dir=str(tmp_path / "log"), format_strs="log")
+    stream = load_data(data_dir=str(data_dir), batch_size=3, image_size=32, deterministic=True,
+                       num_workers=1, rank=0, world_size=1)
+    seen = 0
+    for _ in range(6):  # two passes over the 9 files
+        images, big, kwargs = next(stream)
+        assert images.shape == (3, 3, 32, 32) and big.shape == (3, 3, 224, 224)
+        for x in (images, big):
+            assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1
+        seen += len(images)
+    logger.reset()
+    assert set(stream.bad_files) == expected["bad"]
+    assert "truncated" in stream.bad_files[str(data_dir / "sub" / "truncated.jpg")]
+    text = (tmp_path / "log" / "log.txt").read_text()
+    for path in expected["bad"]:
+        assert text.count(f"skipping unreadable image {path}") == 1  # reported once, by name
+    assert "2 file(s) skipped so far" in text
+
+
+def test_sixteen_bit_and_alpha_images_keep_their_content(tmp_path):
+    data_dir = tmp_path / "data"
+    _bad_folder(data_dir)
+    ds = ImageDataset(32, [str(data_dir / "deep16.png"), str(data_dir / "alpha.png")], random_flip=False)
+    deep, _, _ = ds[0]
+    # a 16-bit image must not be clipped to white: it matches its 8-bit version
+    ref = torch.from_numpy(center_crop_arr(photo("chelsea", 80).convert("L").convert("RGB"), 32)).permute(2, 0, 1)
+    assert (deep - (ref.float() / 127.5 - 1)).abs().max() < 0.02
+    alpha, _, _ = ds[1]
+    assert alpha.std() > 0.1
+
+
+def test_missing_or_empty_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        find_images(str(tmp_path / "does_not_exist"))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds no images"):
+        load_data(data_dir=str(tmp_path / "empty"), batch_size=2, image_size=32)
+    with pytest.raises(ValueError, match="--data_dir"):
+        find_images("")
+
+
+def test_empty_dir_fails_before_any_model_is_built(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "image_train.py"), "--data_dir", str(tmp_path / "empty"),
+         "--feat_cond", "--type_model", "resnet18", "--pretrained_encoder", "False", "--out_dir", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "holds no images" in proc.stderr and str(tmp_path / "empty") in proc.stderr
+    log = (out / "log.txt").read_text()
+    assert "creating model" not in log and "encoder" not in log
+    assert not list(out.glob("*.pt"))
+
+
+def test_ranks_read_disjoint_shards_that_cover_the_data(tmp_path):
+    data_dir = make_photo_dir(tmp_path / "data")
+    files = find_images(data_dir)
+    shards = [ImageDataset(32, files, shard=r, num_shards=2).local_images for r in range(2)]
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(files)
+    # a shard smaller than the batch still gives full batches
+    stream = load_data(data_dir=data_dir, batch_size=5, image_size=32, rank=1, world_size=2, num_workers=0)
+    assert next(stream)[0].shape[0] == 5
+    with pytest.raises(ValueError, match="fewer than the 8 processes"):
+        load_data(data_dir=data_dir, batch_size=1, image_size=32, rank=0, world_size=8)
+
+
+def test_model_and_encoder_views_share_the_flip(tmp_path):
+    torch.manual_seed(0)
+    import random
+
+    random.seed(0)
+    path = tmp_path / "astronaut.png"
+    photo("astronaut", 128).save(path)
+    image = Image.open(path).convert("RGB")
+    small = torch.from_numpy(center_crop_arr(image, 32).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    big = torch.from_numpy(center_crop_arr(image, 224).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    ds = ImageDataset(32, [str(path)], random_flip=True)
+    flips = []
+    for _ in range(12):
+        x, xb, _ = ds[0]
+        small_flip = torch.allclose(x, small.flip(-1))
+        assert small_flip or torch.allclose(x, small)
+        assert torch.allclose(xb, big.flip(-1) if small_flip else big)
+        flips.append(small_flip)
+    assert any(flips) and not all(flips)
+    # random crops are real crops of the image at the requested sizes
+    ds = ImageDataset(32, [str(path)], random_crop=True, random_flip=False)
+    x, xb, _ = ds[0]
+    assert x.shape == (3, 32, 32) and xb.shape == (3, 224, 224)
+
+
+def test_class_labels_come_from_folders(tmp_path):
+    data_dir = make_photo_dir(tmp_path / "data", nested=True)
+    stream = load_data(data_dir=data_dir, batch_size=6, image_size=32, class_cond=True,
+                       deterministic=True, num_workers=0, rank=0, world_size=1)
+    _, _, kwargs = next(stream)
+    assert sorted(kwargs["y"].tolist()) == [0, 0, 0, 1, 1, 1]
