@@ -95,6 +95,7 @@ class SpacedDiffusion(GaussianDiffusion):
         self.use_timesteps = set(use_timesteps)
         self.timestep_map: list[int] = []
         self.original_num_steps = len(kwargs["betas"])
+        self.base_betas = np.array(kwargs["betas"], dtype=np.float64)  # to respace again later
 
         base_diffusion = GaussianDiffusion(**kwargs)
         last_alpha_cumprod = 1.0

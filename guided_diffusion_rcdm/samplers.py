@@ -1,0 +1,157 @@
+"""Samplers over any diffusion of this package: DDPM, DDIM and a multistep DPM-Solver++.
+
+Each sampler is written against the diffusion's public quantities (`alphas_cumprod`,
+`p_mean_variance`) so it works for every model parameterisation (eps, x_0 or x_{t-1} prediction,
+fixed or learned variance: the x_0 prediction comes from `p_mean_variance`, which splits off the
+variance channels). The number of model calls is the diffusion's number of (respaced) steps; with
+`steps=N`, `sample_images` respaces the diffusion to N steps first: evenly in time for DDPM and DDIM
+(as `--timestep_respacing N`), evenly in log signal-to-noise ratio for DPM-Solver++, where the
+solver is most accurate (on a 1000-step linear schedule, time-uniform steps leave one huge final
+jump in log-SNR).
+
+`sample_images` is the one entry point the scripts use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .gaussian_diffusion import GaussianDiffusion
+from .respace import SpacedDiffusion, space_timesteps
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+def sample_images(
+    model: Callable[..., torch.Tensor],
+    diffusion: GaussianDiffusion,
+    shape: tuple[int, ...],
+    *,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    model_kwargs: dict | None = None,
+    noise: torch.Tensor | None = None,
+    clip_denoised: bool = True,
+    eta: float = 0.0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Draw samples of `shape` (N, C, H, W) with the named sampler ("ddpm", "ddim" or "dpm++").
+
+    :param steps: number of model calls; None keeps the diffusion's own (respaced) steps.
+    :param noise: the starting noise x_T (default: fresh standard normal noise).
+    :param eta: DDIM's stochasticity (0: deterministic).
+    :return: [N x C x H x W] samples in [-1, 1] (when `clip_denoised`).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if steps is not None:
+        diffusion = respace_for_sampler(diffusion, sampler, steps)
+    kwargs = dict(
+        noise=noise,
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+        device=device,
+        progress=progress,
+    )
+    if sampler == "ddpm":
+        return diffusion.p_sample_loop(model, shape, **kwargs)
+    if sampler == "ddim":
+        return diffusion.ddim_sample_loop(model, shape, eta=eta, **kwargs)
+    return dpm_solver_pp_sample_loop(model, diffusion, shape, **kwargs)
+
+
+def respace_for_sampler(diffusion: GaussianDiffusion, sampler: str, steps: int) -> SpacedDiffusion:
+    """The same process with `steps` steps chosen for the sampler (see the module docstring)."""
+    base_betas = getattr(diffusion, "base_betas", diffusion.betas)
+    num_base = len(base_betas)
+    if not 1 <= steps <= num_base:
+        raise ValueError(f"--steps must be between 1 and {num_base}, got {steps}")
+    if sampler == "dpm++":
+        timesteps = logsnr_timesteps(np.cumprod(1.0 - base_betas), steps)
+    else:
+        timesteps = space_timesteps(num_base, str(steps))
+    return SpacedDiffusion(
+        use_timesteps=timesteps,
+        betas=base_betas,
+        model_mean_type=diffusion.model_mean_type,
+        model_var_type=diffusion.model_var_type,
+        loss_type=diffusion.loss_type,
+        rescale_timesteps=diffusion.rescale_timesteps,
+    )
+
+
+def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> list[int]:
+    """`steps` distinct timesteps, as evenly spaced in log-SNR as the discrete schedule allows."""
+    log_snr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
+    chosen: list[int] = []
+    for target in np.linspace(log_snr[0], log_snr[-1], steps):
+        t = int(np.argmin(np.abs(log_snr - target)))
+        # Keep the count exact when rounding collides at the low-noise end.
+        while t in chosen and t + 1 < len(log_snr):
+            t += 1
+        chosen.append(t)
+    return sorted(set(chosen))
+
+
+@torch.no_grad()
+def dpm_solver_pp_sample_loop(
+    model: Callable[..., torch.Tensor],
+    diffusion: GaussianDiffusion,
+    shape: tuple[int, ...],
+    *,
+    noise: torch.Tensor | None = None,
+    clip_denoised: bool = True,
+    model_kwargs: dict | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al., 2022), one model call per step of `diffusion`.
+
+    In terms of alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and the half log-SNR
+    lambda_t = log(alpha_t / sigma_t), a step from s to t with h = lambda_t - lambda_s is
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D,
+
+    with D the x_0 prediction at s (first order, the first step: this is DDIM) or the
+    second-order extrapolation (1 + 1/(2r)) x0_s - 1/(2r) x0_prev, r = h_prev / h. The last update
+    is first order (extrapolating over the final, longest log-SNR interval is unstable), and the
+    last model call returns its x_0 prediction, as DDIM does.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    x = noise if noise is not None else torch.randn(*shape, device=device)
+    abar = torch.from_numpy(diffusion.alphas_cumprod).to(device=device, dtype=torch.float64)
+    indices = list(range(diffusion.num_timesteps))[::-1]
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices, desc="sampling (dpm++)", unit="step")
+
+    def lam(a: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (torch.log(a) - torch.log1p(-a))
+
+    prev_x0 = prev_h = None
+    for i in indices:
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        x0 = diffusion.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs
+        )["pred_xstart"]
+        if i == 0:
+            return x0
+        a_s, a_t = abar[i], abar[i - 1]
+        h = lam(a_t) - lam(a_s)
+        if prev_x0 is None or i == 1:
+            d = x0
+        else:
+            r = prev_h / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        sigma_ratio = torch.sqrt((1 - a_t) / (1 - a_s))
+        coef = -torch.sqrt(a_t) * torch.expm1(-h)
+        x = (sigma_ratio.float() * x + coef.float() * d).to(x.dtype)
+        prev_x0, prev_h = x0, h
+    return x
+

@@ -1,0 +1,98 @@
+"""Samplers on an analytic case: Gaussian data, whose optimal denoiser is known in closed form."""
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion_rcdm.samplers import sample_images
+from guided_diffusion_rcdm.script_util import create_gaussian_diffusion
+
+MU, STD = 0.3, 0.5  # data ~ N(MU, STD^2) per pixel
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact eps-prediction for N(MU, STD^2) data under the 1000-step linear schedule.
+
+    Outputs 6 channels (eps and a learned-variance value of 0) to exercise the learned-variance split.
+    """
+
+    def __init__(self, base_alphas_cumprod):
+        super().__init__()
+        self.register_buffer("abar", torch.from_numpy(base_alphas_cumprod))
+        self.calls = 0
+
+    def forward(self, x, t, feat=None):
+        self.calls += 1
+        abar = self.abar[t.long()].view(-1, 1, 1, 1)
+        alpha, var = abar.sqrt(), 1 - abar
+        # E[x0 | x_t] for Gaussian data, then eps = (x_t - alpha x0) / sigma
+        x0 = MU + alpha * STD**2 / (abar * STD**2 + var) * (x - alpha * MU)
+        eps = ((x - alpha * x0) / var.sqrt()).float()
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+
+def _sample(sampler, steps, noise):
+    diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=True, timestep_respacing="250")
+    model = GaussianDenoiser(create_gaussian_diffusion(steps=1000).alphas_cumprod).double()
+    out = sample_images(
+        model, diffusion, tuple(noise.shape), sampler=sampler, steps=steps, noise=noise,
+        clip_denoised=False, device="cpu",
+    )
+    return out, model.calls
+
+
+def _ode_solution(noise):
+    """Where the probability-flow ODE takes x_T for Gaussian data: the standardised value is kept."""
+    abar_T = create_gaussian_diffusion(steps=1000).alphas_cumprod[-1]
+    z = (noise - np.sqrt(abar_T) * MU) / np.sqrt(abar_T * STD**2 + 1 - abar_T)
+    return MU + STD * z
+
+
+def test_dpm_solver_converges_to_the_ode_solution_faster_than_ddim():
+    torch.manual_seed(0)
+    noise = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    reference = _ode_solution(noise)
+    ddim_1000, _ = _sample("ddim", 1000, noise)
+    assert float((ddim_1000 - reference).abs().max()) < 0.01
+    errors = {}
+    for sampler in ("ddim", "dpm++"):
+        for steps in (5, 10, 20, 50):
+            out, calls = _sample(sampler, steps, noise)
+            assert calls == steps
+            errors[sampler, steps] = float((out - reference).abs().max())
+    assert errors["ddim", 5] > errors["ddim", 10] > errors["ddim", 20] > errors["ddim", 50]
+    assert errors["dpm++", 5] > errors["dpm++", 10] and errors["dpm++", 20] > errors["dpm++", 50]
+    assert errors["dpm++", 5] < errors["ddim", 5]
+    for steps in (10, 20, 50):
+        assert errors["dpm++", steps] < errors["ddim", steps] / 5, steps
+    assert errors["dpm++", 20] < 0.03 and errors["dpm++", 50] < 0.005
+
+
+def test_respacing_for_dpm_solver_is_even_in_log_snr():
+    from guided_diffusion_rcdm.samplers import respace_for_sampler
+
+    diffusion = create_gaussian_diffusion(steps=1000, timestep_respacing="100")
+    spaced = respace_for_sampler(diffusion, "dpm++", 20)
+    assert spaced.num_timesteps == 20 and spaced.timestep_map[0] == 0 and spaced.timestep_map[-1] == 999
+    log_snr = np.log(spaced.alphas_cumprod / (1 - spaced.alphas_cumprod))
+    gaps = -np.diff(log_snr)
+    assert gaps.max() < 2 * np.median(gaps)
+    assert respace_for_sampler(diffusion, "ddim", 25).timestep_map == sorted(
+        create_gaussian_diffusion(steps=1000, timestep_respacing="25").timestep_map
+    )
+    with pytest.raises(ValueError, match="--steps"):
+        respace_for_sampler(diffusion, "ddim", 0)
+
+
+def test_ddpm_sampler_matches_the_data_distribution():
+    torch.manual_seed(0)
+    noise = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    out, calls = _sample("ddpm", 100, noise)
+    assert calls == 100  # the diffusion's own 250 steps, respaced to 100
+    assert float(out.mean()) == pytest.approx(MU, abs=0.03)
+    assert float(out.std()) == pytest.approx(STD, abs=0.03)
+
+
+def test_unknown_sampler():
+    with pytest.raises(ValueError, match="dpm\\+\\+"):
+        sample_images(lambda x, t: x, create_gaussian_diffusion(steps=100), (1, 3, 4, 4), sampler="euler", device="cpu")
