@@ -1,0 +1,102 @@
+"""Compute precision and speed options shared by training, sampling and the benchmark.
+
+Mixed precision is `torch.autocast` around the model call (bf16 on CPU and GPU, fp16 on GPU); the
+model's output is handed back in float32 so the diffusion's arithmetic stays in full precision.
+fp32 is the original's exact path. Channels-last memory format and `torch.compile` are opt-in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def default_device() -> torch.device:
+    """The first GPU if there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_precision(precision: str | None, use_fp16: bool = False, device=None) -> str:
+    """The compute precision: `precision` if given, else fp16 for `use_fp16` on GPU (bf16 on CPU,
+    where fp16 autocast is slow), else fp32."""
+    device = torch.device(device) if device is not None else default_device()
+    if precision:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown --precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if precision == "fp16" and device.type == "cpu":
+            raise ValueError("--precision fp16 needs a GPU; use bf16 on CPU")
+        return precision
+    if use_fp16:
+        return "fp16" if device.type == "cuda" else "bf16"
+    return "fp32"
+
+
+def autocast(precision: str, device) -> contextlib.AbstractContextManager:
+    """`torch.autocast` for bf16/fp16 on the device's type; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    device_type = device if isinstance(device, str) else torch.device(device).type
+    return torch.autocast(device_type=torch.device(device_type).type, dtype=dtype)
+
+
+class AutocastModel(nn.Module):
+    """Runs the wrapped model under autocast and returns its output in float32.
+
+    Keyword arguments pass through, so it stands in for the UNet in every diffusion call.
+    """
+
+    def __init__(self, model: nn.Module, precision: str, device):
+        super().__init__()
+        self.inner = model
+        self.precision = precision
+        self.device_type = torch.device(device).type
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        with autocast(self.precision, self.device_type):
+            out = self.inner(*args, **kwargs)
+        return out.float()
+
+
+def prepare_model(
+    model: nn.Module,
+    *,
+    precision: str = "fp32",
+    device=None,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> nn.Module:
+    """Wrap a model for fast evaluation: optional channels-last weights, `torch.compile`, autocast.
+
+    The returned module is called exactly like `model`; with the defaults it is `model` itself.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)
+    if precision != "fp32":
+        model = AutocastModel(model, precision, device)
+    return model
+
+
+def add_precision_args(parser, *, default_precision: str = "fp32") -> None:
+    """Add `--precision`, `--channels_last` and `--compile` to an argparse parser."""
+    parser.add_argument(
+        "--precision",
+        default=default_precision,
+        choices=PRECISIONS,
+        help="compute precision of the UNet: fp32 (exact, the original's), bf16 (CPU or GPU) or fp16 (GPU)",
+    )
+    parser.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="run convolutions in channels-last memory format (faster with bf16/fp16)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the UNet with torch.compile (slow first call)"
+    )
