@@ -251,6 +251,8 @@ class TrainLoop:
         self.step = 0
         self.resume_step = 0
         self.model.to(self.device)
+        # Every rank starts from rank 0's weights, EMA copies included.
+        dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
         self.scaler = None
@@ -267,7 +269,6 @@ class TrainLoop:
             self.ddp_model = DDP(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
                 bucket_cap_mb=128,
             )
         else:

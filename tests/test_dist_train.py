@@ -1,0 +1,98 @@
+"""Real multi-process training on CPU (gloo over 127.0.0.1): torchrun and mpiexec."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_photos import make_photo_dir
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "_train_dist_worker.py"
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_photo_dir(tmp_path_factory.mktemp("photos"))
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for key in [k for k in env if k.startswith(("SLURM_", "SUBMITIT_", "PMI_", "OMPI_"))] + ["RANK", "WORLD_SIZE"]:
+        env.pop(key, None)
+    return env
+
+
+def _check_two_ranks(out: Path, launcher: str) -> None:
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["launcher"] == r1["launcher"] == launcher
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["step"] == r1["step"] == STEPS
+    # the ranks read different images ...
+    assert not torch.equal(r0["seen"], r1["seen"])
+    # ... and started from different random weights, yet hold identical parameters and EMA
+    for a, b in zip(r0["params"] + r0["ema"], r1["params"] + r1["ema"]):
+        assert torch.equal(a, b)
+    # the loss-second-moment sampler saw both ranks' losses: 2 ranks x 2 images x STEPS steps
+    assert int(r0["loss_counts"].sum()) == int(r1["loss_counts"].sum()) == 2 * 2 * STEPS
+    assert torch.equal(r0["loss_counts"], r1["loss_counts"])
+    # rank 0 alone writes the logs and checkpoints
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["ema_0.9_000003.pt", "log.txt", "model000003.pt", "opt000003.pt",
+                     "progress.csv", "rank0.pt", "rank1.pt"]
+    assert (out / "progress.csv").read_text().count("\n") == 2
+
+
+def test_torchrun_two_cpu_ranks_stay_identical(photos, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(WORKER), photos, str(out), str(STEPS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_two_ranks(out, "torchrun")
+
+
+def _mpiexec():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None
+    return shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+
+
+@pytest.mark.skipif(_mpiexec() is None, reason="needs mpi4py and mpiexec (pip install mpi4py mpich)")
+def test_mpiexec_two_cpu_ranks_stay_identical(photos, tmp_path):
+    out = tmp_path / "run"
+    cmd = [_mpiexec(), "-n", "2", sys.executable, str(WORKER), photos, str(out), str(STEPS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_two_ranks(out, "mpi")
+
+
+def test_detect_reads_each_launchers_environment(monkeypatch):
+    from guided_diffusion_rcdm import dist_util
+
+    info = dist_util.detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                             "MASTER_ADDR": "node7", "MASTER_PORT": "1234"})
+    assert (info.rank, info.world_size, info.local_rank, info.master_addr, info.master_port) == (3, 8, 1, "node7", 1234)
+    info = dist_util.detect({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1",
+                             "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NODELIST": "gpu[012-013]",
+                             "SLURM_JOB_ID": "4242"})
+    assert (info.rank, info.world_size, info.local_rank, info.master_addr) == (5, 16, 1, "gpu012")
+    assert info.launcher == "slurm" and 20000 <= info.master_port < 40000
+    # an interactive allocation without srun is one process, not a hang waiting for others
+    assert dist_util.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).world_size == 1
+    assert dist_util.detect({}).launcher == "single"
+    assert dist_util._first_slurm_host("a1,b[3-4]") == "a1"
