@@ -426,9 +426,10 @@ class TrainLoop:
 
     @torch.no_grad()
     def _norms(self) -> tuple[float, float]:
+        """Global L2 norms of the gradients and of the parameters."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        g = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float()) for x in grads])) if grads else torch.zeros(())
-        w = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in self.params]))
+        g = torch.stack(torch._foreach_norm(grads)).float().norm() if grads else torch.zeros(())
+        w = torch.stack(torch._foreach_norm(self.params)).float().norm()
         return float(g), float(w)
 
     def _update_ema(self) -> None:
