@@ -226,12 +226,18 @@ class AttentionBlock(nn.Module):
         return (x + h).reshape(b, c, *spatial)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q^T k / sqrt(ch)) applied to v, for [B x ch x T] tensors; softmax in float32.
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool | None) -> torch.Tensor:
+    """softmax(q^T k / sqrt(ch)) applied to v, for [B x ch x T] tensors.
 
-    q and k are each scaled by ch^-1/4 before the product, which is more stable in fp16 than
-    dividing the product afterwards.
+    The einsum path is the original's arithmetic (q and k each scaled by ch^-1/4, softmax in
+    float32). The fused path (`scaled_dot_product_attention`) is the same maths in one kernel;
+    `fused=None` picks it automatically in reduced precision only, so fp32 stays exact.
     """
+    if fused is None:
+        fused = q.dtype in (torch.float16, torch.bfloat16)
+    if fused:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
     scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
     weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
@@ -239,11 +245,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class QKVAttentionLegacy(nn.Module):
-    """QKV attention on an [N x (H * 3 * C) x T] tensor: heads first, then q, k, v."""
+    """QKV attention on an [N x (H * 3 * C) x T] tensor: heads first, then q, k, v.
+
+    `fused`: True/False forces the fused kernel on/off; None (default) uses it in bf16/fp16 only.
+    """
 
     def __init__(self, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
+        self.fused: bool | None = None
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         """:return: [N x (H * C) x T]."""
@@ -251,15 +261,19 @@ class QKVAttentionLegacy(nn.Module):
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
         q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        return _attend(q, k, v).reshape(bs, -1, length)
+        return _attend(q, k, v, self.fused).reshape(bs, -1, length)
 
 
 class QKVAttention(nn.Module):
-    """QKV attention on an [N x (3 * H * C) x T] tensor: q, k, v first, then heads."""
+    """QKV attention on an [N x (3 * H * C) x T] tensor: q, k, v first, then heads.
+
+    `fused`: as for `QKVAttentionLegacy`.
+    """
 
     def __init__(self, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
+        self.fused: bool | None = None
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         """:return: [N x (H * C) x T]."""
@@ -267,7 +281,7 @@ class QKVAttention(nn.Module):
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
         q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
-        return _attend(q, k, v).reshape(bs, -1, length)
+        return _attend(q, k, v, self.fused).reshape(bs, -1, length)
 
 
 class UNetModel(nn.Module):
@@ -438,6 +452,12 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
         )
+
+    def set_fused_attention(self, fused: bool | None) -> None:
+        """Force the fused attention kernel on (True) or off (False); None: only in bf16/fp16."""
+        for module in self.modules():
+            if isinstance(module, (QKVAttention, QKVAttentionLegacy)):
+                module.fused = fused
 
     def convert_to_fp16(self) -> None:
         """Store the torso's convolutions in float16."""

@@ -1,0 +1,75 @@
+"""Fast paths agree with the exact fp32 path: fused attention, bf16 autocast, channels-last."""
+
+import pytest
+import torch
+
+from guided_diffusion_rcdm.precision import AutocastModel, prepare_model, resolve_precision
+from guided_diffusion_rcdm.script_util import create_model
+
+CONFIG = dict(
+    image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2", attention_resolutions="16,8",
+    num_heads=2, learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True, feat_cond=True, ssl_dim=16,
+)
+
+
+@pytest.fixture(scope="module")
+def model_and_inputs():
+    torch.manual_seed(0)
+    model = create_model(**CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    x, t, feat = torch.randn(2, 3, 32, 32), torch.tensor([3, 700]), torch.randn(2, 16)
+    with torch.no_grad():
+        reference = model(x, t, feat=feat)
+    return model, (x, t, feat), reference
+
+
+def test_fused_attention_matches_the_original_arithmetic(model_and_inputs):
+    model, (x, t, feat), reference = model_and_inputs
+    try:
+        model.set_fused_attention(True)
+        with torch.no_grad():
+            fused = model(x, t, feat=feat)
+    finally:
+        model.set_fused_attention(None)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=0)
+
+
+def test_fp32_default_is_the_exact_path(model_and_inputs):
+    model, (x, t, feat), reference = model_and_inputs
+    assert prepare_model(model) is model
+    with torch.no_grad():
+        assert torch.equal(model(x, t, feat=feat), reference)
+
+
+def test_bf16_autocast_is_close_and_returns_float32(model_and_inputs):
+    model, (x, t, feat), reference = model_and_inputs
+    fast = prepare_model(model, precision="bf16", device="cpu")
+    assert isinstance(fast, AutocastModel)
+    with torch.no_grad():
+        out = fast(x, t, feat=feat)
+    assert out.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: relative error of a few percent of the output scale
+    scale = reference.abs().max()
+    assert (out - reference).abs().max() < 0.05 * scale
+    assert torch.corrcoef(torch.stack([out.flatten(), reference.flatten()]))[0, 1] > 0.999
+
+
+def test_channels_last_matches(model_and_inputs):
+    model, (x, t, feat), reference = model_and_inputs
+    fast = prepare_model(create_model(**CONFIG).eval(), channels_last=True, device="cpu")
+    fast.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out = fast(x.contiguous(memory_format=torch.channels_last), t, feat=feat)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_precision_choice():
+    assert resolve_precision(None, use_fp16=False, device="cpu") == "fp32"
+    assert resolve_precision(None, use_fp16=True, device="cpu") == "bf16"
+    assert resolve_precision("bf16", device="cpu") == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", device="cpu")
+    with pytest.raises(ValueError, match="--precision"):
+        resolve_precision("int8", device="cpu")
