@@ -84,10 +84,11 @@ def freeze(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def representation_dim(encoder: nn.Module, device: torch.device | str | None = None) -> int:
     """The size of the encoder's output, measured with one forward of a zero 1x3x224x224 image."""
+    first = next(encoder.parameters(), None)
     if device is None:
-        first = next(encoder.parameters(), None)
         device = first.device if first is not None else "cpu"
-    out = encoder(torch.zeros(1, 3, 224, 224, device=device))
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    out = encoder(torch.zeros(1, 3, 224, 224, device=device, dtype=dtype))
     if out.ndim != 2:
         raise ValueError(f"an encoder must return B x D features, this one returns {list(out.shape)}")
     return int(out.shape[1])

@@ -4,10 +4,11 @@ This is the only module that reads or writes checkpoint files. Downloads go to t
 (`$TORCH_HOME/hub/checkpoints/<file name in the URL>`, so a file placed there by hand is used with no
 network), are written to a temporary name and renamed only once complete and checked against their
 SHA-256 when it is known, and can be redirected to a local mirror (a directory or a base URL) with
-`RCDM_MIRROR`. Every load is `weights_only`: upstream training checkpoints are accepted with a small
-allow-list (argparse.Namespace and numpy scalars, which they carry next to the weights) and anything
-else that would run code while unpickling is refused. The project's own checkpoints record the
-flags they were made with, so a mismatch can say which flags to use.
+`RCDM_MIRROR`; `RCDM_DOWNLOAD_TIMEOUT` sets the network timeout (60 s). Every load is
+`weights_only`: upstream training checkpoints are accepted with a small allow-list
+(argparse.Namespace and numpy scalars, which they carry next to the weights) and anything else that
+would run code while unpickling is refused. The project's own checkpoints record the flags they
+were made with, so a mismatch can say which flags to use.
 """
 
 from __future__ import annotations

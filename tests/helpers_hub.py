@@ -67,9 +67,11 @@ def _training_state(seed: int) -> dict:
     }
 
 
-def write_upstream_file(name: str, directory: Path, seed: int = 0) -> tuple[Path, dict, dict]:
+def write_upstream_file(name: str, directory: Path, seed: int = 0,
+                        dino_weight_norm: bool = True) -> tuple[Path, dict, dict]:
     """Write `name`'s upstream checkpoint; return (path, trunk weights, head weights) where the
-    weights are keyed as the encoder's trunk / head modules name them."""
+    weights are keyed as the encoder's trunk / head modules name them. DINO's unused last layer is
+    weight-normed as upstream stores it, or plain as the layouts file lists it."""
     spec = layouts()[name]
     url_name = {
         "supervised": "resnet50-0676ba61.pth",
@@ -83,8 +85,11 @@ def write_upstream_file(name: str, directory: Path, seed: int = 0) -> tuple[Path
         teacher = {f"module.backbone.{k}": v for k, v in trunk.items()}
         teacher.update({f"module.head.{k}": v for k, v in head.items()})
         # Upstream DINO's last layer is weight-normed: weight_g / weight_v, never used by RCDM.
-        teacher["module.head.last_layer.weight_g"] = torch.ones(last.shape[0], 1)
-        teacher["module.head.last_layer.weight_v"] = last
+        if dino_weight_norm:
+            teacher["module.head.last_layer.weight_g"] = torch.ones(last.shape[0], 1)
+            teacher["module.head.last_layer.weight_v"] = last
+        else:
+            teacher["module.head.last_layer.weight"] = last
         obj = {"teacher": teacher, "student": {"module.backbone.conv1.weight": torch.randn(2)},
                "args": argparse.Namespace(arch="resnet50", out_dim=60000, use_bn_in_head=True,
                                           lr=0.3, local_crops_scale=(0.05, 0.14)),
