@@ -90,7 +90,9 @@ def representation_dim(encoder: nn.Module, device: torch.device | str | None = N
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     out = encoder(torch.zeros(1, 3, 224, 224, device=device, dtype=dtype))
     if out.ndim != 2:
-        raise ValueError(f"an encoder must return B x D features, this one returns {list(out.shape)}")
+        raise ValueError(
+            f"an encoder must return B x D features, this one returns {list(out.shape)}"
+        )
     return int(out.shape[1])
 
 
@@ -222,7 +224,9 @@ def split_barlow(obj) -> tuple[StateDict, StateDict]:
 def split_vicreg(obj) -> tuple[StateDict, StateDict]:
     """VICReg full checkpoint: `model` with backbone./module. prefixes and a `projector`."""
     sd = _strip_prefixes(_dig(obj, ["model"], "VICReg"), ("module.", "backbone."))
-    trunk = _trunk_only({k: v for k, v in sd.items() if not k.startswith(("projector.", "classifier."))})
+    trunk = _trunk_only(
+        {k: v for k, v in sd.items() if not k.startswith(("projector.", "classifier."))}
+    )
     head = {k[len("projector."):]: v for k, v in sd.items() if k.startswith("projector.")}
     return trunk, head
 

@@ -1,14 +1,14 @@
 """Checkpoint files in and out: download, cache, mirror, checksum, safe load, save with metadata.
 
 This is the only module that reads or writes checkpoint files. Downloads go to the torch.hub cache
-(`$TORCH_HOME/hub/checkpoints/<file name in the URL>`, so a file placed there by hand is used with no
-network), are written to a temporary name and renamed only once complete and checked against their
-SHA-256 when it is known, and can be redirected to a local mirror (a directory or a base URL) with
-`RCDM_MIRROR`; `RCDM_DOWNLOAD_TIMEOUT` sets the network timeout (60 s). Every load is
+(`$TORCH_HOME/hub/checkpoints/<file name in the URL>`, so a file placed there by hand is used with
+no network), are written to a temporary name and renamed only once complete and checked against
+their SHA-256 when it is known, and can be redirected to a local mirror (a directory or a base URL)
+with `RCDM_MIRROR`; `RCDM_DOWNLOAD_TIMEOUT` sets the network timeout (60 s). Every load is
 `weights_only`: upstream training checkpoints are accepted with a small allow-list
 (argparse.Namespace and numpy scalars, which they carry next to the weights) and anything else that
-would run code while unpickling is refused. The project's own checkpoints record the flags they
-were made with, so a mismatch can say which flags to use.
+would run code while unpickling is refused. The project's own checkpoints record the flags they were
+made with, so a mismatch can say which flags to use.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import tempfile
 import urllib.error
 import urllib.parse
@@ -119,10 +118,10 @@ def _check_digest(actual: str, expected: str | None, what: str, fix: str) -> Non
         )
 
 
-def _mirror_candidates(url: str, mirror: str) -> list[str]:
+def _mirror_candidates(url: str, mirror: str, file_name: str) -> list[str]:
     """Where a mirror may hold `url`: by file name first, then under the URL's path."""
     path = urllib.parse.urlparse(url).path.lstrip("/")
-    names = [os.path.basename(path), path]
+    names = list(dict.fromkeys([file_name, os.path.basename(path), path]))
     if mirror.startswith("file://"):
         mirror = urllib.request.url2pathname(urllib.parse.urlparse(mirror).path)
     if "://" in mirror:
@@ -166,7 +165,7 @@ def download(
         return cache_path
 
     mirror = os.environ.get(MIRROR_ENV, "").strip()
-    sources = _mirror_candidates(url, mirror) if mirror else [url]
+    sources = _mirror_candidates(url, mirror, name) if mirror else [url]
     if mirror and "://" not in sources[0]:
         for candidate in sources:
             if os.path.isfile(candidate):

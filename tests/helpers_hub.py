@@ -32,7 +32,8 @@ def layouts() -> dict:
     return json.loads((REFERENCE_DIR / "ssl_checkpoint_layouts.json").read_text())
 
 
-def random_tensor(name: str, shape: list[int], gen: torch.Generator, big: int = BIG) -> torch.Tensor:
+def random_tensor(name: str, shape: list[int], gen: torch.Generator,
+                  big: int = BIG) -> torch.Tensor:
     if name.endswith("num_batches_tracked"):
         return torch.randint(0, 1000, (), generator=gen, dtype=torch.long)
     # Scaled like a trained network (fan-in for matrices, ~1 for norm gains) so that a forward
@@ -46,7 +47,8 @@ def random_tensor(name: str, shape: list[int], gen: torch.Generator, big: int = 
     return t
 
 
-def random_state(shapes: dict[str, list[int]], seed: int, big: int = BIG) -> dict[str, torch.Tensor]:
+def random_state(shapes: dict[str, list[int]], seed: int,
+                 big: int = BIG) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {k: random_tensor(k, s, gen, big) for k, s in shapes.items()}
 
