@@ -1,0 +1,283 @@
+"""Speed measurements of the UNet, sampling and training, for `scripts/benchmark.py`.
+
+Every figure is measured against a baseline run in the same process: the plain fp32 eager forward
+written as the original does it (einsum attention, contiguous tensors). Variants add bf16/fp16
+autocast, channels-last, fused attention and `torch.compile`. FLOPs come from torch's FLOP counter
+on one forward, so achieved FLOP/s can be compared with the hardware's peak.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .precision import prepare_model
+from .samplers import sample_images
+from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+# The published 128x128 configuration (MODEL_FLAGS_128), and a small one that trains on a laptop.
+CONFIGS: dict[str, dict] = {
+    "128": dict(
+        image_size=128, num_channels=256, num_res_blocks=2, num_heads=4, attention_resolutions="32,16,8",
+        learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True, ssl_dim=2048,
+    ),
+    "small": dict(
+        image_size=64, num_channels=64, num_res_blocks=2, channel_mult="1,2,2,2", num_heads=4,
+        attention_resolutions="16,8", learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True,
+        ssl_dim=2048,
+    ),
+    "tiny": dict(
+        image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16",
+        learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True, ssl_dim=64,
+    ),
+}
+
+
+@dataclass
+class Variant:
+    """One way of running the UNet."""
+
+    name: str
+    precision: str = "fp32"
+    channels_last: bool = False
+    fused_attention: bool | None = False
+    compile: bool = False
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.name == "baseline"
+
+
+BASELINE = Variant("baseline")
+
+
+def default_variants(device: torch.device, compile: bool) -> list[Variant]:
+    variants = [
+        BASELINE,
+        Variant("fp32", fused_attention=None),
+        Variant("fp32+sdpa+cl", channels_last=True, fused_attention=True),
+        Variant("bf16+sdpa+cl", precision="bf16", channels_last=True, fused_attention=True),
+    ]
+    if device.type == "cuda":
+        variants.append(Variant("fp16+sdpa+cl", precision="fp16", channels_last=True, fused_attention=True))
+    if compile:
+        variants.append(
+            Variant("bf16+sdpa+cl+compile", precision="bf16", channels_last=True, fused_attention=True, compile=True)
+        )
+    return variants
+
+
+@dataclass
+class Result:
+    config: str
+    variant: str
+    batch_size: int
+    images_per_s: float
+    s_per_forward: float
+    gflop_per_image: float
+    achieved_tflops: float
+    speedup_vs_baseline: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+
+def build(config: str, device: torch.device, seed: int = 0):
+    """The UNet (random weights, eval mode) and diffusion of a named configuration."""
+    flags = model_and_diffusion_defaults()
+    cfg = dict(CONFIGS[config])
+    ssl_dim = cfg.pop("ssl_dim")
+    flags.update(cfg)
+    torch.manual_seed(seed)
+    model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=ssl_dim, G_shared=False)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised layers would make the output trivial
+            p.mul_(0).add_(torch.randn_like(p) * 0.02)
+    return model.to(device).eval(), diffusion, flags, ssl_dim
+
+
+def _inputs(batch: int, image_size: int, ssl_dim: int, device, channels_last: bool):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    feat = torch.randn(batch, ssl_dim, generator=g).to(device)
+    return x, t, feat
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds per call after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_flops(model: torch.nn.Module, inputs) -> float:
+    """FLOPs of one forward (multiply-adds counted as two), from torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, feat = inputs
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, t, feat=feat)
+    return float(counter.get_total_flops())
+
+
+def variant_model(model: torch.nn.Module, variant: Variant, device: torch.device) -> torch.nn.Module:
+    """`model` set up as `variant` says (in place: memory format and attention kernel), wrapped
+    for precision and compilation. The same UNet serves every variant, so weights are shared."""
+    model.set_fused_attention(variant.fused_attention)
+    model.to(memory_format=torch.channels_last if variant.channels_last else torch.contiguous_format)
+    return prepare_model(model, precision=variant.precision, device=device, compile=variant.compile)
+
+
+def bench_forward(
+    config: str, variants: list[Variant], batch_sizes: list[int], device: torch.device, warmup: int, iters: int
+) -> list[Result]:
+    """UNet forward throughput of each variant, relative to the baseline at the same batch size."""
+    results = []
+    model, _, flags, ssl_dim = build(config, device)
+    for batch in batch_sizes:
+        baseline_s = None
+        for variant in variants:
+            inputs = _inputs(batch, flags["image_size"], ssl_dim, device, variant.channels_last)
+            flops = forward_flops(model, inputs)
+            fast = variant_model(model, variant, device)
+            x, t, feat = inputs
+
+            def step():
+                with torch.no_grad():
+                    return fast(x, t, feat=feat)
+
+            seconds = time_call(step, device, warmup=warmup + (2 if variant.compile else 0), iters=iters)
+            if variant.is_baseline:
+                baseline_s = seconds
+            results.append(
+                Result(
+                    config=config,
+                    variant=variant.name,
+                    batch_size=batch,
+                    images_per_s=batch / seconds,
+                    s_per_forward=seconds,
+                    gflop_per_image=flops / batch / 1e9,
+                    achieved_tflops=flops / seconds / 1e12,
+                    speedup_vs_baseline=(baseline_s / seconds) if baseline_s else 1.0,
+                )
+            )
+            del fast
+            gc.collect()
+    return results
+
+
+def bench_sampling(
+    config: str, variants: list[Variant], device: torch.device, batch: int, measure: bool
+) -> list[dict]:
+    """Seconds per sampled image for DDPM with 100 steps and DPM-Solver++ with 20.
+
+    With `measure`, the samplers run for real; otherwise the time is the measured batched forward
+    times the number of model calls (sampling is dominated by them), and says so.
+    """
+    rows = []
+    model, diffusion, flags, ssl_dim = build(config, device)
+    for variant in variants:
+        fast = variant_model(model, variant, device)
+        size = flags["image_size"]
+        _, _, feat = _inputs(batch, size, ssl_dim, device, False)
+        for sampler, steps in (("ddpm", 100), ("dpm++", 20)):
+            if measure:
+                def run():
+                    return sample_images(
+                        fast, diffusion, (batch, 3, size, size), sampler=sampler, steps=steps,
+                        model_kwargs={"feat": feat}, device=device,
+                    )
+
+                seconds = time_call(run, device, warmup=0, iters=1)
+                how = "measured"
+            else:
+                x, t, _ = _inputs(batch, size, ssl_dim, device, variant.channels_last)
+
+                def step():
+                    with torch.no_grad():
+                        return fast(x, t, feat=feat)
+
+                seconds = time_call(step, device, warmup=1, iters=2) * steps
+                how = f"estimated: {steps} x batched forward"
+            rows.append(
+                dict(config=config, variant=variant.name, sampler=f"{sampler}-{steps}", batch_size=batch,
+                     s_per_image=seconds / batch, how=how)
+            )
+        del fast
+        gc.collect()
+    return rows
+
+
+def bench_training(
+    config: str, variants: list[Variant], device: torch.device, batch: int, iters: int
+) -> list[dict]:
+    """Training images/s: forward, diffusion loss, backward and an AdamW step."""
+    rows = []
+    model, diffusion, flags, ssl_dim = build(config, device)
+    model.train()
+    for variant in variants:
+        if variant.compile or variant.precision == "fp16":
+            continue  # fp16 training needs loss scaling: measured by the training loop itself
+        fast = variant_model(model, variant, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x, _, feat = _inputs(batch, flags["image_size"], ssl_dim, device, variant.channels_last)
+        t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = diffusion.training_losses(fast, x, t, model_kwargs={"feat": feat})["loss"].mean()
+            loss.backward()
+            opt.step()
+
+        seconds = time_call(step, device, warmup=1, iters=iters)
+        rows.append(dict(config=config, variant=variant.name, batch_size=batch, images_per_s=batch / seconds))
+        del fast, opt
+        gc.collect()
+    return rows
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: GPU allocations on CUDA, the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def as_dicts(results: list[Result]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table of `rows` restricted to `columns`."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Benchmark the UNet: forward throughput, time per sampled image, training speed, peak memory.
+
+Every figure is compared with a baseline run in the same process (the original's fp32 eager
+forward: einsum attention, contiguous tensors). Prints tables and writes JSON.
+
+    python scripts/benchmark.py                          # 128x128 and small configs, batch 1 and 8
+    python scripts/benchmark.py --configs small --compile
+    python scripts/benchmark.py --smoke                  # a tiny config, one iteration (the tests run this)
+"""
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from guided_diffusion_rcdm import benchmark as bm
+from guided_diffusion_rcdm.precision import default_device
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="128,small", help="comma-separated: " + ", ".join(bm.CONFIGS))
+    parser.add_argument("--batch_sizes", default="1,8", help="forward batch sizes")
+    parser.add_argument("--sample_batch", type=int, default=8, help="batch size for the sampling figures")
+    parser.add_argument("--train_batch", type=int, default=8, help="batch size for the training figures")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per figure (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    parser.add_argument("--measure_sampling", action="store_true",
+                        help="run the samplers for real (default: model calls x measured forward time)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: forward, sampling, training")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default="benchmark.json", help="where to write the JSON results")
+    parser.add_argument("--smoke", action="store_true", help="tiny config, one iteration: checks the script runs")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        args.configs, args.batch_sizes, args.iters, args.warmup = "tiny", "2", 1, 0
+        args.sample_batch, args.train_batch, args.measure_sampling = 2, 2, False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device) if args.device else default_device()
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in bm.CONFIGS]
+    if unknown:
+        print(f"unknown --configs {unknown}: choose from {', '.join(bm.CONFIGS)}", file=sys.stderr)
+        return 2
+    skip = set(args.skip.split(",")) - {""}
+    variants = bm.default_variants(device, args.compile)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+    report = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "forward": [], "sampling": [], "training": [],
+    }
+    for config in configs:
+        if "forward" not in skip:
+            rows = bm.as_dicts(bm.bench_forward(config, variants, batch_sizes, device, args.warmup, args.iters))
+            report["forward"] += rows
+            print(f"\n== UNet forward, config {config} ==")
+            print(bm.format_table(rows, ["variant", "batch_size", "images_per_s", "s_per_forward",
+                                         "speedup_vs_baseline", "gflop_per_image", "achieved_tflops"]))
+        if "sampling" not in skip:
+            rows = bm.bench_sampling(config, variants, device, args.sample_batch, args.measure_sampling)
+            report["sampling"] += rows
+            print(f"\n== seconds per sampled image, config {config} ==")
+            print(bm.format_table(rows, ["variant", "sampler", "batch_size", "s_per_image", "how"]))
+        if "training" not in skip:
+            rows = bm.bench_training(config, variants, device, args.train_batch, args.iters)
+            report["training"] += rows
+            print(f"\n== training, config {config} ==")
+            print(bm.format_table(rows, ["variant", "batch_size", "images_per_s"]))
+    report["peak_memory_mb"] = bm.peak_memory_mb(device)
+    print(f"\npeak memory: {report['peak_memory_mb']:.0f} MiB ({'GPU allocations' if device.type == 'cuda' else 'process RSS'})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
