@@ -1,0 +1,154 @@
+"""Run scripts/image_train.py as a SLURM job through submitit (or on this machine with --local).
+
+    python run_with_submitit.py --nodes 4 --ngpus 8 --use_volta32 $MODEL_FLAGS_128 $TRAIN_FLAGS \
+        --feat_cond --data_dir DATA --type_model dino --out_dir RUN
+
+Every training flag is accepted. One task per GPU (`--ngpus` tasks on each of `--nodes` nodes); the
+tasks find each other through submitit's job environment. Checkpoints, logs and submitit's own
+files (`RUN/submitit/`) go under `--out_dir` (`%j` in it becomes the job id). When SLURM preempts
+the job or its time runs out, submitit calls `Trainer.checkpoint`, the job is requeued and training
+resumes from the newest complete checkpoint in `--out_dir`.
+
+`--local` runs the same job on this machine with submitit's local executor (`--ngpus` processes,
+CPU-only machines included) and waits for it to finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from scripts import image_train  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[image_train.create_argparser()], add_help=False,
+    )
+    job = parser.add_argument_group("job")
+    job.add_argument("--ngpus", default=8, type=int, help="GPUs (= training processes) per node")
+    job.add_argument("--nodes", default=2, type=int, help="number of nodes")
+    job.add_argument("--timeout", default=2800, type=int, help="job duration, in minutes")
+    job.add_argument("--partition", default="", type=str, help="SLURM partition")
+    job.add_argument("--use_volta32", action="store_true", help="ask for 32 GB V100s (constraint volta32gb)")
+    job.add_argument("--comment", default="", type=str, help="comment for the scheduler")
+    job.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per process")
+    job.add_argument("--mem_per_gpu_gb", default=40, type=int, help="memory per GPU, in GB")
+    job.add_argument("--job_name", default="rcdm", type=str)
+    job.add_argument("--max_num_timeout", default=30, type=int,
+                     help="how many times a job that runs out of time is requeued")
+    job.add_argument("--local", action="store_true",
+                     help="run the job here with submitit's local executor and wait for it")
+    return parser.parse_args(argv)
+
+
+class Trainer:
+    """The submitted callable: trains, and on preemption asks to be requeued."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def __call__(self) -> None:
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        import submitit
+
+        from scripts import image_train as train
+
+        env = submitit.JobEnvironment()
+        args = copy.copy(self.args)
+        args.out_dir = args.out_dir.replace("%j", str(env.job_id))
+        args.submitit = True
+        train.main(args)
+
+    def checkpoint(self):
+        """Called by submitit when the job is preempted or times out: requeue a fresh copy.
+
+        The new run resumes from the newest complete checkpoint in --out_dir (an explicit
+        --resume_checkpoint is dropped once the run has written its own checkpoints).
+        """
+        import submitit
+
+        from guided_diffusion_rcdm.train_util import list_checkpoint_steps
+
+        args = copy.copy(self.args)
+        out_dir = args.out_dir.replace("%j", str(submitit.JobEnvironment().job_id))
+        if list_checkpoint_steps(out_dir):
+            args.resume_checkpoint = ""
+        print(f"requeuing; training resumes from the newest checkpoint in {out_dir}", flush=True)
+        return submitit.helpers.DelayedSubmission(type(self)(args))
+
+
+def make_executor(args: argparse.Namespace):
+    import submitit
+
+    folder = os.path.join(args.out_dir, "submitit")
+    if args.local:
+        if args.nodes > 1:
+            print(f"--local runs on this machine: --nodes {args.nodes} is ignored", file=sys.stderr)
+        executor = submitit.AutoExecutor(folder=folder, cluster="local")
+        import torch
+
+        executor.update_parameters(
+            timeout_min=args.timeout, tasks_per_node=args.ngpus, nodes=1,
+            gpus_per_node=min(args.ngpus, torch.cuda.device_count()),
+        )
+    else:
+        if submitit.AutoExecutor.which() != "slurm":
+            raise SystemExit("SLURM is not available here (no sbatch): use --local to run the job on "
+                             "this machine, or torchrun (see docs/training.md)")
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
+                                         slurm_max_num_timeout=args.max_num_timeout)
+        extra = {}
+        if args.use_volta32:
+            extra["slurm_constraint"] = "volta32gb"
+        if args.comment:
+            extra["slurm_comment"] = args.comment
+        if args.partition:
+            extra["slurm_partition"] = args.partition
+        executor.update_parameters(
+            mem_gb=args.mem_per_gpu_gb * args.ngpus, gpus_per_node=args.ngpus,
+            tasks_per_node=args.ngpus, cpus_per_task=args.cpus_per_task, nodes=args.nodes,
+            timeout_min=args.timeout, slurm_signal_delay_s=120, **extra,
+        )
+    executor.update_parameters(name=args.job_name)
+    return executor
+
+
+def submit(args: argparse.Namespace):
+    """Submit the training job; returns the submitit job."""
+    if not args.out_dir:
+        raise SystemExit("--out_dir is required: checkpoints, logs and job files go there")
+    # Fail now, not in the queue, when the data cannot work.
+    from guided_diffusion_rcdm.image_datasets import find_images
+
+    find_images(args.data_dir)
+    if __name__ != "__main__":  # let the job unpickle Trainer without importing this file
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    executor = make_executor(args)
+    job = executor.submit(Trainer(args))
+    where = args.out_dir.replace("%j", str(job.job_id))
+    print(f"Submitted job_id: {job.job_id}")
+    print(f"Logs and checkpoints will be saved at: {where}")
+    return job
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    job = submit(args)
+    if args.local:
+        job.results()  # waits; raises with the job's error if training failed
+        print(f"job {job.job_id} finished")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""run_with_submitit.py: the same job through submitit's real local executor, preempted and requeued."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _train_photos import make_photo_dir
+
+submitit = pytest.importorskip("submitit")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import run_with_submitit  # noqa: E402
+
+TINY = ("--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
+        "--attention_resolutions 16 --learn_sigma True --diffusion_steps 100").split()
+
+
+def _children(pid: int) -> list:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_local_job_with_two_tasks_requeues_on_preemption_and_resumes(tmp_path, monkeypatch):
+    photos = make_photo_dir(tmp_path / "photos")
+    out = tmp_path / "run"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))] + ["RANK", "WORLD_SIZE"]:
+        monkeypatch.delenv(key, raising=False)
+    args = run_with_submitit.parse_args(
+        ["--local", "--ngpus", "2", "--nodes", "1", "--timeout", "10", *TINY, "--feat_cond",
+         "--data_dir", photos, "--type_model", "resnet18", "--pretrained_encoder", "False",
+         "--out_dir", str(out), "--batch_size", "2", "--save_interval", "1", "--log_interval", "1",
+         "--max_steps", "4", "--num_workers", "0", "--progress", "False"])
+    job = run_with_submitit.submit(args)
+    deadline = time.time() + 240
+    while not (out / "model000001.pt").exists():
+        assert job.state not in ("FINISHED", "INTERRUPTED") and time.time() < deadline, job.stderr()
+        time.sleep(0.05)
+    # preemption: SLURM signals every task; submitit checkpoints on rank 0 and requeues the job.
+    # (The tasks are paused while they are signalled, so the run cannot finish in between.)
+    tasks = _children(job._process.pid)
+    assert len(tasks) == 2
+    for sig in (signal.SIGSTOP, signal.SIGUSR2, signal.SIGCONT):
+        for pid in tasks:
+            os.kill(pid, sig)
+    job.results()  # raises if a task failed for good
+    log = (out / "log.txt").read_text()
+    assert "2 process(es) launched by submitit" in log
+    assert "resumed from checkpoint" in log
+    assert (out / "model000004.pt").exists() and (out / "opt000004.pt").exists()
+    stdout = Path(job.paths.stdout).read_text()
+    assert "requeuing; training resumes from the newest checkpoint" in stdout
+    assert stdout.count("2 process(es) launched by submitit") == 2  # the first run and the requeued one
+
+
+def test_cli_without_slurm_says_what_to_do_and_keeps_the_original_flags(tmp_path):
+    photos = make_photo_dir(tmp_path / "photos", names=("coffee",))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + "/usr/bin:/bin"  # no sbatch here
+    proc = subprocess.run([sys.executable, str(REPO / "run_with_submitit.py"), "--nodes", "4", "--ngpus", "8",
+                           "--use_volta32", "--partition", "learnlab", "--comment", "x", "--timeout", "60",
+                           *TINY, "--feat_cond", "--data_dir", photos, "--type_model", "dino",
+                           "--out_dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert proc.returncode != 0
+    assert "SLURM is not available" in proc.stderr and "--local" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "run_with_submitit.py"), "--data_dir", str(tmp_path / "nope"),
+                           "--local", "--out_dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert proc.returncode != 0 and "does not exist" in proc.stderr  # checked before anything is queued
