@@ -306,6 +306,7 @@ class ImageStream:
             collate_fn=collate,
             drop_last=True,
             persistent_workers=num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
         )
         self._it = None
 
