@@ -199,3 +199,57 @@ def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
     assert all(math.isfinite(float(v)) for k, v in rows[0].items() if v)
     log = (out / "log.txt").read_text()
     assert "saved checkpoint" in log and "feature cache" in log
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_and_is_checkpointed(tmp_path):
+    model, diffusion = tiny_model()
+    batch = torch.rand(2, 3, 32, 32) * 2 - 1
+    cond = {"feat": torch.randn(2, 512)}
+
+    def make(m):
+        return TrainLoop(model=m, diffusion=diffusion, data=_repeat(batch, cond), batch_size=2,
+                         microbatch=-1, lr=1e-3, ema_rate="0.9", log_interval=1, save_interval=4,
+                         resume_checkpoint="", precision="fp16", fp16_scale_growth=1e-3,
+                         max_steps=4, progress=False, out_dir=str(tmp_path))
+
+    logger.configure(dir=str(tmp_path), format_strs="csv")
+    loop = make(model)
+    assert loop.scaler.get_scale() == 2.0**20 and loop.scaler.get_growth_interval() == 1000
+    loop.run_loop()
+    scale = loop.scaler.get_scale()
+    adam_steps = {int(s["step"]) for s in loop.opt.state_dict()["state"].values()}
+    # every overflow halves the scale and skips the update; the other steps are taken
+    backoffs = round(math.log2(2.0**20 / scale))
+    assert len(adam_steps) <= 1 and (adam_steps or {0}).pop() + backoffs == 4
+    rows = list(csv.DictReader(open(tmp_path / "progress.csv")))
+    assert [float(r["lg_loss_scale"]) for r in rows][0] == 20.0
+    resumed = make(tiny_model(seed=1)[0])
+    logger.reset()
+    assert resumed.step == 4 and resumed.scaler.get_scale() == scale
+
+
+MODEL_FLAGS_128 = ("--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --image_size 128 "
+                   "--learn_sigma True --noise_schedule linear --num_channels 256 --num_heads 4 --num_res_blocks 2 "
+                   "--resblock_updown True --use_fp16 False --use_scale_shift_norm True")
+TRAIN_FLAGS = "--lr 1e-4 --batch_size 8"
+
+
+def test_the_readme_command_lines_parse_with_every_original_flag():
+    sys.path.insert(0, str(REPO))
+    from scripts import image_train
+    import run_with_submitit
+
+    extra = ("--schedule_sampler loss-second-moment --weight_decay 0.05 --lr_anneal_steps 100 --microbatch 2 "
+             "--ema_rate 0.9999,0.999 --log_interval 5 --save_interval 50 --resume_checkpoint R/model000010.pt "
+             "--fp16_scale_growth 0.002")
+    line = f"{MODEL_FLAGS_128} {TRAIN_FLAGS} --feat_cond --data_dir D --type_model dino --out_dir S {extra}"
+    args = image_train.create_argparser().parse_args(line.split())
+    assert (args.image_size, args.num_channels, args.attention_resolutions) == (128, 256, "32,16,8")
+    assert args.feat_cond is True and args.use_head is False and args.use_fp16 is False
+    assert (args.lr, args.batch_size, args.microbatch, args.ema_rate) == (1e-4, 8, 2, "0.9999,0.999")
+    assert (args.weight_decay, args.lr_anneal_steps, args.fp16_scale_growth) == (0.05, 100, 0.002)
+    assert args.schedule_sampler == "loss-second-moment" and args.resume_checkpoint == "R/model000010.pt"
+    sub = run_with_submitit.parse_args(
+        f"--nodes 4 --ngpus 8 --use_volta32 --partition p --timeout 60 --comment c {line}".split())
+    assert (sub.nodes, sub.ngpus, sub.use_volta32, sub.partition, sub.timeout, sub.comment) == (4, 8, True, "p", 60, "c")
+    assert sub.out_dir == "S" and sub.image_size == 128
