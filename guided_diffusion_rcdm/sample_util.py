@@ -25,8 +25,6 @@ import numpy as np
 import torch
 
 from . import hub
-from .get_rcdm_models import load_rcdm_checkpoint
-from .get_ssl_models import get_model, representation_dim
 from .image_datasets import (
     IMAGE_EXTENSIONS,
     encoder_input,
@@ -311,6 +309,10 @@ def load_components(args: argparse.Namespace) -> Components:
     Without `--model_path` the published checkpoint for `--type_model`/`--use_head` is downloaded
     (or taken from the cache); its flags are the README's `$MODEL_FLAGS_128`.
     """
+    # Imported here: torchvision is slow to import, and bad input is reported before it is needed.
+    from .get_rcdm_models import load_rcdm_checkpoint
+    from .get_ssl_models import get_model, representation_dim
+
     device = resolve_device(getattr(args, "device", ""))
     precision = resolve_precision(args.precision or None, args.use_fp16, device)
     if args.model_path and not os.path.exists(args.model_path) and "://" not in args.model_path:
@@ -373,7 +375,8 @@ def save_grid(rows: Sequence[torch.Tensor], path: str, padding: int = 2) -> str:
     grid = make_grid((images + 1) / 2, nrow=ncols, padding=padding, pad_value=1.0)
     arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(arr).save(path, quality=95)
+    # 4:4:4 chroma: the default 4:2:0 subsampling smears small samples.
+    Image.fromarray(arr).save(path, quality=95, subsampling=0)
     return path
 
 

@@ -81,7 +81,7 @@ def make_tiny_checkpoint(path, seed: int = 0, encoder: dict | None = None) -> st
 
 def run_script(name: str, *argv, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run `scripts/NAME` in a fresh interpreter, offline, and return the finished process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "default"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     env.pop("RCDM_DEBUG", None)
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / name), *map(str, argv)],

@@ -1,0 +1,165 @@
+"""The RCDM module: building from a checkpoint's meta or from flags, per-image sampling, shared noise."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import pytest
+import torch
+
+from _sampling_helpers import ENCODER, SSL_DIM, TINY_FLAGS, make_tiny_checkpoint, write_photos
+from guided_diffusion_rcdm import hub
+from guided_diffusion_rcdm.image_datasets import encoder_input
+from guided_diffusion_rcdm.precision import AutocastModel
+from guided_diffusion_rcdm.RCDM import RCDM
+from guided_diffusion_rcdm.sample_util import UsageError
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rcdm")
+    return {
+        "ckpt": make_tiny_checkpoint(root / "tiny.pt"),
+        "photos": write_photos(root / "photos", names=("astronaut", "coffee", "chelsea")),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def rcdm(files):
+    # Only the checkpoint and a sampling choice: the architecture and encoder come from its meta.
+    return RCDM(model_path=files["ckpt"], timestep_respacing="4", progress=False)
+
+
+def test_builds_from_the_checkpoint_meta_alone(rcdm):
+    assert rcdm.image_size == TINY_FLAGS["image_size"]  # not the default 64
+    assert rcdm.ssl_dim == SSL_DIM and rcdm.model_flags["num_channels"] == TINY_FLAGS["num_channels"]
+    assert rcdm.encoder_info == ENCODER
+    assert rcdm.diffusion.num_timesteps == 4 and rcdm.sampler == "ddpm"
+    assert not any(p.requires_grad for p in rcdm.ssl_model.parameters())
+    assert not rcdm.rcdm_model.training
+    # the original's namespace style works too
+    ns = argparse.Namespace(model_path=rcdm.args.model_path, timestep_respacing="4", use_ddim=True,
+                            type_model="dino", use_head=False, image_size=64, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = RCDM(ns)
+    assert other.sampler == "ddim" and other.image_size == 32
+
+
+def test_forward_gives_num_samples_per_image_from_its_own_representation(rcdm, files):
+    batch = torch.stack([encoder_input(p) for p in files["photos"][:2]])
+    torch.manual_seed(5)
+    out = rcdm(batch, num_samples=3)
+    assert out.shape == (6, 3, 32, 32)
+    assert out.min() >= -1 and out.max() <= 1 and out.std() > 0.05
+    # the same draws, image by image, from each image's own representation
+    torch.manual_seed(5)
+    feats = rcdm.encode(files["photos"][:2])
+    want = torch.cat([rcdm.sample(f.expand(3, -1)) for f in feats])
+    torch.testing.assert_close(out, want)
+    assert not torch.allclose(feats[0], feats[1])
+
+
+def test_forward_accepts_a_path_and_other_tensor_sizes(rcdm, files):
+    torch.manual_seed(0)
+    from_path = rcdm(files["photos"][0], num_samples=2)
+    assert from_path.shape == (2, 3, 32, 32)
+    # a 3xHxW tensor of another size is resized to the encoder's 224 before encoding
+    feat = rcdm.encode(encoder_input(files["photos"][0], size=112))
+    torch.testing.assert_close(feat, rcdm.encode(files["photos"][0]), atol=0.5, rtol=0.2)
+
+
+def test_same_seed_same_samples_other_seed_other_samples(rcdm, files):
+    feat = rcdm.encode(files["photos"][0]).expand(2, -1)
+    torch.manual_seed(11)
+    a = rcdm.sample(feat)
+    torch.manual_seed(11)
+    b = rcdm.sample(feat)
+    torch.manual_seed(12)
+    c = rcdm.sample(feat)
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 0.05
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_shared_noise_makes_only_the_representation_differ(files, sampler):
+    model = RCDM(model_path=files["ckpt"], timestep_respacing="4", sampler=sampler, progress=False)
+    feats = model.encode(files["photos"])  # three different representations
+    feats = torch.cat([feats[:1], feats[:1], feats[1:]])  # the first one twice
+    torch.manual_seed(3)
+    out = model.sample_shared_noise(feats, num_samples=2)
+    assert out.shape == (4, 2, 3, 32, 32)
+    # same representation + same noise (every step's, for DDPM) = the same samples
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=0)
+    # another representation with the same noise: other samples; other noise (column): other samples
+    assert (out[0] - out[2]).abs().mean() > 1e-3
+    assert (out[0, 0] - out[0, 1]).abs().mean() > 0.05
+    # DDPM adds noise at every step, so it runs representation by representation with the
+    # generator rewound; DDIM (eta 0) depends on the starting noise only and runs as one batch.
+    assert model.noise_fixes_sample == (sampler == "ddim")
+
+
+def test_interpolate_uses_exactly_the_two_representations_at_the_ends(rcdm, files):
+    a, b = rcdm.encode(files["photos"][:2])
+    torch.manual_seed(0)
+    out = rcdm.interpolate(a, b, 4)
+    assert out["methods"] == ["linear", "spherical"] and out["alphas"][0] == 0 and out["alphas"][-1] == 1
+    assert out["samples"].shape == (2, 4, 1, 3, 32, 32)
+    for m in range(2):
+        assert torch.equal(out["features"][m, 0], a) and torch.equal(out["features"][m, -1], b)
+    # both methods start and end at the same representation with the same noise
+    torch.testing.assert_close(out["samples"][0, 0], out["samples"][1, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["samples"][0, -1], out["samples"][1, -1], atol=1e-5, rtol=0)
+    assert (out["samples"][0, 0] - out["samples"][0, -1]).abs().mean() > 1e-3
+
+
+def test_manipulate_changes_only_the_shared_dimensions(rcdm, files):
+    feats = rcdm.encode(files["photos"])
+    torch.manual_seed(0)
+    out = rcdm.manipulate(feats[0], feats[2], feats, n_neighbors=3, n_common=2, num_samples=2)
+    original, zeroed, moved = out["features"]
+    dims = out["dims"]
+    assert torch.equal(dims, torch.nonzero(out["counts"] > 2).flatten())
+    assert 0 < len(dims) < SSL_DIM
+    assert torch.equal(original, feats[0])
+    others = torch.ones(SSL_DIM, dtype=torch.bool)
+    others[dims] = False
+    assert (zeroed[dims] == 0).all() and torch.equal(zeroed[others], original[others])
+    assert torch.equal(moved[dims], feats[2][dims]) and torch.equal(moved[others], original[others])
+    assert int(out["neighbors"][0]) == 0  # the source is in the folder: its own nearest neighbour
+    assert out["samples"].shape == (3, 2, 3, 32, 32)
+    with pytest.raises(UsageError, match="--n_neighbors 5: only 3"):
+        rcdm.manipulate(feats[0], feats[2], feats, n_neighbors=5, n_common=2)
+
+
+def test_bf16_precision_runs_the_unet_under_autocast(files):
+    model = RCDM(model_path=files["ckpt"], timestep_respacing="2", precision="bf16", progress=False)
+    feat = model.encode(files["photos"][0])
+    out = model.sample(feat.expand(2, -1))
+    assert isinstance(model._model_for_sampling(), AutocastModel)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_checkpoint_flags_win_over_conflicting_command_line_flags(files):
+    with pytest.warns(UserWarning, match=r"--num_channels 64 \(checkpoint: 32\)"):
+        model = RCDM(model_path=files["ckpt"], timestep_respacing="2", num_channels=64, progress=False)
+    assert model.model_flags["num_channels"] == 32
+
+
+def test_plain_state_dict_takes_its_flags_from_the_command_line(files):
+    sd, _ = hub.load_checkpoint(files["ckpt"])
+    plain = files["root"] / "plain.pt"
+    torch.save(sd, plain)
+    args = dict(model_path=str(plain), type_model="resnet18", pretrained_encoder=False,
+                timestep_respacing="2", progress=False)
+    model = RCDM(**args, **TINY_FLAGS)
+    assert model.image_size == 32 and model.ssl_dim == SSL_DIM
+    with pytest.raises(hub.CheckpointMismatchError, match="num_channels|shape"):
+        RCDM(**args, **{**TINY_FLAGS, "num_channels": 64})
+
+
+def test_an_encoder_of_another_width_is_refused_with_the_reason(files):
+    with pytest.raises(UsageError, match=r"--type_model resnet50 gives 2048-d representations.*512-d"):
+        RCDM(model_path=files["ckpt"], type_model="resnet50", pretrained_encoder=False, progress=False)
