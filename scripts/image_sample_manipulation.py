@@ -32,7 +32,8 @@ def create_argparser():
     parser.add_argument("--image_path", default=".", help="image whose representation is edited")
     parser.add_argument("--folder_nn_path", default=".", help="folder of images to find neighbours in")
     parser.add_argument("--image_target_path", default=".", help="image whose values are transplanted")
-    parser.add_argument("--n_neighbors", type=int, default=20, help="size of the neighbourhood (the original's 20)")
+    parser.add_argument("--n_neighbors", type=int, default=20,
+                        help="size of the neighbourhood (the original's 20)")
     parser.add_argument("--knn_backend", default="auto", choices=("auto", "faiss", "torch"),
                         help="neighbour search: faiss if installed (auto), or exact torch")
     return parser
@@ -44,7 +45,8 @@ def main(args) -> None:
     if not 0 <= args.n_common < args.n_neighbors:
         raise su.UsageError(
             f"--n_common {args.n_common}: a dimension is kept when non-zero in more than --n_common of "
-            f"the --n_neighbors {args.n_neighbors} neighbours, so it must be between 0 and {args.n_neighbors - 1}"
+            f"the --n_neighbors {args.n_neighbors} neighbours, so it must be between 0 and "
+            f"{args.n_neighbors - 1}"
         )
     su.check_image_file(args.image_path, "--image_path")
     su.check_image_file(args.image_target_path, "--image_target_path")

@@ -83,7 +83,8 @@ def test_nearest_neighbors_are_the_cosine_nearest(backend):
     assert torch.equal(idx, _brute_force(db, q, 6))
     assert (dist[:, 1:] >= dist[:, :-1] - 1e-6).all()  # nearest first
     # distances are squared L2 between unit vectors
-    want = ((torch.nn.functional.normalize(q, dim=-1)[0] - torch.nn.functional.normalize(db[idx[0, 0]], dim=0)) ** 2).sum()
+    unit = torch.nn.functional.normalize
+    want = ((unit(q, dim=-1)[0] - unit(db[idx[0, 0]], dim=0)) ** 2).sum()
     assert math.isclose(float(dist[0, 0]), float(want), rel_tol=1e-4, abs_tol=1e-5)
     # a database row is its own nearest neighbour, scaling does not matter (cosine)
     _, idx = ops.nearest_neighbors(db, 5 * db[7:8], 1, backend=backend)

@@ -199,5 +199,5 @@ def test_published_checkpoint_is_fetched_through_the_downloader(env, tmp_path, m
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     err = _fails("image_sample.py", "--batch_size", "2", "--num_images", "1", "--timestep_respacing", "2",
                  "--data_dir", env["root"] / "photos", "--type_model", "barlow", "--device", "cpu",
-                 expect=("rcdm_ema_barlow_trunk.pt",))
+                 "--out_dir", tmp_path / "out", expect=("rcdm_ema_barlow_trunk.pt",))
     assert str(tmp_path / "torch_home") in err
