@@ -63,6 +63,10 @@ def model_and_diffusion_defaults() -> dict[str, Any]:
         resblock_updown=False,
         use_fp16=False,
         use_new_attention_order=False,
+        # Beyond the original (the defaults build the published architecture):
+        norm_style="gn",
+        shared_dim=128,
+        feat_drop_prob=0.0,
     )
     res.update(diffusion_defaults())
     return res
@@ -96,10 +100,14 @@ def create_model_and_diffusion(
     G_shared: bool = False,
     ssl_dim: int = 2048,
     pretrained: bool = False,
+    norm_style: str = "gn",
+    shared_dim: int = 128,
+    feat_drop_prob: float = 0.0,
 ) -> tuple[UNetModel, SpacedDiffusion]:
     """Build the UNet and the diffusion from flags (see `model_and_diffusion_defaults`).
 
     :param feat_cond: condition the UNet on a representation of width `ssl_dim`.
+    :param norm_style, shared_dim, feat_drop_prob: options beyond the original (see `UNetModel`).
     :param G_shared: accepted for the original's signature; has no effect.
     :param pretrained: accepted for the original's signature; has no effect.
     """
@@ -130,6 +138,9 @@ def create_model_and_diffusion(
         G_shared=G_shared,
         ssl_dim=ssl_dim,
         pretrained=pretrained,
+        norm_style=norm_style,
+        shared_dim=shared_dim,
+        feat_drop_prob=feat_drop_prob,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -165,6 +176,9 @@ def create_model(
     G_shared: bool = False,
     ssl_dim: int = 2048,
     pretrained: bool = False,
+    norm_style: str = "gn",
+    shared_dim: int = 128,
+    feat_drop_prob: float = 0.0,
 ) -> UNetModel:
     """Build the UNet from flags, after checking them (`ValueError` naming the bad flag)."""
     mult = check_model_flags(
@@ -179,6 +193,9 @@ def create_model(
         dropout=dropout,
         feat_cond=feat_cond,
         ssl_dim=ssl_dim,
+        norm_style=norm_style,
+        shared_dim=shared_dim,
+        feat_drop_prob=feat_drop_prob,
     )
     attention_ds = tuple(image_size // res for res in _parse_ints(attention_resolutions, "attention_resolutions"))
     return UNetModel(
@@ -201,6 +218,9 @@ def create_model(
         use_new_attention_order=use_new_attention_order,
         feat_cond=feat_cond,
         ssl_dim=ssl_dim,
+        norm_style=norm_style,
+        shared_dim=shared_dim,
+        feat_drop_prob=feat_drop_prob,
         G_shared=G_shared,
         pretrained=pretrained,
     )
@@ -280,6 +300,9 @@ def check_model_flags(
     dropout: float = 0.0,
     feat_cond: bool = False,
     ssl_dim: int = 2048,
+    norm_style: str = "gn",
+    shared_dim: int = 128,
+    feat_drop_prob: float = 0.0,
 ) -> tuple[float, ...]:
     """Check the UNet flags before building anything; return the channel multipliers.
 
@@ -293,6 +316,16 @@ def check_model_flags(
         raise ValueError(f"--dropout must be in [0, 1), got {dropout}")
     if feat_cond and (ssl_dim is None or ssl_dim < 1):
         raise ValueError(f"ssl_dim must be a positive representation width with --feat_cond, got {ssl_dim}")
+    if norm_style not in ("gn", "cbn"):
+        raise ValueError(f"unknown --norm_style {norm_style!r}: use gn (GroupNorm, published) or cbn")
+    if norm_style == "cbn" and not feat_cond:
+        raise ValueError("--norm_style cbn conditions the norms on the representation: it needs --feat_cond")
+    if shared_dim < 0:
+        raise ValueError(f"--shared_dim must be >= 0, got {shared_dim}")
+    if not 0.0 <= feat_drop_prob < 1.0:
+        raise ValueError(f"--feat_drop_prob must be in [0, 1), got {feat_drop_prob}")
+    if feat_drop_prob > 0 and not feat_cond:
+        raise ValueError("--feat_drop_prob drops the representation: it needs --feat_cond")
 
     if channel_mult in ("", None):
         if image_size not in DEFAULT_CHANNEL_MULT:

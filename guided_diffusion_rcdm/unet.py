@@ -7,6 +7,13 @@ frozen encoder's representation (`feat`, [N x ssl_dim]) to the embedding width, 
 added to the timestep embedding, so every ResBlock sees the representation through the same
 scale-shift path as the timestep. Parameter names match the original exactly, so the published
 checkpoints load with `strict=True`.
+
+Two options go beyond the published architecture. `norm_style="cbn"` is the paper's conditional
+batch norm: the ResBlocks' GroupNorms become batch norms without affine parameters whose per-channel
+gain and bias are linear functions of the representation (after a shared projection to
+`shared_dim`), and the representation enters only there. `feat_drop_prob > 0` adds a learned null
+representation that replaces the real one for that fraction of training examples, so the model also
+learns the unconditional distribution and can be sampled with representation guidance.
 """
 
 from __future__ import annotations
@@ -24,19 +31,50 @@ from .nn import avg_pool_nd, checkpoint, conv_nd, linear, normalization, timeste
 
 
 class TimestepBlock(nn.Module):
-    """A module whose forward takes the timestep (and representation) embedding as a second input."""
+    """A module whose forward takes the timestep (and representation) embedding as a second input,
+    and the conditional-norm input (None unless `norm_style="cbn"`) as a third."""
 
     @abstractmethod
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """A sequence that hands the embedding to the children that take it."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+            x = layer(x, emb, cond) if isinstance(layer, TimestepBlock) else layer(x)
         return x
+
+
+class ConditionalBatchNorm(nn.Module):
+    """Batch norm without affine parameters, then a gain and bias computed from a condition.
+
+    `out = BN(x) * (1 + gain(cond)) + bias(cond)` per channel (Brock et al., 2019). The gain and bias
+    layers start at zero, so the block starts as plain batch norm. Statistics are computed in float32.
+
+    :param channels: channels of x ([N x C x ...]).
+    :param cond_dim: width of the condition ([N x cond_dim]).
+    """
+
+    def __init__(self, channels: int, cond_dim: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, affine=False)
+        self.gain = zero_module(nn.Linear(cond_dim, channels))
+        self.bias = zero_module(nn.Linear(cond_dim, channels))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if cond is None:
+            raise ValueError("a conditional batch norm (norm_style='cbn') model needs a representation")
+        shape = (x.shape[0], x.shape[1], *([1] * (x.dim() - 2)))
+        gain = self.gain(cond.float()).reshape(shape)
+        bias = self.bias(cond.float()).reshape(shape)
+        h = self.bn(x.float().reshape(x.shape[0], x.shape[1], -1, 1))  # any spatial rank as 2D
+        return (h.reshape(x.shape) * (1 + gain) + bias).type(x.dtype)
+
+
+def _norm(layer: nn.Module, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    return layer(x, cond) if isinstance(layer, ConditionalBatchNorm) else layer(x)
 
 
 class Upsample(nn.Module):
@@ -100,6 +138,8 @@ class ResBlock(TimestepBlock):
     :param use_checkpoint: recompute activations in the backward pass to save memory.
     :param up: upsample by 2 inside the block.
     :param down: downsample by 2 inside the block.
+    :param cbn_dim: if set, conditional batch norms driven by a [N x cbn_dim] condition replace
+        the two GroupNorms.
     """
 
     def __init__(
@@ -114,6 +154,7 @@ class ResBlock(TimestepBlock):
         use_checkpoint: bool = False,
         up: bool = False,
         down: bool = False,
+        cbn_dim: int | None = None,
     ):
         super().__init__()
         self.channels = channels
@@ -124,8 +165,11 @@ class ResBlock(TimestepBlock):
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
 
+        def norm(ch: int) -> nn.Module:
+            return normalization(ch) if cbn_dim is None else ConditionalBatchNorm(ch, cbn_dim)
+
         self.in_layers = nn.Sequential(
-            normalization(channels),
+            norm(channels),
             nn.SiLU(),
             conv_nd(dims, channels, self.out_channels, 3, padding=1),
         )
@@ -145,7 +189,7 @@ class ResBlock(TimestepBlock):
             linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
         )
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
+            norm(self.out_channels),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
@@ -158,26 +202,27 @@ class ResBlock(TimestepBlock):
         else:
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """:param x: [N x C x ...] features. :param emb: [N x emb_channels]. :return: [N x C' x ...]."""
-        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """:param x: [N x C x ...] features. :param emb: [N x emb_channels].
+        :param cond: [N x cbn_dim] for conditional batch norm, else None. :return: [N x C' x ...]."""
+        return checkpoint(self._forward, (x, emb, cond), self.parameters(), self.use_checkpoint)
 
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        in_norm, in_act, in_conv = self.in_layers
+        h = in_act(_norm(in_norm, x, cond))
         if self.updown:
             # Resample between the activation and the convolution, on both paths.
-            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
-            h = in_conv(self.h_upd(in_rest(x)))
+            h = self.h_upd(h)
             x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
+        h = in_conv(h)
         emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - emb_out.dim())))
+        out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
         if self.use_scale_shift_norm:
-            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = out_rest(out_norm(h) * (1 + scale) + shift)
+            h = out_rest(_norm(out_norm, h, cond) * (1 + scale) + shift)
         else:
-            h = self.out_layers(h + emb_out)
+            h = out_rest(_norm(out_norm, h + emb_out, cond))
         return self.skip_connection(x) + h
 
 
@@ -309,6 +354,12 @@ class UNetModel(nn.Module):
     :param use_new_attention_order: split q/k/v before heads.
     :param feat_cond: condition on a representation `feat` through `ssl_emb`.
     :param ssl_dim: width of the representation.
+    :param norm_style: "gn" (GroupNorm, the published architecture) or "cbn" (conditional batch
+        norm driven by the representation; needs `feat_cond`).
+    :param shared_dim: with "cbn", width of the shared projection of the representation that every
+        conditional norm reads (0: each reads the representation itself).
+    :param feat_drop_prob: in training, the fraction of examples whose representation is replaced
+        by a learned null representation (> 0 enables representation guidance at sampling time).
     :param instance_cond: the original's name for `feat_cond` (accepted for old call sites).
     :param G_shared: accepted for the original's signature; has no effect.
     :param pretrained: accepted for the original's signature; has no effect.
@@ -337,6 +388,9 @@ class UNetModel(nn.Module):
         use_new_attention_order: bool = False,
         feat_cond: bool = False,
         ssl_dim: int = 2048,
+        norm_style: str = "gn",
+        shared_dim: int = 128,
+        feat_drop_prob: float = 0.0,
         instance_cond: bool | None = None,
         G_shared: bool = False,
         pretrained: bool = False,
@@ -368,6 +422,14 @@ class UNetModel(nn.Module):
         self.num_heads_upsample = num_heads_upsample
         self.feat_cond = feat_cond
         self.ssl_dim = ssl_dim
+        if norm_style not in ("gn", "cbn"):
+            raise ValueError(f"unknown norm_style {norm_style!r}: use 'gn' or 'cbn'")
+        if (norm_style == "cbn" or feat_drop_prob > 0) and not feat_cond:
+            raise ValueError("norm_style='cbn' and feat_drop_prob > 0 need a representation (feat_cond)")
+        if not 0.0 <= feat_drop_prob < 1.0:
+            raise ValueError(f"feat_drop_prob must be in [0, 1), got {feat_drop_prob}")
+        self.norm_style = norm_style
+        self.feat_drop_prob = feat_drop_prob
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -375,9 +437,17 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             linear(time_embed_dim, time_embed_dim),
         )
-        if feat_cond:
-            # The one place the representation enters the network.
+        cbn_dim = None
+        if feat_cond and norm_style == "gn":
+            # The representation joins the timestep embedding (the published architecture).
             self.ssl_emb = nn.Linear(ssl_dim, time_embed_dim)
+        elif norm_style == "cbn":
+            # The representation drives the conditional norms, through one shared projection.
+            if shared_dim > 0:
+                self.shared = nn.Linear(ssl_dim, shared_dim)
+            cbn_dim = shared_dim if shared_dim > 0 else ssl_dim
+        if feat_drop_prob > 0:
+            self.null_feat = nn.Parameter(torch.zeros(ssl_dim))
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
@@ -390,6 +460,7 @@ class UNetModel(nn.Module):
                 dims=dims,
                 use_checkpoint=use_checkpoint,
                 use_scale_shift_norm=use_scale_shift_norm,
+                cbn_dim=cbn_dim,
                 **kwargs,
             )
 
@@ -471,6 +542,36 @@ class UNetModel(nn.Module):
             blocks.apply(convert_module_to_f32)
         self.dtype = torch.float32
 
+    @property
+    def supports_guidance(self) -> bool:
+        """Whether the model has a learned null representation (trained with feat_drop_prob > 0)."""
+        return hasattr(self, "null_feat")
+
+    def null_representation(self, batch_size: int) -> torch.Tensor:
+        """[batch_size x ssl_dim] copies of the learned null representation."""
+        if not self.supports_guidance:
+            raise ValueError(
+                "this model has no null representation: it was not trained with --feat_drop_prob > 0, "
+                "so representation guidance (--guidance_scale other than 1) is not available"
+            )
+        return self.null_feat.unsqueeze(0).expand(batch_size, -1)
+
+    def _representation(self, feat: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """The representation the network sees: checked, with null-representation dropout in training."""
+        if feat is None:
+            return self.null_representation(batch_size) if self.supports_guidance else None
+        if not self.feat_cond:
+            raise ValueError("feat was given but the model was built without feat_cond")
+        if feat.dim() != 2 or feat.shape[1] != self.ssl_dim:
+            raise ValueError(
+                f"feat has shape {tuple(feat.shape)}; this model expects [N, {self.ssl_dim}] "
+                f"(ssl_dim={self.ssl_dim})"
+            )
+        if self.training and self.feat_drop_prob > 0:
+            drop = torch.rand(feat.shape[0], device=feat.device) < self.feat_drop_prob
+            feat = torch.where(drop[:, None], self.null_representation(feat.shape[0]).to(feat.dtype), feat)
+        return feat
+
     def embed(
         self, timesteps: torch.Tensor, y: torch.Tensor | None = None, feat: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -482,14 +583,7 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y)
         elif y is not None:
             raise ValueError("y was given but the model is not class-conditional (class_cond=False)")
-        if feat is not None:
-            if not self.feat_cond:
-                raise ValueError("feat was given but the model was built without feat_cond")
-            if feat.dim() != 2 or feat.shape[1] != self.ssl_dim:
-                raise ValueError(
-                    f"feat has shape {tuple(feat.shape)}; this model expects [N, {self.ssl_dim}] "
-                    f"(ssl_dim={self.ssl_dim})"
-                )
+        if feat is not None and self.norm_style == "gn":
             emb = emb + self.ssl_emb(feat.to(self.ssl_emb.weight.dtype))
         return emb
 
@@ -505,16 +599,23 @@ class UNetModel(nn.Module):
         :param x: [N x C x H x W] noisy images.
         :param timesteps: [N] timesteps.
         :param y: [N] class labels, for a class-conditional model.
-        :param feat: [N x ssl_dim] representations, for a `feat_cond` model (None: unconditional).
+        :param feat: [N x ssl_dim] representations, for a `feat_cond` model (None: unconditional,
+            through the null representation when the model has one).
         :return: [N x out_channels x H x W].
         """
+        feat = self._representation(feat, x.shape[0])
         emb = self.embed(timesteps, y=y, feat=feat)
+        cond = None
+        if self.norm_style == "cbn":
+            if feat is None:
+                raise ValueError("a conditional batch norm (norm_style='cbn') model needs feat")
+            cond = self.shared(feat.float()) if hasattr(self, "shared") else feat.float()
         hs = []
         h = x.type(self.dtype)
         for module in self.input_blocks:
-            h = module(h, emb)
+            h = module(h, emb, cond)
             hs.append(h)
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb, cond)
         for module in self.output_blocks:
-            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+            h = module(torch.cat([h, hs.pop()], dim=1), emb, cond)
         return self.out(h.type(x.dtype))
