@@ -263,6 +263,13 @@ def resolve_encoder(args: argparse.Namespace, meta: dict) -> dict:
     return info
 
 
+def check_model_path(path: str) -> None:
+    """Fail early when `--model_path` names a local file that does not exist."""
+    if path and "://" not in path and not os.path.isfile(path):
+        raise UsageError(f"--model_path {path}: no such file; pass an RCDM checkpoint, or leave it out "
+                         "to download the published model for --type_model")
+
+
 def check_image_file(path: str, flag: str) -> str:
     """Fail early, naming the flag, when an input image path is unset or missing."""
     if not path or path == ".":
@@ -315,8 +322,7 @@ def load_components(args: argparse.Namespace) -> Components:
 
     device = resolve_device(getattr(args, "device", ""))
     precision = resolve_precision(args.precision or None, args.use_fp16, device)
-    if args.model_path and not os.path.exists(args.model_path) and "://" not in args.model_path:
-        raise UsageError(f"--model_path {args.model_path}: no such file")
+    check_model_path(args.model_path)
     state_dict, meta = load_rcdm_checkpoint(args.model_path, args.type_model, args.use_head)
     flags = resolve_model_flags(args, meta)
     encoder_info = resolve_encoder(args, meta)

@@ -29,6 +29,7 @@ def create_argparser():
 def main(args) -> None:
     # Cheap checks first: no model is built when the inputs cannot work.
     su.check_counts(args, batch_size="--batch_size", num_images="--num_images")
+    su.check_model_path(args.model_path)
     paths = su.list_folder_images(args.data_dir, "--data_dir")
     su.check_enough_images(paths, args.num_images, "--num_images", "--data_dir", args.data_dir)
     logger.configure(dir=args.out_dir, format_strs="stdout,log")

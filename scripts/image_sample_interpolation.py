@@ -36,6 +36,7 @@ def main(args) -> None:
     su.check_counts(args, batch_size="--batch_size")
     if args.batch_size < 2:
         raise su.UsageError("--batch_size is the number of interpolation points: it must be at least 2")
+    su.check_model_path(args.model_path)
     su.check_image_file(args.first_image_path, "--first_image_path")
     su.check_image_file(args.second_image_path, "--second_image_path")
     methods = INTERPOLATIONS if args.interpolation == "both" else (args.interpolation,)

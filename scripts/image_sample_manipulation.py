@@ -48,6 +48,7 @@ def main(args) -> None:
             f"the --n_neighbors {args.n_neighbors} neighbours, so it must be between 0 and "
             f"{args.n_neighbors - 1}"
         )
+    su.check_model_path(args.model_path)
     su.check_image_file(args.image_path, "--image_path")
     su.check_image_file(args.image_target_path, "--image_target_path")
     folder = su.list_folder_images(args.folder_nn_path, "--folder_nn_path")

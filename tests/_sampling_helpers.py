@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ def run_script(name: str, *argv, check: bool = True, timeout: float = 240) -> su
     env.pop("RCDM_DEBUG", None)
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / name), *map(str, argv)],
-        capture_output=True, text=True, env=env, cwd=str(REPO), timeout=timeout,
+        # Run from the temp folder: a script's default --out_dir "." must never write into the repo.
+        capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
