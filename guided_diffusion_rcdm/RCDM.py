@@ -51,6 +51,12 @@ class RCDM(nn.Module):
         self.image_size = int(parts.model_flags["image_size"])
         self.sampler = sampler_name(self.args)
         self._runner: tuple[torch.device, nn.Module] | None = None
+        if float(self.args.guidance_scale) != 1.0 and not getattr(self.rcdm_model, "supports_guidance", False):
+            raise UsageError(
+                f"--guidance_scale {self.args.guidance_scale} needs a model trained with --feat_drop_prob > 0 "
+                "(it learns the null representation guidance contrasts with); this checkpoint was not: "
+                "leave --guidance_scale at 1"
+            )
 
     # ------------------------------------------------------------------ helpers
 
@@ -128,6 +134,7 @@ class RCDM(nn.Module):
             noise=noise,
             clip_denoised=bool(self.args.clip_denoised),
             eta=float(self.args.eta),
+            guidance_scale=float(self.args.guidance_scale),
             device=self.device,
             progress=self.args.progress if progress is None else progress,
         )

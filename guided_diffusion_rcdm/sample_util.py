@@ -107,6 +107,8 @@ def create_argparser(description: str | None = None, name: str = "samples") -> a
     new.add_argument("--steps", type=int, default=None,
                      help="number of sampling steps (default: the --timestep_respacing steps)")
     new.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: deterministic)")
+    new.add_argument("--guidance_scale", type=float, default=1.0,
+                     help="representation guidance (1: none; needs a model trained with --feat_drop_prob > 0)")
     new.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples")
     new.add_argument("--device", default="", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     new.add_argument("--progress", type=str2bool, default=True, help="tqdm bar over the diffusion steps")
@@ -411,6 +413,7 @@ def run_metadata(args: argparse.Namespace, rcdm) -> dict[str, Any]:
     return dict(
         seed=args.seed,
         sampler=rcdm.sampler,
+        guidance_scale=float(args.guidance_scale),
         steps=-1 if args.steps is None else args.steps,
         timestep_respacing=str(args.timestep_respacing),
         type_model=str(rcdm.encoder_info["type_model"]),

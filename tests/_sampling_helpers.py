@@ -58,12 +58,12 @@ def write_photos(folder, names=PHOTOS, short_side: int = 64) -> list[str]:
     return paths
 
 
-def make_tiny_checkpoint(path, seed: int = 0, encoder: dict | None = None) -> str:
+def make_tiny_checkpoint(path, seed: int = 0, encoder: dict | None = None, **extra_flags) -> str:
     """Write a tiny RCDM checkpoint with its meta (flags and encoder) and return its path."""
     from guided_diffusion_rcdm import hub
     from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-    flags = {**model_and_diffusion_defaults(), **TINY_FLAGS}
+    flags = {**model_and_diffusion_defaults(), **TINY_FLAGS, **extra_flags}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model, _ = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=SSL_DIM)

@@ -173,3 +173,20 @@ def test_plain_state_dict_takes_its_flags_from_the_command_line(files):
 def test_an_encoder_of_another_width_is_refused_with_the_reason(files):
     with pytest.raises(UsageError, match=r"--type_model resnet50 gives 2048-d representations.*512-d"):
         RCDM(model_path=files["ckpt"], type_model="resnet50", pretrained_encoder=False, progress=False)
+
+
+def test_guidance_and_new_architectures_come_from_the_checkpoint(files):
+    # A model trained with representation dropout and the paper's conditional batch norm: the
+    # meta alone rebuilds it, and --guidance_scale changes its samples.
+    ckpt = make_tiny_checkpoint(files["root"] / "guided.pt", norm_style="cbn", feat_drop_prob=0.1)
+    plain = RCDM(model_path=ckpt, timestep_respacing="3", sampler="ddim", progress=False)
+    guided = RCDM(model_path=ckpt, timestep_respacing="3", sampler="ddim", guidance_scale=3.0,
+                  progress=False)
+    assert plain.model_flags["norm_style"] == "cbn" and plain.rcdm_model.supports_guidance
+    feat = plain.encode(files["photos"][0]).expand(2, -1)
+    noise = torch.randn(2, 3, 32, 32)
+    a = plain.sample(feat, noise=noise.clone())
+    b = guided.sample(feat, noise=noise.clone())
+    assert torch.isfinite(b).all() and (a - b).abs().mean() > 1e-3
+    with pytest.raises(UsageError, match="--guidance_scale 2.0 needs a model trained with --feat_drop_prob"):
+        RCDM(model_path=files["ckpt"], guidance_scale=2.0, progress=False)
