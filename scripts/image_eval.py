@@ -1,0 +1,184 @@
+"""Score a sample file: representation fidelity (rank, top-k, MRR vs a shuffled control), FID and IS.
+
+    python scripts/image_eval.py OUT_DIR/samples.npz
+    python scripts/image_eval.py OUT_DIR/samples.npz --ref REFERENCE_FOLDER_OR_NPZ \
+        --inception_path pt_inception-2015-12-05-6726825d.pth
+
+The `.npz` is what scripts/image_sample.py writes: N x K samples and the N representations they
+were drawn from. Each sample is encoded with the same frozen encoder (resized to 224x224), and the
+rank of its own conditioning image among the N, by similarity of representations, gives mean rank,
+top-1 / top-5 and MRR; the same with randomly permuted conditioning is the chance level measured on
+these samples. The encoder is the one the samples were made with (the checkpoint's record, the
+.npz's fields), unless --type_model / --use_head / --pretrained_encoder say otherwise.
+
+With --ref, FID of all the samples against the reference (a folder of images, centre-cropped to the
+samples' size; an .npz of images; or an .npz with `mu` and `sigma`) and their Inception Score are
+computed with the TF-FID Inception network; reference statistics are cached (see --stats_cache).
+Writes the scores as JSON (--out_json, default NPZ_eval.json) and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # `python scripts/image_eval.py` from anywhere
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion_rcdm import metrics
+from guided_diffusion_rcdm import sample_util as su
+from guided_diffusion_rcdm.script_util import str2bool
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sample_path", help=".npz written by scripts/image_sample.py")
+    parser.add_argument("--fidelity", type=str2bool, default=True,
+                        help="compute representation fidelity (needs the file's 'features')")
+    parser.add_argument("--metric", default="cosine", choices=metrics.METRICS,
+                        help="similarity between representations: cosine or (minus squared) L2")
+    parser.add_argument("--num_shuffles", type=int, default=10,
+                        help="random permutations averaged in the shuffled-conditioning control")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
+    enc = parser.add_argument_group("encoder (default: the one the samples were made with)")
+    enc.add_argument("--type_model", default="dino", help="dino, simclr, barlow, vicreg, supervised, a "
+                     "torchvision model name or a checkpoint path")
+    enc.add_argument("--use_head", type=str2bool, default=False, help="the projector head's output")
+    enc.add_argument("--pretrained_encoder", type=str2bool, default=True,
+                     help="False: the fixed-seed untrained encoder (as in offline runs)")
+    enc.add_argument("--encoder_normalize", default="minus_one_one", choices=("minus_one_one", "imagenet"))
+    fid = parser.add_argument_group("FID and IS")
+    fid.add_argument("--ref", default="", help="reference: folder of images, .npz of images, or .npz "
+                     "with mu/sigma (omit to skip FID and IS)")
+    fid.add_argument("--inception_path", default="", help=f"local {metrics.FID_WEIGHTS_FILE} (default: "
+                     "the torch.hub cache or RCDM_MIRROR, else downloaded)")
+    fid.add_argument("--download", type=str2bool, default=True, help="allow downloading the Inception weights")
+    fid.add_argument("--stats_cache", default=None,
+                     help="folder caching reference statistics ('' to disable; default "
+                          "$RCDM_STATS_CACHE or ~/.cache/guided_diffusion_rcdm/fid_stats)")
+    fid.add_argument("--splits", type=int, default=10, help="IS splits")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--device", default="", help="cpu, cuda, ... (default: a GPU if there is one)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="encoder precision for the samples' representations (the .npz's are fp32)")
+    parser.add_argument("--progress", type=str2bool, default=True)
+    parser.add_argument("--out_json", default="", help="where to write the scores (default: NPZ_eval.json)")
+    return parser
+
+
+ENCODER_FLAGS = {"type_model": "type_model", "use_head": "use_head", "pretrained": "pretrained_encoder",
+                 "normalize": "encoder_normalize"}
+
+
+def resolve_encoder(args: argparse.Namespace, meta: dict) -> tuple[dict, str]:
+    """Which encoder the samples were made with, and where that was read from.
+
+    Order: the command line's explicit flags; the .npz's own fields (what sampling used); the
+    checkpoint's record (`model_path` in the .npz); the published checkpoint's conventions; defaults.
+    """
+    recorded: dict = {}
+    source = "defaults"
+    model_path = str(meta.get("model_path", "") or "")
+    if model_path and os.path.isfile(model_path):
+        from guided_diffusion_rcdm import hub
+
+        try:
+            recorded = dict(hub.load_checkpoint(model_path)[1].get("encoder") or {})
+            source = f"the checkpoint {model_path}"
+        except Exception:  # an unreadable checkpoint only costs us its record
+            recorded = {}
+    elif "type_model" in meta and not model_path:
+        from guided_diffusion_rcdm.get_rcdm_models import published_meta
+        from guided_diffusion_rcdm.get_ssl_models import ENCODER_NAMES
+
+        if str(meta["type_model"]) in ENCODER_NAMES:  # sampled from a published checkpoint
+            recorded = published_meta(str(meta["type_model"]), bool(meta.get("use_head")))["encoder"]
+            recorded["pretrained"] = True
+            source = "the published checkpoint's conventions"
+    for key, field_name in (("type_model", "type_model"), ("use_head", "use_head"),
+                            ("pretrained", "encoder_pretrained"), ("normalize", "encoder_normalize")):
+        if field_name in meta:
+            recorded[key] = meta[field_name]
+            source = "the sample file" if source == "defaults" else source + " and the sample file"
+    if "type_model" in args.explicit and recorded.get("type_model") not in (None, args.type_model):
+        recorded = {}  # another encoder: nothing recorded about this one applies
+    info = {}
+    for key, flag in ENCODER_FLAGS.items():
+        info[key] = getattr(args, flag) if flag in args.explicit or key not in recorded else recorded[key]
+    info["use_head"], info["pretrained"] = bool(info["use_head"]), bool(info["pretrained"])
+    if any(flag in args.explicit for flag in ENCODER_FLAGS.values()):
+        source += " and the command line"
+    return info, source
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.num_shuffles < 1:
+        raise su.UsageError("--num_shuffles must be at least 1")
+    data = metrics.read_sample_file(args.sample_path)
+    if not args.fidelity and not args.ref:
+        raise su.UsageError("nothing to compute: --fidelity False and no --ref")
+    if args.fidelity and data.features is None:
+        raise su.UsageError(
+            f"{args.sample_path} holds samples but no 'features' (the representations they were drawn "
+            "from), so representation fidelity cannot be computed: make the file with "
+            "scripts/image_sample.py, or pass --fidelity False and --ref to compute only FID and IS"
+        )
+    if args.fidelity and data.num_conditions < 2:
+        raise su.UsageError(f"{args.sample_path} has samples of {data.num_conditions} representation; "
+                            "fidelity ranks each among several: sample with --num_images 2 or more")
+    if args.ref and not os.path.exists(args.ref):
+        raise su.UsageError(f"--ref {args.ref}: no such folder or .npz file")
+    device = su.resolve_device(args.device)
+    results: dict = {"sample_path": os.path.abspath(args.sample_path),
+                     "num_conditions": data.num_conditions,
+                     "samples_per_condition": int(data.samples.shape[1]),
+                     "sample_size": int(data.samples.shape[2])}
+    inception = None
+    if args.ref:  # load the network first: a missing weights file fails before any long work
+        inception = metrics.load_inception(args.inception_path or None, download=args.download, device=device)
+
+    if args.fidelity:
+        from guided_diffusion_rcdm.get_ssl_models import get_model
+
+        info, source = resolve_encoder(args, data.meta)
+        print(f"encoder: {info['type_model']} ({'head' if info['use_head'] else 'trunk'}, "
+              f"{'published weights' if info['pretrained'] else 'UNTRAINED fixed-seed weights'}, "
+              f"input {info['normalize']}), from {source}", flush=True)
+        encoder = get_model(info["type_model"], info["use_head"], pretrained=info["pretrained"]).to(device)
+        n, k = data.samples.shape[:2]
+        feats = metrics.encode_images(encoder, data.samples.reshape(n * k, *data.samples.shape[2:]),
+                                      normalize=info["normalize"], batch_size=args.batch_size, device=device,
+                                      precision=args.precision, progress=args.progress)
+        if feats.shape[1] != data.features.shape[1]:
+            raise su.UsageError(
+                f"the encoder gives {feats.shape[1]}-d representations but the file's features are "
+                f"{data.features.shape[1]}-d: pass the --type_model/--use_head the samples were made with"
+            )
+        fidelity = metrics.representation_fidelity(feats.view(n, k, -1), data.features, metric=args.metric,
+                                                   num_shuffles=args.num_shuffles, seed=args.seed)
+        print(fidelity.summary())
+        results["encoder"] = info
+        results["fidelity"] = fidelity.as_dict()
+
+    if inception is not None:
+        flat = data.samples.reshape(-1, *data.samples.shape[2:])
+        scores = metrics.fid_and_is(flat, args.ref, inception, cache_dir=args.stats_cache,
+                                    batch_size=args.batch_size, splits=args.splits, progress=args.progress)
+        print(f"FID {scores.fid:.2f} ({scores.num_samples} samples vs {scores.num_reference} reference images)  "
+              f"IS {scores.inception_score:.2f} +- {scores.inception_score_std:.2f}")
+        if scores.num_samples < 2048:
+            print(f"note: FID is biased upwards with fewer samples than its 2048 dimensions "
+                  f"({scores.num_samples} here); compare only FIDs computed with the same number")
+        results["fid_is"] = scores.as_dict() | {"ref": os.path.abspath(args.ref)}
+
+    out = args.out_json or os.path.splitext(args.sample_path)[0] + "_eval.json"
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    su.run_cli(main, create_argparser())
