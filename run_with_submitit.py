@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import sys
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -49,11 +50,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class Trainer:
-    """The submitted callable: trains, and on preemption asks to be requeued."""
+def _fresh_port() -> int:
+    return random.SystemRandom().randrange(20000, 60000)
 
-    def __init__(self, args: argparse.Namespace):
+
+class Trainer:
+    """The submitted callable: trains, and on preemption asks to be requeued.
+
+    Each submission carries its own rendezvous port, so a requeued job never waits for a port the
+    previous attempt left in TIME_WAIT.
+    """
+
+    def __init__(self, args: argparse.Namespace, port: int | None = None):
         self.args = args
+        self.port = port or _fresh_port()
 
     def __call__(self) -> None:
         if REPO not in sys.path:
@@ -62,6 +72,7 @@ class Trainer:
 
         from scripts import image_train as train
 
+        os.environ["MASTER_PORT"] = str(self.port)
         env = submitit.JobEnvironment()
         args = copy.copy(self.args)
         args.out_dir = args.out_dir.replace("%j", str(env.job_id))

@@ -154,20 +154,30 @@ def prepare_feature_cache(
         if rank == 0:
             logger.log(f"feature cache {cache_dir}: encoding {len(todo)} image(s) with {encoder_info}")
         mine = todo[rank::world]
-        encoder = make_encoder()
-        feats, bad = encode_files(
-            [image_paths[i] for i in mine], encoder, normalize=encoder_info.get("normalize", "minus_one_one"),
-            batch_size=batch_size, num_workers=num_workers, precision=precision,
-        )
-        del encoder
+        feats, bad = {}, {}
+        if mine:
+            feats, bad = encode_files(
+                [image_paths[i] for i in mine], make_encoder(),
+                normalize=encoder_info.get("normalize", "minus_one_one"),
+                batch_size=batch_size, num_workers=num_workers, precision=precision,
+            )
         part = {
             "paths": [rel[mine[k]] for k in sorted(feats)],
             "features": torch.stack([feats[k] for k in sorted(feats)]) if feats else None,
             "bad": {rel[mine[k]]: r for k, r in bad.items()},
         }
-        parts = dist_util.all_gather_objects(part) if world > 1 else [part]
-        if rank == 0:
-            _merge_and_save(cache_dir, cache, parts, encoder_info)
+        if world == 1:
+            _merge_and_save(cache_dir, cache, [part], encoder_info)
+        else:  # every rank writes its share; rank 0 merges them (no rank holds them all twice)
+            from .hub import atomic_torch_save, safe_torch_load
+
+            names = [bf.join(cache_dir, f"part-{r:05d}-of-{world:05d}.pt") for r in range(world)]
+            atomic_torch_save(part, names[rank])
+            dist_util.barrier()
+            if rank == 0:
+                _merge_and_save(cache_dir, cache, [safe_torch_load(n) for n in names], encoder_info)
+                for n in names:
+                    bf.remove(n)
         dist_util.barrier()
         cache = load_cache(cache_dir)
     index = {p: i for i, p in enumerate(cache["paths"])}

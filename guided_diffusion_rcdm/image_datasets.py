@@ -190,8 +190,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     Item: `(model_view, encoder_view, out_dict)`: `model_view` is 3 x resolution x resolution in
     [-1, 1]; `encoder_view` the 3 x 224 x 224 crop of the same image (same flip) scaled for the
-    encoder, or None when `features` (cached representations, N x 2 x D: unflipped and flipped)
-    are given, in which case `out_dict["feat"]` holds the image's representation. With
+    encoder, or None when `encoder_size` is None (no encoder) or `features` (cached
+    representations, N x 2 x D: unflipped and flipped) are given, in which case `out_dict["feat"]`
+    holds the image's representation. With
     `random_crop` the two crops are drawn independently, as in the original.
 
     A file that cannot be decoded is replaced by the next readable one of the shard; the item's
@@ -207,7 +208,7 @@ class ImageDataset(torch.utils.data.Dataset):
         num_shards: int = 1,
         random_crop: bool = False,
         random_flip: bool = True,
-        encoder_size: int = ENCODER_IMAGE_SIZE,
+        encoder_size: int | None = ENCODER_IMAGE_SIZE,
         encoder_normalize: str = "minus_one_one",
         features: torch.Tensor | None = None,
     ):
@@ -256,7 +257,7 @@ class ImageDataset(torch.utils.data.Dataset):
         encoder_view = None
         if self.local_features is not None:
             out["feat"] = self.local_features[i, int(flip)].float()
-        else:
+        elif self.encoder_size:
             big = self._crop(image, self.encoder_size)
             if flip:
                 big = big[:, ::-1]
@@ -345,6 +346,7 @@ def load_data(
     features=None,
     image_paths=None,
     seed=0,
+    encoder_size=ENCODER_IMAGE_SIZE,
 ) -> ImageStream:
     """Endless `(images, encoder_images, kwargs)` batches from a folder, sharded by rank.
 
@@ -352,7 +354,7 @@ def load_data(
     reads files `rank::world_size` of the sorted list (defaults from `dist_util`). With
     `class_cond`, `kwargs["y"]` is the index of the image's parent folder. With `features`
     (cached representations aligned with `image_paths`, see `feature_cache`) the encoder crop is
-    not made and `kwargs["feat"]` is filled instead.
+    not made and `kwargs["feat"]` is filled instead; `encoder_size=None` skips it too (no encoder).
     """
     from . import dist_util
 
@@ -377,6 +379,7 @@ def load_data(
         num_shards=world_size,
         random_crop=random_crop,
         random_flip=random_flip,
+        encoder_size=encoder_size,
         encoder_normalize=encoder_normalize,
         features=features,
     )

@@ -157,6 +157,7 @@ def main(args) -> None:
         class_cond=args.class_cond, random_crop=args.random_crop, random_flip=args.random_flip,
         num_workers=args.num_workers, encoder_normalize=args.encoder_normalize,
         features=features, image_paths=image_paths, seed=args.seed,
+        encoder_size=224 if encoder is not None else None,
     )
     data = conditioned_batches(stream, encoder, dist_util.dev(), precision)
 

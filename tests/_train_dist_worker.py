@@ -14,8 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion_rcdm import dist_util, logger  # noqa: E402
+from guided_diffusion_rcdm.feature_cache import prepare_feature_cache  # noqa: E402
 from guided_diffusion_rcdm.get_ssl_models import get_model  # noqa: E402
-from guided_diffusion_rcdm.image_datasets import load_data  # noqa: E402
+from guided_diffusion_rcdm.image_datasets import find_images, load_data  # noqa: E402
 from guided_diffusion_rcdm.resample import create_named_schedule_sampler  # noqa: E402
 from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
 from guided_diffusion_rcdm.train_util import TrainLoop, conditioned_batches  # noqa: E402
@@ -32,6 +33,10 @@ def main(data_dir: str, out: str, steps: int) -> None:
         attention_resolutions="16", learn_sigma=True, diffusion_steps=100)}
     model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=512)
     encoder = get_model("resnet18", use_head=False, pretrained=False)
+    # the ranks share the work of a feature cache (this run then trains with the live encoder)
+    enc_info = {"type_model": "resnet18", "use_head": False, "normalize": "minus_one_one", "pretrained": False}
+    cache_paths, cache_feats = prepare_feature_cache(
+        os.path.join(out, "cache"), data_dir, find_images(data_dir), enc_info, lambda: encoder, batch_size=2)
     seen = []
 
     def batches():
@@ -51,6 +56,8 @@ def main(data_dir: str, out: str, steps: int) -> None:
         "ema": [p.clone() for p in loop.ema_params[0]],
         "loss_counts": torch.from_numpy(sampler._loss_counts.copy()),
         "seen": torch.cat(seen),
+        "cache_paths": cache_paths,
+        "cache_feats": torch.stack([cache_feats[i, f] for i in range(len(cache_paths)) for f in (0, 1)]),
     }, os.path.join(out, f"rank{rank}.pt"))
     dist_util.cleanup()
 
