@@ -14,7 +14,6 @@ As a separate command (any launcher: torchrun, SLURM, mpiexec share the work by 
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Callable, Optional
 
 import blobfile as bf

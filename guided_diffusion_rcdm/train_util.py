@@ -36,6 +36,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 INITIAL_LOG_LOSS_SCALE = 20.0  # the original's starting fp16 loss scale, 2**20
 TRAIN_STATE_FORMAT = "rcdm-train-state-v1"
 _MODEL_RE = re.compile(r"^model(\d+)\.pt$")
+# what an interrupted atomic save leaves behind (hub writes `.<name>.<random>.tmp`, then renames)
+_STALE_TMP_RE = re.compile(r"^\.(model\d+|opt\d+|ema_[0-9.]+_\d+)\.pt\..+\.tmp$")
 
 
 # ------------------------------------------------------------------------------- precision
@@ -165,6 +167,17 @@ def load_resume_files(model_path: str, ema_rates) -> dict:
     return out
 
 
+def remove_stale_temporaries(out_dir: str) -> list:
+    """Delete the temporary files of checkpoint saves that never finished (a crash mid-save)."""
+    if not out_dir or not bf.exists(out_dir):
+        return []
+    stale = [bf.join(out_dir, n) for n in bf.listdir(out_dir) if _STALE_TMP_RE.match(n)]
+    for path in stale:
+        bf.remove(path)
+        logger.log(f"removed {path}, left by a save that was interrupted")
+    return stale
+
+
 def find_resume_checkpoint(out_dir: str, ema_rates=()) -> Optional[dict]:
     """The newest complete checkpoint in `out_dir` (see `load_resume_files`), or None.
 
@@ -290,6 +303,7 @@ class TrainLoop:
                 for problem in found["problems"]:
                     logger.warn(f"resuming from {self.resume_checkpoint}: {problem}")
             else:
+                remove_stale_temporaries(self.out_dir)
                 found = find_resume_checkpoint(self.out_dir, self.ema_rate)
         choice = dist_util.broadcast_object(None if found is None else found["path"])
         if choice is None:

@@ -1,6 +1,5 @@
 """The training data loader on real photographs and on every kind of bad file."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path

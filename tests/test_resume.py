@@ -86,6 +86,9 @@ def test_sigkill_mid_run_and_mid_save_then_resume(photos, tmp_path):
     loop = _tiny_loop(out)
     logger.reset()
     assert loop.step == last
+    # the half-written file was never a candidate, and resuming cleared it away
+    assert "left by a save that was interrupted" in (tmp_path / "log" / "log.txt").read_text()
+    assert not list(out.glob(".*.tmp"))
     sd, _ = hub.load_checkpoint(out / f"model{last:06d}.pt")
     names = [n for n, _ in loop.model.named_parameters()]
     for n, p in zip(names, loop.model.parameters()):
@@ -103,6 +106,7 @@ def test_sigkill_mid_run_and_mid_save_then_resume(photos, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resumed from checkpoint {out / f'model{last:06d}.pt'} at step {last}" in proc.stdout
     assert _adam_steps(out / f"opt{final:06d}.pt") == {final}  # the optimizer kept counting
+    assert not list(out.glob(".*.tmp"))
     steps = [int(r["step"]) for r in csv.DictReader(open(out / "progress.csv"))]
     assert steps[-2:] == [final - 1, final] and steps[0] == 1  # the log kept its history
     _, meta = hub.load_checkpoint(out / f"ema_0.99_{final:06d}.pt")
