@@ -173,6 +173,13 @@ def _run_train(args, **kw):
 
 
 def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
+    # the cache built by its own command, then used by training without building the encoder
+    proc = subprocess.run([sys.executable, "-m", "guided_diffusion_rcdm.feature_cache", "--data_dir", photos,
+                           "--type_model", "resnet18", "--pretrained_encoder", "False",
+                           "--feat_cache", str(tmp_path / "cache"), "--num_workers", "0"],
+                          capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 images cached, representation width 512" in proc.stdout
     out = tmp_path / "run"
     proc = _run_train(["--feat_cond", "--data_dir", photos, "--type_model", "resnet18",
                        "--pretrained_encoder", "False", "--out_dir", str(out), "--lr", "1e-4",
@@ -198,7 +205,7 @@ def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
     assert [r["step"] for r in rows] == ["2"]
     assert all(math.isfinite(float(v)) for k, v in rows[0].items() if v)
     log = (out / "log.txt").read_text()
-    assert "saved checkpoint" in log and "feature cache" in log
+    assert "saved checkpoint" in log and "encoding" not in log
 
 
 def test_fp16_loss_scaling_skips_overflowing_steps_and_is_checkpointed(tmp_path):
