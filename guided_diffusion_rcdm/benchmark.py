@@ -181,7 +181,6 @@ def bench_forward(
                     speedup_vs_baseline=(baseline_s / seconds) if baseline_s else 1.0,
                 )
             )
-            del fast
             gc.collect()
     return results
 
@@ -223,7 +222,6 @@ def bench_sampling(
                 dict(config=config, variant=variant.name, sampler=f"{sampler}-{steps}", batch_size=batch,
                      s_per_image=seconds / batch, how=how)
             )
-        del fast
         gc.collect()
     return rows
 
@@ -251,7 +249,6 @@ def bench_training(
 
         seconds = time_call(step, device, warmup=1, iters=iters)
         rows.append(dict(config=config, variant=variant.name, batch_size=batch, images_per_s=batch / seconds))
-        del fast, opt
         gc.collect()
     return rows
 

@@ -27,8 +27,6 @@ def resolve_precision(precision: str | None, use_fp16: bool = False, device=None
     if precision:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown --precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if precision == "fp16" and device.type == "cpu":
-            raise ValueError("--precision fp16 needs a GPU; use bf16 on CPU")
         return precision
     if use_fp16:
         return "fp16" if device.type == "cuda" else "bf16"

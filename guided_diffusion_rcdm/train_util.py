@@ -30,52 +30,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
 from .nn import update_ema
+from .precision import PRECISIONS, AutocastModel, autocast, resolve_precision  # noqa: F401 (re-exported)
 from .resample import LossAwareSampler, UniformSampler
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 INITIAL_LOG_LOSS_SCALE = 20.0  # the original's starting fp16 loss scale, 2**20
 TRAIN_STATE_FORMAT = "rcdm-train-state-v1"
 _MODEL_RE = re.compile(r"^model(\d+)\.pt$")
 # what an interrupted atomic save leaves behind (hub writes `.<name>.<random>.tmp`, then renames)
 _STALE_TMP_RE = re.compile(r"^\.(model\d+|opt\d+|ema_[0-9.]+_\d+)\.pt\..+\.tmp$")
-
-
-# ------------------------------------------------------------------------------- precision
-
-
-def resolve_precision(precision: Optional[str], use_fp16: bool = False, device=None) -> str:
-    """The compute precision: `precision` if given, else fp16 for `use_fp16` on GPU (bf16 on CPU,
-    where fp16 autocast is slow), else fp32."""
-    device = torch.device(device) if device is not None else dist_util.dev()
-    if precision:
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown --precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-        return precision
-    if use_fp16:
-        return "fp16" if device.type == "cuda" else "bf16"
-    return "fp32"
-
-
-def autocast(precision: str, device) -> contextlib.AbstractContextManager:
-    """`torch.autocast` for bf16/fp16 on the device's type; a no-op for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-class _AutocastModel(nn.Module):
-    """Runs the wrapped model under autocast and hands its output back in float32, so the
-    diffusion's loss terms are computed in full precision."""
-
-    def __init__(self, model: nn.Module, precision: str, device):
-        super().__init__()
-        self.inner, self.precision, self.device_type = model, precision, torch.device(device).type
-
-    def forward(self, *args, **kwargs):
-        with autocast(self.precision, self.device_type):
-            out = self.inner(*args, **kwargs)
-        return out.float()
 
 
 # ------------------------------------------------------------------------------- features
@@ -289,7 +251,7 @@ class TrainLoop:
         self.use_ddp = self.world_size > 1
         self.forward_model = (
             self.ddp_model if self.precision == "fp32"
-            else _AutocastModel(self.ddp_model, self.precision, self.device)
+            else AutocastModel(self.ddp_model, self.precision, self.device)
         )
 
     # -- resume ----------------------------------------------------------------------------

@@ -85,12 +85,15 @@ def create_argparser() -> argparse.ArgumentParser:
     new.add_argument("--random_flip", type=str2bool, default=True, help="random horizontal flips")
     new.add_argument("--seed", type=int, default=0, help="seed (each rank adds its rank)")
     new.add_argument("--progress", type=str2bool, default=True, help="tqdm progress bar")
+    new.add_argument("--sync_bn", type=str2bool, default=False,
+                     help="with --norm_style cbn: batch statistics over all processes (SyncBatchNorm)")
     return parser
 
 
 def _model_flag_check(args) -> None:
     names = inspect.signature(check_model_flags).parameters
-    check_model_flags(**{k: getattr(args, k) for k in names if hasattr(args, k) and k not in ("feat_cond", "ssl_dim")})
+    # ssl_dim is measured from the encoder later; everything else is checked before heavy work.
+    check_model_flags(**{k: getattr(args, k) for k in names if hasattr(args, k) and k != "ssl_dim"})
 
 
 def _build_encoder(args):
@@ -148,6 +151,9 @@ def main(args) -> None:
     model, diffusion = create_model_and_diffusion(
         **model_flags, feat_cond=args.feat_cond, ssl_dim=ssl_dim, G_shared=args.no_shared
     )
+    if args.sync_bn and dist_util.get_world_size() > 1:
+        # Conditional batch norm statistics over the global batch instead of each rank's share.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(dist_util.dev())
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
