@@ -23,6 +23,8 @@ setup(
         "slurm": ["submitit"],
         "faiss": ["faiss-cpu"],
         "safetensors": ["safetensors"],
+        # the offline quickstart trains on the photographs scikit-image ships
+        "quickstart": ["scikit-image"],
         "test": ["pytest", "scikit-image", "safetensors", "submitit"],
         # `pip install .[mpi-test]`: mpi4py plus an MPI (mpich) with mpiexec, for the MPI launch test
         "mpi-test": ["mpi4py", "mpich"],
