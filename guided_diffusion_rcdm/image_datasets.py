@@ -65,19 +65,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _resize_shorter_side(pil_image: Image.Image, size: int) -> np.ndarray:
+    """Resize so the shorter side is `size`: box-filter halvings while the image stays at least twice
+    the target (better than one bicubic step), then one bicubic resize. Returns an HxWx3 array."""
+    while min(*pil_image.size) >= 2 * size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    return np.array(pil_image)
+
+
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     """Resize the shorter side to `image_size` and take the centre square, as the original does.
 
-    Large images are first halved with a box filter while that keeps them at least twice the target
-    size (better downsampling than one bicubic step). Returns an HxWx3 uint8 array.
+    Returns an `image_size` x `image_size` x 3 uint8 array.
     """
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(
-        tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC
-    )
-    arr = np.array(pil_image)
+    arr = _resize_shorter_side(pil_image, image_size)
     top = (arr.shape[0] - image_size) // 2
     left = (arr.shape[1] - image_size) // 2
     return arr[top : top + image_size, left : left + image_size]
@@ -94,14 +97,7 @@ def random_crop_arr(
     rng = rng or random
     smallest = math.ceil(image_size / max_crop_frac)
     largest = math.ceil(image_size / min_crop_frac)
-    target = rng.randrange(smallest, largest + 1)
-    while min(*pil_image.size) >= 2 * target:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = target / min(*pil_image.size)
-    pil_image = pil_image.resize(
-        tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC
-    )
-    arr = np.array(pil_image)
+    arr = _resize_shorter_side(pil_image, rng.randrange(smallest, largest + 1))
     top = rng.randrange(arr.shape[0] - image_size + 1)
     left = rng.randrange(arr.shape[1] - image_size + 1)
     return arr[top : top + image_size, left : left + image_size]
@@ -170,17 +166,18 @@ def list_image_files_recursively(data_dir: str) -> list[str]:
 _list_image_files_recursively = list_image_files_recursively  # the original's name
 
 
-def find_images(data_dir: str) -> list[str]:
-    """List `data_dir`'s images, or raise a clear error when it is unset, missing or empty."""
+def find_images(data_dir: str, flag: str = "--data_dir") -> list[str]:
+    """List `data_dir`'s images (recursively, sorted), or raise a clear error naming `flag` when it
+    is unset, missing or empty."""
     if not data_dir:
-        raise ValueError("no data directory given: pass --data_dir DIR (a folder of images)")
+        raise ValueError(f"no folder given: pass {flag} DIR (a folder of images)")
     if not bf.exists(data_dir) or not bf.isdir(data_dir):
-        raise FileNotFoundError(f"data directory {data_dir!r} does not exist or is not a folder")
+        raise FileNotFoundError(f"{flag} {data_dir!r}: no such folder (missing, or not a directory)")
     files = list_image_files_recursively(data_dir)
     if not files:
         raise ValueError(
-            f"data directory {data_dir!r} holds no images (looked recursively for files ending in "
-            f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)})"
+            f"{flag} {data_dir!r} holds no images (looked recursively for files ending in "
+            f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}); put images in it or pass another folder"
         )
     return files
 

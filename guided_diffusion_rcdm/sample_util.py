@@ -25,13 +25,7 @@ import numpy as np
 import torch
 
 from . import hub
-from .image_datasets import (
-    IMAGE_EXTENSIONS,
-    encoder_input,
-    list_image_files_recursively,
-    load_rgb_image,
-    model_input,
-)
+from .image_datasets import encoder_input, find_images, load_rgb_image, model_input
 from .precision import add_precision_args, default_device, resolve_precision
 from .samplers import SAMPLERS
 from .script_util import (
@@ -296,20 +290,11 @@ def load_image_views(path: str, image_size: int, normalize: str, flag: str) -> t
 
 
 def list_folder_images(folder: str, flag: str) -> list[str]:
-    """The images under `folder` (recursively, sorted), or an error naming `flag` when there are none."""
-    import blobfile as bf
-
-    if not folder:
-        raise UsageError(f"{flag} is required: pass a folder of images")
-    if not bf.exists(folder) or not bf.isdir(folder):
-        raise UsageError(f"{flag} {folder}: no such folder; pass a folder of images")
-    files = list_image_files_recursively(folder)
-    if not files:
-        raise UsageError(
-            f"{flag} {folder}: the folder holds no images (looked recursively for "
-            f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}); put images in it or pass another folder"
-        )
-    return files
+    """The images under `folder` (recursively, sorted), or a usage error naming `flag`."""
+    try:
+        return find_images(folder, flag=flag)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
 
 
 def load_components(args: argparse.Namespace) -> Components:
