@@ -1,0 +1,798 @@
+"""The offline quickstart: the whole RCDM loop on real photographs, on a CPU, in a few minutes.
+
+`python scripts/quickstart.py` needs no network and no downloaded weights. It takes the public-domain
+and CC0 photographs that ship with scikit-image, cuts training views (random crops) from most of
+them, encodes every view once with a frozen ResNet-50 (published weights when a published file is
+in the torch.hub cache or `RCDM_MIRROR`, otherwise a fixed-seed UNTRAINED one, said plainly), trains
+a small RCDM for a time budget with the package's `TrainLoop`, then, through the package's `RCDM`
+module, samples from the representations of held-out views (the whole photos, which training never
+saw as such, and two photos it never saw at all), interpolates between two of them, edits one
+(the paper's shared-dimension manipulation), and scores the samples' representation fidelity
+against a shuffled-conditioning control (and FID / IS when the Inception weights are on disk).
+Everything lands in `--out_dir`, with an `index.html` report. A second run with the same settings
+reuses the trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPORT = "index.html"
+SETTINGS_VERSION = 1
+MARKER = "quickstart_model.json"  # written once training finished: names the checkpoint to sample from
+
+
+# ----------------------------------------------------------------------------- the photographs
+
+
+@dataclass(frozen=True)
+class Photo:
+    name: str  # the skimage.data function
+    title: str
+    credit: str
+    licence: str
+
+
+# Real photographs shipped inside scikit-image (skimage/data), with the credit and licence their
+# docstrings state. Synthetic images (colorwheel, logo, ...) and those without a stated licence
+# are left out.
+PHOTOS: tuple[Photo, ...] = (
+    Photo("astronaut", "Astronaut Eileen Collins", "NASA", "public domain"),
+    Photo("chelsea", "Chelsea the cat", "Stefan van der Walt", "CC0"),
+    Photo("coffee", "Coffee cup", "Rachel Michetti (Pikolo Espresso Bar)", "CC0"),
+    Photo("hubble_deep_field", "Hubble eXtreme Deep Field", "NASA", "public domain"),
+    Photo("immunohistochemistry", "Immunohistochemical staining", "CMMI", "no known copyright restrictions"),
+    Photo("retina", "Human retina", "Mikael Häggström (Wikimedia Commons)", "CC0"),
+    Photo("camera", "Man with a camera", "Lav Varshney", "CC0"),
+    Photo("coins", "Greek coins from Pompeii", "Brooklyn Museum", "no known copyright restrictions"),
+    Photo("text", "Text on a wall", "Wikipedia (File:Corner.png)", "public domain"),
+    Photo("grass", "Grass", "linolafett (DeviantArt)", "CC0"),
+    Photo("gravel", "Gravel", "CC0Textures", "CC0"),
+    Photo("brick", "Brick wall", "CC0Textures", "CC0"),
+    Photo("cell", "Cell floating in saline", "Paul Müller et al.", "CC0"),
+    Photo("microaneurysms", "Retina with microaneurysms", "Andreas Maier (HRF database)", "CC0"),
+    Photo("rocket", "DSCOVR launch on Falcon 9", "SpaceX", "public domain"),
+    Photo("clock", "Motion-blurred clock", "Stefan van der Walt", "public domain"),
+)
+UNSEEN_PHOTOS = ("rocket", "clock")  # never trained on, not even a crop
+INTERPOLATION_PAIR = ("astronaut", "coffee")
+MANIPULATION_PAIR = ("chelsea", "astronaut")  # (source, target)
+VIEW_SIZE = 224  # every view is written at the encoder's resolution
+CROP_SCALES = (0.45, 0.9)  # training crops cover this fraction of the photo's shorter side
+
+
+def load_photo(name: str) -> Image.Image:
+    """A scikit-image photograph as an RGB PIL image (grayscale ones converted)."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit(
+            "the quickstart's photographs ship with scikit-image: pip install scikit-image "
+            "(or pip install 'guided-diffusion-rcdm[quickstart]')"
+        ) from None
+    from .image_datasets import to_rgb
+
+    return to_rgb(Image.fromarray(np.asarray(getattr(skimage.data, name)())))
+
+
+def _save_view(image: Image.Image, box: tuple[int, int, int], path: Path) -> None:
+    left, top, side = box
+    view = image.crop((left, top, left + side, top + side)).resize((VIEW_SIZE, VIEW_SIZE), Image.BICUBIC)
+    view.save(path)
+
+
+def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list[str], list[dict]]:
+    """Write the training crops and the held-out views as 224x224 PNG files.
+
+    Training: `crops_per_photo` random square crops (45-90% of the shorter side) of every photo but
+    `UNSEEN_PHOTOS`. Held out: the centre square of every photo (the whole photo, never a training
+    crop, which are smaller) including the unseen ones. File names encode the crop box, so a file
+    of a given name always has the same content (the feature cache relies on it).
+    """
+    rng = random.Random(seed)
+    train_dir, held_dir = data_dir / "train", data_dir / "heldout"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    held_dir.mkdir(parents=True, exist_ok=True)
+    train, held = [], []
+    for photo in PHOTOS:
+        image = load_photo(photo.name)
+        w, h = image.size
+        short = min(w, h)
+        if photo.name not in UNSEEN_PHOTOS:
+            for i in range(crops_per_photo):
+                side = max(16, round(short * rng.uniform(*CROP_SCALES)))
+                left, top = rng.randrange(w - side + 1), rng.randrange(h - side + 1)
+                path = train_dir / f"{photo.name}_{i:02d}_x{left}_y{top}_s{side}.png"
+                if not path.exists():
+                    _save_view(image, (left, top, side), path)
+                train.append(str(path))
+        path = held_dir / f"{photo.name}.png"
+        if not path.exists():
+            _save_view(image, ((w - short) // 2, (h - short) // 2, short), path)
+        held.append({"name": photo.name, "path": str(path), "unseen_photo": photo.name in UNSEEN_PHOTOS})
+    return train, held
+
+
+# ----------------------------------------------------------------------------- the encoder
+
+
+def _published_url(type_model: str) -> str | None:
+    from .get_ssl_models import ENCODER_NAMES, SSL_URLS, torchvision_names
+
+    if type_model in ENCODER_NAMES:
+        return SSL_URLS[type_model]
+    if type_model in torchvision_names():
+        import torchvision
+
+        return torchvision.models.get_model_weights(type_model).DEFAULT.url
+    return None
+
+
+def _locally_available(url: str) -> bool:
+    """Whether `hub.download(url)` can answer without the internet: cached, or a mirror is set
+    (a directory, or a URL the user chose for an offline cluster)."""
+    from . import hub
+
+    name = os.path.basename(url)
+    return (hub.hub_cache_dir() / name).is_file() or bool(os.environ.get(hub.MIRROR_ENV, "").strip())
+
+
+def resolve_encoder(type_model: str, weights: str) -> tuple[dict, str]:
+    """`(encoder_info, sentence for the user)`: which encoder the quickstart uses, and why.
+
+    `type_model="auto"` tries the published ResNet-50s (dino, simclr, barlow, vicreg, supervised)
+    in that order. `weights="auto"` uses published weights only when they are on disk (cache or
+    `RCDM_MIRROR`, never the internet), else the fixed-seed untrained network; "published" insists
+    (downloading if need be); "untrained" never looks.
+    """
+    from . import hub
+    from .get_ssl_models import ENCODER_NAMES
+
+    candidates = list(ENCODER_NAMES) if type_model == "auto" else [type_model]
+    fallback = "dino" if type_model == "auto" else type_model
+    if os.path.isfile(type_model):
+        return _info(type_model, True), f"the encoder in the local file {type_model}"
+    if weights != "untrained":
+        for name in candidates:
+            url = _published_url(name)
+            if url is None:
+                raise ValueError(f"--type_model {name}: not a published encoder, torchvision model or file")
+            if weights == "auto" and not _locally_available(url):
+                continue
+            try:
+                path = hub.download(url)
+            except hub.DownloadError as err:
+                if weights == "published":
+                    raise
+                print(f"  (published {name} weights not usable: {str(err).splitlines()[0]})", flush=True)
+                continue
+            return _info(name, True), f"a ResNet-50 trained with {name} (published weights, {path})"
+    where = f"{hub.hub_cache_dir()}" + (f" or {hub.MIRROR_ENV}" if os.environ.get(hub.MIRROR_ENV) else "")
+    reason = ("--encoder_weights untrained" if weights == "untrained"
+              else f"no published weights were found in {where}")
+    url = _published_url(fallback)
+    hint = f" Put {os.path.basename(url)} there (from {url}) to use the trained one." if url else ""
+    return _info(fallback, False), (
+        f"an UNTRAINED {fallback} network (fixed-seed random weights) because {reason}. The samples and "
+        f"scores show how much of this random representation RCDM keeps, not what a self-supervised "
+        f"representation knows.{hint}"
+    )
+
+
+def _info(type_model: str, pretrained: bool) -> dict:
+    return {"type_model": type_model, "use_head": False, "normalize": "minus_one_one", "pretrained": pretrained}
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    out_dir: str
+    minutes: float
+    train_steps: int
+    image_size: int
+    num_channels: int
+    num_res_blocks: int
+    batch_size: int
+    lr: float
+    ema_rate: str
+    predict_xstart: bool
+    crops_per_photo: int
+    samples_per_image: int
+    sampler: str
+    sampling_steps: int
+    interpolation_points: int
+    type_model: str
+    encoder_weights: str
+    precision: str
+    inception_path: str
+    download_inception: bool
+    retrain: bool
+    seed: int
+    progress: bool
+
+    def model_flags(self) -> dict:
+        from .script_util import model_and_diffusion_defaults
+
+        mult = "1,2,2" if self.image_size == 32 else "1,2,2,2" if self.image_size == 64 else ""
+        return {**model_and_diffusion_defaults(),
+                "image_size": self.image_size, "num_channels": self.num_channels,
+                "num_res_blocks": self.num_res_blocks, "channel_mult": mult, "attention_resolutions": "8",
+                "num_head_channels": 32, "learn_sigma": False, "noise_schedule": "cosine",
+                "predict_xstart": self.predict_xstart,
+                "diffusion_steps": 1000, "resblock_updown": False, "use_scale_shift_norm": True}
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    from .script_util import str2bool
+
+    p = argparse.ArgumentParser(
+        prog="quickstart.py",
+        description="Train a small RCDM on real photographs and write a browsable report, offline, on a CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out_dir", default="rcdm_quickstart", help="folder for everything, report included")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (the run takes ~2 min more)")
+    p.add_argument("--train_steps", type=int, default=0, help="train exactly this many steps instead of --minutes")
+    p.add_argument("--image_size", type=int, default=32, choices=(32, 64), help="resolution of the RCDM")
+    p.add_argument("--num_channels", type=int, default=32, help="UNet width (a multiple of 32)")
+    p.add_argument("--num_res_blocks", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="small batches: more steps in the budget, which matters more here than batch size")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema_rate", default="0.99", help="EMA rate of the weights sampled from")
+    p.add_argument("--predict_xstart", type=str2bool, default=True,
+                   help="the UNet predicts the clean image (learns the conditional mean fast; "
+                        "False: it predicts the noise, as the published models)")
+    p.add_argument("--crops_per_photo", type=int, default=10, help="training crops cut from each photograph")
+    p.add_argument("--samples_per_image", type=int, default=4, help="samples drawn from each held-out view")
+    p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim", "dpm++"))
+    p.add_argument("--sampling_steps", type=int, default=25)
+    p.add_argument("--interpolation_points", type=int, default=8)
+    p.add_argument("--type_model", default="auto",
+                   help="encoder: auto (the first published ResNet-50 on disk, else dino), dino, simclr, "
+                        "barlow, vicreg, supervised, a torchvision name or a checkpoint file")
+    p.add_argument("--encoder_weights", default="auto", choices=("auto", "published", "untrained"),
+                   help="auto: published weights if on disk (never downloads), else untrained")
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="UNet compute precision")
+    p.add_argument("--inception_path", default="", help="FID Inception weights file (FID/IS are skipped "
+                   "without one unless it is in the torch.hub cache or --download_inception)")
+    p.add_argument("--download_inception", type=str2bool, default=False)
+    p.add_argument("--retrain", action="store_true", help="train again even if a trained model exists "
+                   "(the previous one is kept under another name)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", type=str2bool, default=True, help="tqdm progress bars")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    s = Settings(**{k: getattr(args, k) for k in Settings.__dataclass_fields__})
+    checks = [
+        (s.minutes > 0 or s.train_steps > 0, "--minutes must be positive (or give --train_steps)"),
+        (s.train_steps >= 0, "--train_steps must be 0 (use --minutes) or positive"),
+        (s.num_channels > 0 and s.num_channels % 32 == 0, "--num_channels must be a multiple of 32"),
+        (s.num_res_blocks >= 1, "--num_res_blocks must be at least 1"),
+        (s.batch_size >= 1, "--batch_size must be at least 1"),
+        (s.crops_per_photo >= 1, "--crops_per_photo must be at least 1"),
+        (s.samples_per_image >= 1, "--samples_per_image must be at least 1"),
+        (s.sampling_steps >= 1, "--sampling_steps must be at least 1"),
+        (s.interpolation_points >= 2, "--interpolation_points must be at least 2 (both ends)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return s
+
+
+def training_key(s: Settings, encoder: dict, train_files: Sequence[str]) -> str:
+    """What decides the trained weights: a model is reused only when all of it is the same."""
+    decided_by = {
+        "version": SETTINGS_VERSION, "model": s.model_flags(), "encoder": encoder,
+        "files": [os.path.basename(f) for f in train_files], "budget": [s.minutes, s.train_steps],
+        "train": [s.batch_size, s.lr, s.ema_rate, s.precision, s.seed],
+    }
+    return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _timed_train_loop():
+    from .train_util import TrainLoop
+
+    class TimedTrainLoop(TrainLoop):
+        """TrainLoop that also stops once a wall-clock deadline has passed (then saves as usual)."""
+
+        def __init__(self, *args, deadline: float | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.deadline = deadline
+
+        def _done(self) -> bool:
+            return super()._done() or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    return TimedTrainLoop
+
+
+def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder: dict) -> dict:
+    """Train (or resume) in `run_dir`; returns the marker record naming the EMA checkpoint."""
+    from . import logger
+    from .image_datasets import load_data
+    from .precision import default_device
+    from .script_util import create_model_and_diffusion
+    from .train_util import conditioned_batches
+
+    torch.manual_seed(s.seed)
+    np.random.seed(s.seed)
+    random.seed(s.seed)
+    logger.configure(dir=str(run_dir), format_strs="log,csv")
+    flags = s.model_flags()
+    ssl_dim = int(features.shape[-1])
+    model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=ssl_dim, G_shared=False)
+    device = default_device()
+    if device.type == "cpu" and s.precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)  # faster bf16 convolutions on CPU
+    stream = load_data(data_dir=str(Path(train_files[0]).parent), batch_size=s.batch_size,
+                       image_size=s.image_size, random_flip=True, num_workers=0, features=features,
+                       image_paths=train_files, seed=s.seed)
+    meta = {
+        "model_flags": {**flags, "feat_cond": True, "ssl_dim": ssl_dim},
+        "encoder": encoder,
+        "train_flags": {"lr": s.lr, "batch_size": s.batch_size, "ema_rate": s.ema_rate, "precision": s.precision,
+                        "data": "scikit-image photographs (quickstart)"},
+    }
+    # Every 10 steps, or ~10 points for a short --train_steps run, so the loss curve has points.
+    log_interval = 10 if not s.train_steps or s.train_steps >= 100 else max(1, s.train_steps // 10)
+    loop_cls = _timed_train_loop()
+    start = time.monotonic()
+    loop = loop_cls(
+        model=model, diffusion=diffusion, data=conditioned_batches(stream, None, device),
+        batch_size=s.batch_size, microbatch=-1, lr=s.lr, ema_rate=s.ema_rate, log_interval=log_interval,
+        save_interval=500, resume_checkpoint="", out_dir=str(run_dir), precision=s.precision,
+        checkpoint_meta=meta, max_steps=s.train_steps, progress=s.progress,
+        deadline=None if s.train_steps else start + 60.0 * s.minutes,
+    )
+    first = loop.step
+    if first:
+        print(f"  resuming the unfinished training in {run_dir} at step {first}", flush=True)
+    loop.run_loop()
+    seconds = time.monotonic() - start
+    rate = s.ema_rate.split(",")[0].strip()
+    ckpt = run_dir / f"ema_{float(rate)}_{loop.step:06d}.pt"
+    if not ckpt.is_file():  # TrainLoop names EMA files by the rate as written
+        ckpt = run_dir / f"ema_{rate}_{loop.step:06d}.pt"
+    record = {"checkpoint": ckpt.name, "steps": loop.step, "steps_this_run": loop.step - first,
+              "seconds": round(seconds, 1), "images_per_second": round((loop.step - first) * s.batch_size
+                                                                       / max(seconds, 1e-9), 2)}
+    logger.reset()
+    return record
+
+
+# ----------------------------------------------------------------------------- report pieces
+
+
+def loss_curve_svg(csv_path: Path, out: Path, width: int = 640, height: int = 260) -> dict:
+    """Plot `loss` against `step` from the logger's progress.csv as a small SVG file."""
+    import csv
+
+    steps, losses = [], []
+    if csv_path.is_file():
+        with open(csv_path, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    steps.append(float(row["step"]))
+                    losses.append(float(row["loss"]))
+                except (KeyError, TypeError, ValueError):
+                    continue
+    pad_l, pad_r, pad_t, pad_b = 56, 16, 16, 36
+    w, h = width - pad_l - pad_r, height - pad_t - pad_b
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<rect x="{pad_l}" y="{pad_t}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
+    if len(steps) >= 1:
+        x0, x1 = min(steps), max(steps)
+        y0, y1 = min(losses), max(losses)
+        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+
+        def xy(x: float, y: float) -> str:
+            return f"{pad_l + (x - x0) / (x1 - x0) * w:.1f},{pad_t + h - (y - y0) / (y1 - y0) * h:.1f}"
+
+        points = " ".join(xy(x, y) for x, y in zip(steps, losses))
+        parts.append(f'<polyline fill="none" stroke="#1f6feb" stroke-width="1.5" points="{points}"/>')
+        for frac in (0, 0.5, 1):
+            yv = y0 + frac * (y1 - y0)
+            ty = pad_t + h - frac * h
+            parts.append(f'<text x="{pad_l - 6}" y="{ty + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+            xv = x0 + frac * (x1 - x0)
+            parts.append(f'<text x="{pad_l + frac * w:.1f}" y="{pad_t + h + 16}" text-anchor="middle">{xv:.0f}</text>')
+        parts.append(f'<text x="{pad_l + w / 2}" y="{height - 4}" text-anchor="middle">training step</text>')
+        parts.append(f'<text x="14" y="{pad_t + h / 2}" transform="rotate(-90 14 {pad_t + h / 2})" '
+                     f'text-anchor="middle">loss (MSE)</text>')
+    else:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no logged steps</text>')
+    parts.append("</svg>")
+    out.write_text("\n".join(parts))
+    return {"points": len(steps), "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None}
+
+
+def contact_sheet(files: Sequence[str], out: Path, size: int = 48, per_row: int = 20) -> None:
+    """Thumbnails of the training views in one JPEG (so the report shows what the model saw)."""
+    rows = (len(files) + per_row - 1) // per_row
+    sheet = Image.new("RGB", (per_row * (size + 2), rows * (size + 2)), "white")
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            sheet.paste(im.convert("RGB").resize((size, size), Image.BICUBIC),
+                        ((i % per_row) * (size + 2), (i // per_row) * (size + 2)))
+    sheet.save(out, quality=90)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def write_report(out_dir: Path, r: dict) -> Path:
+    """`index.html`: images are files next to it (referenced by relative name), nothing inlined."""
+    e = html.escape
+    fid = r["fidelity"]
+    m, sh, ch, ceil = fid["model"], fid["shuffled"], fid["chance"], r["ceiling"]
+    rows = "".join(
+        f"<tr><th>{name}</th><td><b>{_fmt(m[k], d)}</b></td><td>{_fmt(sh[k], d)}</td><td>{_fmt(ch[k], d)}</td>"
+        f"<td>{_fmt(ceil[k], d)}</td></tr>"
+        for name, k, d in (("mean rank (lower is better)", "mean_rank", 2), ("top-1 accuracy", "top1", 3),
+                           ("top-5 accuracy", "top5", 3), ("mean reciprocal rank (MRR)", "mrr", 3))
+    )
+    per_image = "".join(
+        f"<tr><td>{i + 1}</td><td>{e(h['name'])}{' (photo never trained on)' if h['unseen_photo'] else ''}</td>"
+        f"<td>{rank:.2f}</td></tr>"
+        for i, (h, rank) in enumerate(zip(r["heldout"], m["per_condition_rank"]))
+    )
+    if r["fid_is"].get("fid") is not None:
+        f = r["fid_is"]
+        fid_html = (f"<p>FID <b>{f['fid']:.2f}</b> of the {f['num_samples']} held-out samples against the "
+                    f"{f['num_reference']} training views at {r['settings']['image_size']}x"
+                    f"{r['settings']['image_size']}; Inception Score <b>{f['inception_score']:.2f}</b> &plusmn; "
+                    f"{f['inception_score_std']:.2f}. With so few images FID is strongly biased upwards: "
+                    f"compare it only with runs of the same size. Weights: {e(f['inception_weights'])}.</p>")
+    else:
+        fid_html = f"<p>FID and IS were not computed: {e(r['fid_is']['skipped'])}</p>"
+    encoder_class = "warn" if not r["encoder"]["pretrained"] else "ok"
+    s = r["settings"]
+    settings_rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in s.items())
+    timing_rows = "".join(f"<tr><th>{e(k)}</th><td>{v:.1f} s</td></tr>" for k, v in r["timings"].items())
+    credits = "".join(
+        f"<tr><td>{e(p.title)}</td><td><code>skimage.data.{e(p.name)}()</code></td><td>{e(p.credit)}</td>"
+        f"<td>{e(p.licence)}</td><td>{'held out entirely' if p.name in UNSEEN_PHOTOS else 'training crops + held-out whole photo'}</td></tr>"
+        for p in PHOTOS
+    )
+    t = r["training"]
+    manip = r["manipulation"]
+    size = s["image_size"]
+    body = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>RCDM quickstart report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 24px auto; padding: 0 16px; color: #222; }}
+h1 {{ margin-bottom: 4px; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }}
+table {{ border-collapse: collapse; margin: 8px 0; }} th, td {{ border: 1px solid #ddd; padding: 4px 10px; text-align: left; }}
+td {{ font-variant-numeric: tabular-nums; }}
+img.grid {{ image-rendering: pixelated; width: 100%; max-width: 1000px; border: 1px solid #ccc; }}
+.warn {{ background: #fff4d6; border: 1px solid #e0b300; padding: 10px 14px; }}
+.ok {{ background: #e8f7ea; border: 1px solid #3a9a4a; padding: 10px 14px; }}
+.verdict {{ font-size: 1.1em; }} code, pre {{ background: #f4f4f4; }} pre {{ padding: 8px; white-space: pre-wrap; }}
+.small {{ color: #666; font-size: 0.9em; }}
+</style></head><body>
+<h1>RCDM quickstart report</h1>
+<p class="small">guided-diffusion-rcdm {e(r['version'])}, written {e(r['finished'])}. Representation-Conditioned
+Diffusion Models (Bordes, Balestriero &amp; Vincent, TMLR 2022): a diffusion model generates images from the
+representation a frozen encoder gives an image, so its samples show what the representation keeps.</p>
+<div class="{encoder_class}"><b>Encoder:</b> {e(r['encoder_sentence'])}</div>
+
+<h2>Scores</h2>
+<p class="verdict">{e(r['verdict'])}</p>
+<p>Representation fidelity: each of the {fid['samples_per_condition']} samples drawn from each of the
+{fid['num_conditions']} held-out views is encoded, and its own view is ranked among all
+{fid['num_conditions']} by {e(fid['metric'])} similarity of representations (rank 1 = its own view is the closest).
+<i>Shuffled</i> scores the same samples against randomly permuted views ({fid['num_shuffles']} permutations):
+the chance level, measured. <i>Chance</i> is its analytic value. <i>Ceiling</i> scores the held-out views
+themselves, shrunk to {size}x{size} as the samples are: what a perfect {size}x{size} generator would reach.</p>
+<table><tr><th></th><th>model</th><th>shuffled control</th><th>chance</th><th>ceiling</th></tr>{rows}</table>
+{fid_html}
+
+<h2>Samples from held-out views</h2>
+<p>Each row: a held-out view (first column, the conditioning image), then {s['samples_per_image']} samples
+drawn from its representation ({e(s['sampler'])}, {s['sampling_steps']} steps). The last
+{len(UNSEEN_PHOTOS)} rows are photos that training never saw at all. Images are {size}x{size}, shown enlarged.</p>
+<img class="grid" src="samples.jpeg" alt="sample grid">
+<details><summary>mean rank of each row's samples</summary>
+<table><tr><th>row</th><th>view</th><th>mean rank</th></tr>{per_image}</table></details>
+<p class="small">The samples and representations are in <code>samples.npz</code> (the format of
+<code>scripts/image_sample.py</code>); <code>python scripts/image_eval.py {e(str(out_dir / 'samples.npz'))}</code>
+recomputes the scores.</p>
+
+<h2>Interpolation</h2>
+<p>From the representation of <b>{e(INTERPOLATION_PAIR[0])}</b> (left) to that of <b>{e(INTERPOLATION_PAIR[1])}</b>
+(right) in {s['interpolation_points']} steps, every sample from the same noise so only the representation
+changes. Top row: linear interpolation; bottom row: spherical.</p>
+<img class="grid" src="interpolation.jpeg" alt="interpolation strip">
+
+<h2>Manipulation</h2>
+<p>The paper's edit: the {manip['n_neighbors']} nearest training views of <b>{e(MANIPULATION_PAIR[0])}</b>'s
+representation share {manip['num_dims']} of its {manip['ssl_dim']} dimensions (non-zero in more than
+{manip['n_common']} of them). Rows: samples from the original representation; with those dimensions set to
+zero; with them taken from <b>{e(MANIPULATION_PAIR[1])}</b>'s representation. The first column is the image
+the row comes from; sample j of every row shares its noise.</p>
+<img class="grid" src="manipulation.jpeg" alt="manipulation grid">
+
+<h2>Training</h2>
+<p>{t['steps']} steps of {s['batch_size']} images ({t['images_per_second']} images/s{', this run' if not t.get('reused') else ''}),
+{'reused from an earlier run' if t.get('reused') else f"{t['seconds']:.0f} s"}; loss from
+{_fmt(r['loss']['first_loss'])} to {_fmt(r['loss']['last_loss'])} (from the training log
+<code>progress.csv</code>). Checkpoint: <code>{e(t['checkpoint_path'])}</code>.</p>
+<img src="loss_curve.svg" alt="training loss curve">
+<p>The {r['num_train']} training views (random crops, flipped at random during training):</p>
+<img src="training_views.jpeg" alt="training views" style="max-width:100%">
+
+<h2>Command and settings</h2>
+<pre>{e(r['command'])}</pre>
+<table>{settings_rows}</table>
+<p>Timings (wall clock, this run):</p><table>{timing_rows}</table>
+<p class="small">Python {e(platform.python_version())}, torch {e(torch.__version__)}, device {e(r['device'])},
+{os.cpu_count()} CPU core(s).</p>
+
+<h2>Photographs</h2>
+<p>Real photographs shipped with scikit-image (<code>skimage.data</code>), with the credit and licence stated there.</p>
+<table><tr><th>photo</th><th>source</th><th>credit</th><th>licence</th><th>use</th></tr>{credits}</table>
+</body></html>
+"""
+    path = out_dir / REPORT
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Stages:
+    """Numbered progress lines with timings."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.timings, self._t = total, 0, {}, None
+        self._name = None
+
+    def start(self, name: str, text: str) -> None:
+        self.stop()
+        self.n += 1
+        self._name, self._t = name, time.monotonic()
+        print(f"[{self.n}/{self.total}] {text}", flush=True)
+
+    def stop(self) -> None:
+        if self._name is not None:
+            self.timings[self._name] = time.monotonic() - self._t
+            self._name = None
+
+
+def _fidelity_verdict(fid: dict) -> str:
+    m, sh, ch = fid["model"], fid["shuffled"], fid["chance"]
+    ratio = m["mrr"] / ch["mrr"]
+    if m["mrr"] > sh["mrr"] + 0.1 and ratio > 1.5:
+        head = "The samples keep their conditioning representation clearly better than chance"
+    elif m["mrr"] > sh["mrr"]:
+        head = "The samples keep their conditioning representation a little better than chance"
+    else:
+        head = "The samples do NOT keep their conditioning representation better than chance (train longer)"
+    return (f"{head}: MRR {m['mrr']:.3f} vs {sh['mrr']:.3f} for shuffled conditioning (chance {ch['mrr']:.3f}, "
+            f"{ratio:.1f}x); mean rank {m['mean_rank']:.2f} vs {sh['mean_rank']:.2f} among "
+            f"{fid['num_conditions']}; top-1 {m['top1']:.2f} vs {sh['top1']:.2f}.")
+
+
+def run(s: Settings, command: str) -> dict:
+    """The whole quickstart; returns what the report shows (also written to scores.json)."""
+    from . import logger, metrics
+    from . import sample_util as su
+    from .feature_cache import prepare_feature_cache
+    from .get_ssl_models import get_model
+    from .image_datasets import model_input
+    from .precision import default_device
+    from .representation_ops import INTERPOLATIONS
+
+    wall = time.monotonic()
+    out = Path(s.out_dir)
+    stages = Stages(8)
+    device = default_device()
+
+    # The encoder is chosen first: with --encoder_weights published and no file, nothing else is done.
+    stages.start("encoder", "encoder: choosing the frozen encoder")
+    encoder_info, sentence = resolve_encoder(s.type_model, s.encoder_weights)
+    print(f"  encoder: {sentence}", flush=True)
+
+    stages.start("photos", "photographs: cutting training crops and held-out views from scikit-image's photos")
+    out.mkdir(parents=True, exist_ok=True)
+    train_files, heldout = prepare_views(out / "data", s.crops_per_photo, s.seed)
+    print(f"  {len(train_files)} training views of {len(PHOTOS) - len(UNSEEN_PHOTOS)} photos, "
+          f"{len(heldout)} held-out views ({len(UNSEEN_PHOTOS)} of photos never trained on)", flush=True)
+
+    stages.start("features", "features: encoding the training views once (cached for later runs)")
+
+    def make_encoder():
+        return get_model(encoder_info["type_model"], encoder_info["use_head"],
+                         pretrained=encoder_info["pretrained"]).to(device)
+
+    logger.configure(dir=str(out / "features"), format_strs="log")
+    train_files, features = prepare_feature_cache(
+        str(out / "features"), str(out / "data" / "train"), train_files, encoder_info, make_encoder,
+        batch_size=16, num_workers=0, precision=s.precision,
+    )
+    logger.reset()
+
+    stages.start("training", "training: a small RCDM on the cached representations")
+    key = training_key(s, encoder_info, train_files)
+    run_dir = out / f"model_{key}"
+    marker = run_dir / MARKER
+    record = None
+    if marker.is_file() and not s.retrain:
+        record = json.loads(marker.read_text())
+        if (run_dir / record["checkpoint"]).is_file():
+            record["reused"] = True
+            print(f"  reusing the model trained earlier with these settings: {run_dir / record['checkpoint']} "
+                  f"({record['steps']} steps; pass --retrain to train again)", flush=True)
+        else:
+            record = None
+    if record is None:
+        if s.retrain and run_dir.exists():
+            kept = run_dir.with_name(f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(kept)
+            print(f"  --retrain: the previous model is kept in {kept}", flush=True)
+        budget = f"{s.train_steps} steps" if s.train_steps else f"{s.minutes:g} minute(s)"
+        print(f"  training for {budget} on {device} ({s.precision}), batch {s.batch_size}, "
+              f"{s.image_size}x{s.image_size}; checkpoints in {run_dir}", flush=True)
+        record = train(s, run_dir, train_files, features, encoder_info)
+        record["reused"] = False
+        marker.write_text(json.dumps(record, indent=2))
+        print(f"  trained {record['steps_this_run']} steps in {record['seconds']:.0f} s "
+              f"({record['images_per_second']} images/s)", flush=True)
+    ckpt = run_dir / record["checkpoint"]
+    record["checkpoint_path"] = str(ckpt)
+
+    stages.start("sampling", "sampling: from the representations of the held-out views")
+    from .RCDM import RCDM
+
+    rcdm = RCDM({"model_path": str(ckpt), "sampler": s.sampler, "steps": s.sampling_steps, "seed": s.seed,
+                 "device": str(device), "precision": s.precision, "progress": s.progress,
+                 "channels_last": device.type == "cpu" and s.precision == "bf16", "clip_denoised": True})
+    su.seed_everything(s.seed)
+    held_paths = [h["path"] for h in heldout]
+    feats = rcdm.encode(held_paths)
+    images = torch.stack([model_input(p, s.image_size) for p in held_paths])
+    k = s.samples_per_image
+    flat = rcdm.sample(feats.repeat_interleave(k, dim=0))
+    samples = flat.view(len(held_paths), k, *flat.shape[1:]).cpu()
+    su.save_grid([su.row(images[i], samples[i]) for i in range(len(held_paths))], str(out / "samples.jpeg"))
+    samples_u8 = su.to_uint8(samples)
+    meta = su.run_metadata(rcdm.args, rcdm)
+    su.save_npz(str(out / "samples.npz"), samples=samples_u8, features=feats, images=su.to_uint8(images),
+                paths=held_paths, encoder_pretrained=bool(encoder_info["pretrained"]),
+                encoder_normalize=encoder_info["normalize"], **meta)
+
+    stages.start("visualise", "interpolation and manipulation")
+    idx = {h["name"]: i for i, h in enumerate(heldout)}
+    a, b = (idx[n] for n in INTERPOLATION_PAIR)
+    inter = rcdm.interpolate(feats[a], feats[b], s.interpolation_points, methods=INTERPOLATIONS)
+    inter_rows = inter["samples"][:, :, 0].cpu()
+    su.save_grid([su.row(images[a], r, last=images[b]) for r in inter_rows], str(out / "interpolation.jpeg"))
+    src, tgt = (idx[n] for n in MANIPULATION_PAIR)
+    hood = features[0:len(features)]
+    neighbor_feats = torch.stack([hood[i, 0] for i in range(len(hood))]).float().to(rcdm.device)
+    n_neighbors = min(20, len(neighbor_feats))
+    n_common = min(14, n_neighbors - 1) if n_neighbors == 20 else max(0, round(0.7 * n_neighbors) - 1)
+    man = rcdm.manipulate(feats[src], feats[tgt], neighbor_feats, n_neighbors=n_neighbors, n_common=n_common,
+                          num_samples=k)
+    su.save_grid([su.row(img, r) for img, r in zip((images[src], images[src], images[tgt]), man["samples"].cpu())],
+                 str(out / "manipulation.jpeg"))
+    manipulation = {"n_neighbors": n_neighbors, "n_common": n_common, "num_dims": int(len(man["dims"])),
+                    "ssl_dim": int(rcdm.ssl_dim)}
+
+    stages.start("scoring", "scoring: representation fidelity vs a shuffled control; FID/IS if possible")
+    enc = rcdm.ssl_model
+    sample_feats = metrics.encode_images(enc, samples_u8.reshape(-1, *samples_u8.shape[2:]),
+                                         normalize=encoder_info["normalize"], device=rcdm.device,
+                                         progress=s.progress)
+    fidelity = metrics.representation_fidelity(sample_feats.view(len(held_paths), k, -1), feats.cpu(),
+                                               num_shuffles=100, seed=s.seed)
+    ceiling_feats = metrics.encode_images(enc, su.to_uint8(images), normalize=encoder_info["normalize"],
+                                          device=rcdm.device)
+    ceiling = metrics.representation_fidelity(ceiling_feats, feats.cpu(), num_shuffles=1).model
+    print(fidelity.summary(), flush=True)
+    fid_is = _fid_is(s, samples_u8, out / "data" / "train", device)
+
+    stages.start("report", "report: index.html")
+    loss = loss_curve_svg(run_dir / "progress.csv", out / "loss_curve.svg")
+    contact_sheet(train_files, out / "training_views.jpeg")
+    stages.stop()
+    result = {
+        "version": _package_version(),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command,
+        "settings": asdict(s),
+        "device": str(device),
+        "encoder": encoder_info,
+        "encoder_sentence": sentence,
+        "num_train": len(train_files),
+        "heldout": heldout,
+        "training": record,
+        "loss": loss,
+        "fidelity": fidelity.as_dict(),
+        "ceiling": asdict(ceiling),
+        "verdict": _fidelity_verdict(fidelity.as_dict()),
+        "fid_is": fid_is,
+        "manipulation": manipulation,
+        "timings": {**stages.timings, "total": time.monotonic() - wall},
+    }
+    report = write_report(out, result)
+    (out / "scores.json").write_text(json.dumps(result, indent=2, default=str))
+    print(result["verdict"], flush=True)
+    print(f"done in {result['timings']['total']:.0f} s. Open the report: {report.resolve().as_uri()}", flush=True)
+    return result
+
+
+def _fid_is(s: Settings, samples_u8: np.ndarray, ref: Path, device: torch.device) -> dict:
+    from . import metrics
+
+    try:
+        net = metrics.load_inception(s.inception_path or None, download=s.download_inception, device=device)
+    except metrics.InceptionWeightsMissing as err:
+        print(f"  FID/IS skipped: {err}", flush=True)
+        return {"skipped": str(err)}
+    scores = metrics.fid_and_is(samples_u8.reshape(-1, *samples_u8.shape[2:]), str(ref), net,
+                                progress=s.progress)
+    print(f"  FID {scores.fid:.2f}, IS {scores.inception_score:.2f} (few images: biased, for comparison "
+          "between runs of the same size only)", flush=True)
+    return scores.as_dict()
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("guided-diffusion-rcdm")
+    except Exception:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    try:
+        s = settings_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    command = shlex.join(["python", "scripts/quickstart.py", *argv])
+    from .sample_util import USER_ERRORS
+
+    try:
+        run(s, command)
+    except USER_ERRORS as err:
+        if os.environ.get("RCDM_DEBUG"):
+            raise
+        print(f"quickstart.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0

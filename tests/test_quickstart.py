@@ -1,0 +1,114 @@
+"""scripts/quickstart.py end to end, as a newcomer runs it, with a tiny budget: offline, on the CPU,
+the report and every image it references exist; a second run reuses the trained model; bad flags
+fail before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "quickstart.py"
+# A tiny budget: 2 training steps, one crop per photo, 2 samples per view, 2 sampling steps. resnet18
+# stands in for the ResNet-50 to keep the test short (same code path: an untrained torchvision net).
+TINY = ["--train_steps", "2", "--crops_per_photo", "1", "--samples_per_image", "2", "--sampling_steps", "2",
+        "--interpolation_points", "3", "--type_model", "resnet18", "--num_channels", "32", "--progress", "False"]
+
+
+def _run(argv, env, cwd):
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def offline_env(tmp_path_factory):
+    """No published weights anywhere: an empty torch.hub cache and an empty offline mirror."""
+    root = tmp_path_factory.mktemp("offline")
+    (root / "mirror").mkdir()
+    return {**os.environ, "TORCH_HOME": str(root / "torch"), "RCDM_MIRROR": str(root / "mirror"),
+            "RCDM_STATS_CACHE": str(root / "stats")}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, offline_env):
+    out = tmp_path_factory.mktemp("qs") / "report"
+    proc = _run(["--out_dir", str(out), *TINY], offline_env, cwd=tmp_path_factory.mktemp("cwd"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def _referenced(html: str) -> list[str]:
+    return re.findall(r'<img[^>]+src="([^"]+)"', html)
+
+
+def test_report_exists_and_references_its_images(first_run):
+    out, _ = first_run
+    html = (out / "index.html").read_text(encoding="utf-8")
+    refs = _referenced(html)
+    expected = {"samples.jpeg", "interpolation.jpeg", "manipulation.jpeg", "loss_curve.svg", "training_views.jpeg"}
+    assert expected <= set(refs)
+    for ref in refs:
+        assert not ref.startswith("data:") and not os.path.isabs(ref)  # files next to it, not inlined
+        path = out / ref
+        assert path.is_file() and path.stat().st_size > 0, ref
+    from PIL import Image
+
+    with Image.open(out / "samples.jpeg") as grid:  # 16 held-out views x (view + 2 samples) of 32 px
+        assert grid.size == (3 * 34 + 2, 16 * 34 + 2)
+    assert "<polyline" in (out / "loss_curve.svg").read_text()
+    assert len(html) < 200_000  # a page, not inlined megabytes
+
+
+def test_report_says_what_was_run_and_scored(first_run):
+    out, proc = first_run
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "UNTRAINED resnet18" in html and "UNTRAINED resnet18" in proc.stdout  # said plainly, both places
+    assert "python scripts/quickstart.py --out_dir" in html and "--train_steps 2" in html
+    for word in ("shuffled control", "mean reciprocal rank", "FID and IS were not computed", "Interpolation",
+                 "Manipulation", "CC0"):
+        assert word in html
+    scores = json.loads((out / "scores.json").read_text())
+    fid = scores["fidelity"]
+    assert fid["num_conditions"] == 16 and fid["samples_per_condition"] == 2
+    assert fid["chance"]["mrr"] == pytest.approx(sum(1 / r for r in range(1, 17)) / 16)
+    assert 1 <= fid["model"]["mean_rank"] <= 16
+    assert scores["training"]["steps"] == 2 and not scores["training"]["reused"]
+    assert "representation fidelity: 16 conditioning images x 2 samples" in proc.stdout
+
+
+def test_samples_file_is_readable_by_image_eval(first_run, offline_env):
+    out, _ = first_run
+    with np.load(out / "samples.npz") as data:
+        assert data["samples"].shape == (16, 2, 32, 32, 3) and data["features"].shape == (16, 512)
+        assert not bool(data["encoder_pretrained"])
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "image_eval.py"), str(out / "samples.npz"),
+                           "--progress", "False"], capture_output=True, text=True, env=offline_env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((out / "samples_eval.json").read_text())["fidelity"]["model"]
+    first = json.loads((out / "scores.json").read_text())["fidelity"]["model"]
+    assert again["mrr"] == pytest.approx(first["mrr"], abs=0.05)
+
+
+def test_second_run_reuses_the_trained_model(first_run, offline_env, tmp_path):
+    out, _ = first_run
+    model_dirs = sorted(p.name for p in out.iterdir() if p.name.startswith("model_"))
+    proc = _run(["--out_dir", str(out), *TINY], offline_env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing the model trained earlier" in proc.stdout and "training for" not in proc.stdout
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("model_")) == model_dirs
+    assert json.loads((out / "scores.json").read_text())["training"]["reused"] is True
+
+
+def test_bad_flags_fail_before_any_work(tmp_path, offline_env):
+    proc = _run(["--out_dir", str(tmp_path / "x"), "--num_channels", "48"], offline_env, cwd=tmp_path)
+    assert proc.returncode == 2 and "multiple of 32" in proc.stderr and not (tmp_path / "x").exists()
+    proc = _run(["--out_dir", str(tmp_path / "y"), "--encoder_weights", "published", "--type_model", "dino",
+                 "--train_steps", "1"], offline_env, cwd=tmp_path)
+    assert proc.returncode == 2 and "could not download" in proc.stderr and "Traceback" not in proc.stderr
