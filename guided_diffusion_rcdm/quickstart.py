@@ -228,6 +228,9 @@ class Settings:
     retrain: bool
     seed: int
     progress: bool
+    norm_style: str = "gn"
+    feat_drop_prob: float = 0.0
+    guidance_scale: float = 1.0
 
     def model_flags(self) -> dict:
         from .script_util import model_and_diffusion_defaults
@@ -238,6 +241,7 @@ class Settings:
                 "num_res_blocks": self.num_res_blocks, "channel_mult": mult, "attention_resolutions": "8",
                 "num_head_channels": 32, "learn_sigma": False, "noise_schedule": "cosine",
                 "predict_xstart": self.predict_xstart,
+                "norm_style": self.norm_style, "feat_drop_prob": self.feat_drop_prob,
                 "diffusion_steps": 1000, "resblock_updown": False, "use_scale_shift_norm": True}
 
 
@@ -259,6 +263,12 @@ def create_argparser() -> argparse.ArgumentParser:
                    help="small batches: more steps in the budget, which matters more here than batch size")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema_rate", default="0.99", help="EMA rate of the weights sampled from")
+    p.add_argument("--norm_style", default="gn", choices=("gn", "cbn"),
+                   help="gn: the published architecture; cbn: the paper's conditional batch norm")
+    p.add_argument("--feat_drop_prob", type=float, default=0.0,
+                   help="train with a learned null representation for this fraction (enables guidance)")
+    p.add_argument("--guidance_scale", type=float, default=1.0,
+                   help="representation guidance when sampling (needs --feat_drop_prob > 0)")
     p.add_argument("--predict_xstart", type=str2bool, default=True,
                    help="the UNet predicts the clean image (learns the conditional mean fast; "
                         "False: it predicts the noise, as the published models)")
@@ -295,6 +305,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         (s.samples_per_image >= 1, "--samples_per_image must be at least 1"),
         (s.sampling_steps >= 1, "--sampling_steps must be at least 1"),
         (s.interpolation_points >= 2, "--interpolation_points must be at least 2 (both ends)"),
+        (0 <= s.feat_drop_prob < 1, "--feat_drop_prob must be in [0, 1)"),
+        (s.guidance_scale == 1 or s.feat_drop_prob > 0,
+         "--guidance_scale needs a model trained with --feat_drop_prob > 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -678,6 +691,7 @@ def run(s: Settings, command: str) -> dict:
     from .RCDM import RCDM
 
     rcdm = RCDM({"model_path": str(ckpt), "sampler": s.sampler, "steps": s.sampling_steps, "seed": s.seed,
+                 "guidance_scale": s.guidance_scale,
                  "device": str(device), "precision": s.precision, "progress": s.progress,
                  "channels_last": device.type == "cpu" and s.precision == "bf16", "clip_denoised": True})
     su.seed_everything(s.seed)
