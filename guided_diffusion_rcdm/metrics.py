@@ -390,7 +390,11 @@ def load_inception(path: str | None = None, *, download: bool = True,
         sd = obj["state_dict"]
     with torch.device("meta"):
         model = FIDInceptionV3()
-    hub.load_state_dict_checked(model, {k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    for key in model.state_dict():  # files saved before BatchNorm counted its batches lack these
+        if key.endswith("num_batches_tracked") and key not in sd:
+            sd[key] = torch.tensor(0, dtype=torch.long)
+    hub.load_state_dict_checked(model, sd, strict=True, assign=True)
     model.weights_source = str(file)
     return model.to(device).eval().requires_grad_(False)
 

@@ -175,6 +175,15 @@ def test_inception_weights_file_loads_strictly_and_gives_the_same_network(incept
     assert net.weights_source == inception_file
 
 
+def test_inception_weights_without_batch_counters_load(tmp_path):
+    """Files saved by old PyTorch lack BatchNorm's num_batches_tracked: they load all the same."""
+    sd = {k: v for k, v in M.random_inception(seed=0).state_dict().items() if "num_batches_tracked" not in k}
+    torch.save(sd, tmp_path / "old.pth")
+    net = M.load_inception(str(tmp_path / "old.pth"))
+    assert not any(t.is_meta for t in net.state_dict().values())
+    assert net.Conv2d_1a_3x3.bn.num_batches_tracked.dtype == torch.long
+
+
 def test_missing_inception_weights_say_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(M.InceptionWeightsMissing, match="--inception_path") as err:
