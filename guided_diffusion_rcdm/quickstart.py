@@ -253,7 +253,7 @@ def create_argparser() -> argparse.ArgumentParser:
         description="Train a small RCDM on real photographs and write a browsable report, offline, on a CPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out_dir", default="rcdm_quickstart", help="folder for everything, report included")
+    p.add_argument("--out_dir", default="quickstart_out", help="folder for everything, report included")
     p.add_argument("--minutes", type=float, default=5.0, help="training time budget (the run takes ~2 min more)")
     p.add_argument("--train_steps", type=int, default=0, help="train exactly this many steps instead of --minutes")
     p.add_argument("--image_size", type=int, default=32, choices=(32, 64), help="resolution of the RCDM")

@@ -1,6 +1,6 @@
 """Run the whole RCDM loop offline on a CPU in a few minutes and write a browsable report.
 
-    python scripts/quickstart.py                      # ~5 minutes of training, report in rcdm_quickstart/
+    python scripts/quickstart.py                      # ~5 minutes of training, report in quickstart_out/
     python scripts/quickstart.py --minutes 10 --out_dir runs/qs --image_size 64
 
 Real photographs from scikit-image, a frozen ResNet-50 (published weights if on disk, else an
