@@ -156,9 +156,10 @@ def bench_forward(
     model, _, flags, ssl_dim = build(config, device)
     for batch in batch_sizes:
         baseline_s = None
+        model.set_fused_attention(False)
+        flops = forward_flops(model, _inputs(batch, flags["image_size"], ssl_dim, device, False))
         for variant in variants:
             inputs = _inputs(batch, flags["image_size"], ssl_dim, device, variant.channels_last)
-            flops = forward_flops(model, inputs)
             fast = variant_model(model, variant, device)
             x, t, feat = inputs
 

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
 from .nn import update_ema
-from .precision import PRECISIONS, AutocastModel, autocast, resolve_precision  # noqa: F401 (re-exported)
+from .precision import PRECISIONS, autocast, prepare_model, resolve_precision  # noqa: F401 (re-exported)
 from .resample import LossAwareSampler, UniformSampler
 
 INITIAL_LOG_LOSS_SCALE = 20.0  # the original's starting fp16 loss scale, 2**20
@@ -197,6 +197,8 @@ class TrainLoop:
         checkpoint_meta=None,
         max_steps=0,
         progress=True,
+        channels_last=False,
+        compile=False,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -249,9 +251,11 @@ class TrainLoop:
         else:
             self.ddp_model = self.model
         self.use_ddp = self.world_size > 1
-        self.forward_model = (
-            self.ddp_model if self.precision == "fp32"
-            else AutocastModel(self.ddp_model, self.precision, self.device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # `forward_model` is what the loss calls; `ddp_model` keeps DDP's no_sync for microbatches.
+        self.forward_model = prepare_model(
+            self.ddp_model, precision=self.precision, device=self.device, compile=compile
         )
 
     # -- resume ----------------------------------------------------------------------------

@@ -85,6 +85,8 @@ def create_argparser() -> argparse.ArgumentParser:
     new.add_argument("--random_flip", type=str2bool, default=True, help="random horizontal flips")
     new.add_argument("--seed", type=int, default=0, help="seed (each rank adds its rank)")
     new.add_argument("--progress", type=str2bool, default=True, help="tqdm progress bar")
+    new.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster with bf16)")
+    new.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first steps)")
     new.add_argument("--sync_bn", type=str2bool, default=False,
                      help="with --norm_style cbn: batch statistics over all processes (SyncBatchNorm)")
     return parser
@@ -197,6 +199,8 @@ def main(args) -> None:
         checkpoint_meta=meta,
         max_steps=args.max_steps,
         progress=args.progress,
+        channels_last=args.channels_last,
+        compile=args.compile,
     ).run_loop()
     if stream.bad_files:
         logger.warn(f"{len(stream.bad_files)} unreadable image(s) were skipped on this rank")
