@@ -140,7 +140,10 @@ def submit(args: argparse.Namespace):
     # Fail now, not in the queue, when the data cannot work.
     from guided_diffusion_rcdm.image_datasets import find_images
 
-    find_images(args.data_dir)
+    try:
+        find_images(args.data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
     if __name__ != "__main__":  # let the job unpickle Trainer without importing this file
         import cloudpickle
 

@@ -172,7 +172,7 @@ def find_images(data_dir: str, flag: str = "--data_dir") -> list[str]:
     if not data_dir:
         raise ValueError(f"no folder given: pass {flag} DIR (a folder of images)")
     if not bf.exists(data_dir) or not bf.isdir(data_dir):
-        raise FileNotFoundError(f"{flag} {data_dir!r}: no such folder (missing, or not a directory)")
+        raise FileNotFoundError(f"{flag} {data_dir!r}: no such folder (it does not exist or is not a directory)")
     files = list_image_files_recursively(data_dir)
     if not files:
         raise ValueError(

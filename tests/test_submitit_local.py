@@ -74,3 +74,4 @@ def test_cli_without_slurm_says_what_to_do_and_keeps_the_original_flags(tmp_path
                            "--local", "--out_dir", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
     assert proc.returncode != 0 and "does not exist" in proc.stderr  # checked before anything is queued
+    assert "Traceback" not in proc.stderr
