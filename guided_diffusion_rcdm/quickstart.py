@@ -705,8 +705,7 @@ def run(s: Settings, command: str) -> dict:
     samples_u8 = su.to_uint8(samples)
     meta = su.run_metadata(rcdm.args, rcdm)
     su.save_npz(str(out / "samples.npz"), samples=samples_u8, features=feats, images=su.to_uint8(images),
-                paths=held_paths, encoder_pretrained=bool(encoder_info["pretrained"]),
-                encoder_normalize=encoder_info["normalize"], **meta)
+                paths=held_paths, **meta)
 
     stages.start("visualise", "interpolation and manipulation")
     idx = {h["name"]: i for i, h in enumerate(heldout)}

@@ -403,6 +403,8 @@ def run_metadata(args: argparse.Namespace, rcdm) -> dict[str, Any]:
         timestep_respacing=str(args.timestep_respacing),
         type_model=str(rcdm.encoder_info["type_model"]),
         use_head=bool(rcdm.encoder_info["use_head"]),
+        encoder_pretrained=bool(rcdm.encoder_info.get("pretrained", True)),
+        encoder_normalize=str(rcdm.encoder_info.get("normalize", "minus_one_one")),
         precision=rcdm.precision,
         model_path=args.model_path,
     )
