@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+import _train_photos
+from _train_photos import PHOTOS
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 TINY_FLAGS = dict(
     image_size=32,
@@ -38,12 +39,7 @@ SSL_DIM = 512  # resnet18's pooled features
 
 
 def photo(name: str, short_side: int = 64) -> Image.Image:
-    import skimage.data
-
-    image = Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
-    scale = short_side / min(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                        Image.BICUBIC)
+    return _train_photos.photo(name, short_side).convert("RGB")
 
 
 def write_photos(folder, names=PHOTOS, short_side: int = 64) -> list[str]:
