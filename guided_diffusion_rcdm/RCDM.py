@@ -79,6 +79,7 @@ class RCDM(nn.Module):
                 device=device,
                 channels_last=bool(self.args.channels_last),
                 compile=bool(self.args.compile),
+                freeze=True,  # the weights are fixed while sampling
             )
             # A plain tuple attribute: the wrapper must not register the UNet a second time.
             self._runner = (device, runner)

@@ -144,8 +144,12 @@ def variant_model(model: torch.nn.Module, variant: Variant, device: torch.device
     """`model` set up as `variant` says (in place: memory format and attention kernel), wrapped
     for precision and compilation. The same UNet serves every variant, so weights are shared."""
     model.set_fused_attention(variant.fused_attention)
+    if variant.compile:
+        torch._dynamo.reset()  # compile each batch size afresh, not as a dynamic-shape graph
     model.to(memory_format=torch.channels_last if variant.channels_last else torch.contiguous_format)
-    return prepare_model(model, precision=variant.precision, device=device, compile=variant.compile)
+    return prepare_model(
+        model, precision=variant.precision, device=device, compile=variant.compile, freeze=not model.training
+    )
 
 
 def bench_forward(

@@ -67,16 +67,20 @@ def prepare_model(
     device=None,
     channels_last: bool = False,
     compile: bool = False,
+    freeze: bool = False,
 ) -> nn.Module:
     """Wrap a model for fast evaluation: optional channels-last weights, `torch.compile`, autocast.
 
     The returned module is called exactly like `model`; with the defaults it is `model` itself.
+    `freeze` (with `compile`) lets the compiler fold the weights into the graph for calls made
+    without gradients (pre-packed convolution weights, no per-call casts): for sampling only,
+    since later changes to the weights are not seen by the compiled graph.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
-        model = torch.compile(model)
+        model = torch.compile(model, options={"freezing": True} if freeze else None)
     if precision != "fp32":
         model = AutocastModel(model, precision, device)
     return model

@@ -266,27 +266,54 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
+        if _use_fused(self.attention.fused, x):
+            return x + self._fused_residual(x)
         x = x.reshape(b, c, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
         return (x + h).reshape(b, c, *spatial)
+
+    def _fused_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention branch in token-major layout ([N x T x C]), for the fused kernel.
+
+        The 1x1 convolutions become linear maps over tokens, so q, k and v come out with their
+        channels innermost, as `scaled_dot_product_attention` wants them; for a channels-last
+        input no tensor is transposed in memory. Same maths as the channel-major path.
+        """
+        b, c, *spatial = x.shape
+        tokens = self.norm(x).reshape(b, c, -1).transpose(1, 2)
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)
+        out = self.attention.attend_tokens(qkv)
+        h = F.linear(out, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        return h.transpose(1, 2).reshape(b, c, *spatial)
+
+
+def _use_fused(fused: bool | None, x: torch.Tensor) -> bool:
+    """Whether to take the fused attention kernel: as forced, else only in reduced precision (fp16
+    or bf16 tensors, or under autocast), so that the fp32 path stays the original's arithmetic."""
+    if fused is not None:
+        return fused
+    return x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool | None) -> torch.Tensor:
     """softmax(q^T k / sqrt(ch)) applied to v, for [B x ch x T] tensors.
 
     The einsum path is the original's arithmetic (q and k each scaled by ch^-1/4, softmax in
-    float32). The fused path (`scaled_dot_product_attention`) is the same maths in one kernel;
-    `fused=None` picks it automatically in reduced precision only, so fp32 stays exact.
+    float32). The fused path (`scaled_dot_product_attention`) is the same maths in one kernel.
     """
-    if fused is None:
-        fused = q.dtype in (torch.float16, torch.bfloat16)
-    if fused:
+    if _use_fused(fused, q):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
     scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
     weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
     return torch.einsum("bts,bcs->bct", weight, v)
+
+
+def _attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Fused attention over [N x T x H x C] views; returns [N x T x (H * C)]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -308,6 +335,12 @@ class QKVAttentionLegacy(nn.Module):
         q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
         return _attend(q, k, v, self.fused).reshape(bs, -1, length)
 
+    def attend_tokens(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The fused kernel on token-major input: [N x T x (H * 3 * C)] -> [N x T x (H * C)]."""
+        bs, length, width = qkv.shape
+        q, k, v = qkv.reshape(bs, length, self.n_heads, 3, width // (3 * self.n_heads)).unbind(3)
+        return _attend_heads(q, k, v)
+
 
 class QKVAttention(nn.Module):
     """QKV attention on an [N x (3 * H * C) x T] tensor: q, k, v first, then heads.
@@ -327,6 +360,12 @@ class QKVAttention(nn.Module):
         ch = width // (3 * self.n_heads)
         q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
         return _attend(q, k, v, self.fused).reshape(bs, -1, length)
+
+    def attend_tokens(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The fused kernel on token-major input: [N x T x (3 * H * C)] -> [N x T x (H * C)]."""
+        bs, length, width = qkv.shape
+        q, k, v = qkv.reshape(bs, length, 3, self.n_heads, width // (3 * self.n_heads)).unbind(2)
+        return _attend_heads(q, k, v)
 
 
 class UNetModel(nn.Module):

@@ -72,3 +72,72 @@ def test_precision_choice():
     assert resolve_precision(None, use_fp16=True, device="cuda") == "fp16"
     with pytest.raises(ValueError, match="--precision"):
         resolve_precision("int8", device="cpu")
+
+
+@pytest.mark.parametrize("new_order", [False, True], ids=["legacy-order", "new-order"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_token_major_fused_attention_matches_einsum(new_order, channels_last):
+    # The fused path reads q, k, v as token-major views of one linear map; both head layouts
+    # must split the channels exactly as the original's channel-major reshape does.
+    torch.manual_seed(1)
+    model = create_model(**CONFIG, use_new_attention_order=new_order, num_head_channels=-1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    x, t, feat = torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), torch.randn(2, 16)
+    with torch.no_grad():
+        reference = model(x, t, feat=feat)
+        model.set_fused_attention(True)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        fused = model(x, t, feat=feat)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attention_is_automatic_only_in_reduced_precision(model_and_inputs):
+    from guided_diffusion_rcdm.unet import _use_fused
+
+    x = torch.zeros(1, 4, 2, 2)
+    assert not _use_fused(None, x)
+    assert _use_fused(None, x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _use_fused(None, x)
+    assert _use_fused(True, x) and not _use_fused(False, x.bfloat16())
+
+
+def test_group_norm_in_bf16_skips_the_float32_copy_but_keeps_float32_statistics():
+    from guided_diffusion_rcdm.nn import normalization
+
+    torch.manual_seed(0)
+    norm = normalization(64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    # A large offset and a small spread: statistics accumulated in bf16 would lose the spread.
+    x = 100 + torch.randn(2, 64, 8, 8)
+    reference = norm(x)
+    assert torch.equal(reference, torch.nn.functional.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
+    out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    # The input itself is rounded to bf16 (about 0.4 at 100), which is the spread's scale:
+    # compare against float32 statistics of the same rounded input.
+    expected = torch.nn.functional.group_norm(x.bfloat16().float(), 32, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_compiled_and_frozen_bf16_model_agrees_with_eager(model_and_inputs):
+    # One real torch.compile (about a minute on two cores): the --compile path of the scripts.
+    model, (x, t, feat), reference = model_and_inputs
+    eager = prepare_model(model, precision="bf16", device="cpu")
+    compiled = prepare_model(model, precision="bf16", device="cpu", compile=True, freeze=True)
+    try:
+        with torch.no_grad():
+            expected = eager(x, t, feat=feat)
+            out = compiled(x, t, feat=feat)
+    finally:
+        torch._dynamo.reset()
+    assert out.dtype == torch.float32
+    scale = reference.abs().max()
+    assert (out - expected).abs().max() < 0.02 * scale
+    assert (out - reference).abs().max() < 0.05 * scale
