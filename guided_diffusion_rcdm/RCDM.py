@@ -112,17 +112,16 @@ class RCDM(nn.Module):
         """B x ssl_dim representations (float32; the encoder runs in fp32 so they are exact)."""
         return self.ssl_model(self.encoder_view(images)).float()
 
-    @property
-    def noise_fixes_sample(self) -> bool:
-        """Whether the sample is a function of the starting noise alone (no noise drawn later)."""
-        return self.sampler == "dpm++" or (self.sampler == "ddim" and float(self.args.eta) == 0.0)
-
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
     def sample(self, feat: torch.Tensor, noise: torch.Tensor | None = None,
-               progress: bool | None = None) -> torch.Tensor:
-        """One sample per row of `feat` (N x ssl_dim): N x 3 x S x S in [-1, 1]."""
+               progress: bool | None = None, noise_fn=None) -> torch.Tensor:
+        """One sample per row of `feat` (N x ssl_dim): N x 3 x S x S in [-1, 1].
+
+        `noise` is the starting noise; `noise_fn(x)` draws the noise added at each step (DDPM,
+        DDIM with eta > 0); both default to fresh standard normal noise.
+        """
         feat = feat.to(self.device, torch.float32)
         shape = (feat.shape[0], 3, self.image_size, self.image_size)
         return sample_images(
@@ -138,6 +137,7 @@ class RCDM(nn.Module):
             guidance_scale=float(self.args.guidance_scale),
             device=self.device,
             progress=self.args.progress if progress is None else progress,
+            noise_fn=noise_fn,
         )
 
     @torch.no_grad()
@@ -147,30 +147,20 @@ class RCDM(nn.Module):
         representation drawn from the same noise: G x num_samples x 3 x S x S.
 
         Same noise means the same starting noise and, for samplers that add noise at every step
-        (DDPM, DDIM with eta > 0), the same noise at every step: those run one representation at a
-        time with the random generator rewound to the same state. Deterministic samplers run as one
-        batch.
+        (DDPM, DDIM with eta > 0), the same noise at every step. All G x num_samples samples run
+        as one batch.
         """
         feats = feats.to(self.device, torch.float32)
         groups = feats.shape[0]
         shape = (num_samples, 3, self.image_size, self.image_size)
         noise = torch.randn(*shape, device=self.device)
-        if self.noise_fixes_sample:
-            flat = self.sample(feats.repeat_interleave(num_samples, dim=0),
-                               noise=noise.repeat(groups, 1, 1, 1), progress=progress)
-            return flat.view(groups, *shape)
-        step_seed = int(torch.randint(0, 2**62, (1,)).item())
-        # fork_rng restores the caller's generator state afterwards; on a GPU, fork its generator.
-        devices = []
-        if self.device.type == "cuda":
-            devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
-        out = []
-        for g in range(groups):
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(step_seed)
-                out.append(self.sample(feats[g : g + 1].expand(num_samples, -1), noise=noise.clone(),
-                                       progress=progress))
-        return torch.stack(out)
+
+        def shared_step_noise(x: torch.Tensor) -> torch.Tensor:
+            return torch.randn(shape, device=x.device, dtype=x.dtype).repeat(groups, 1, 1, 1)
+
+        flat = self.sample(feats.repeat_interleave(num_samples, dim=0), noise=noise.repeat(groups, 1, 1, 1),
+                           progress=progress, noise_fn=shared_step_noise)
+        return flat.view(groups, *shape)
 
     @torch.no_grad()
     def forward(self, batch: ImageInput, num_samples: int = 1) -> torch.Tensor:

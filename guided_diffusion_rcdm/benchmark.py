@@ -8,6 +8,7 @@ on one forward, so achieved FLOP/s can be compared with the hardware's peak.
 
 from __future__ import annotations
 
+import copy
 import gc
 import resource
 import statistics
@@ -152,41 +153,75 @@ def variant_model(model: torch.nn.Module, variant: Variant, device: torch.device
     )
 
 
+def time_in_turns(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turns (one call of each per round).
+
+    Taking turns spreads any slow spell of the machine (another process, clock changes) over every
+    variant alike, so the ratios between them hold even when the absolute times drift.
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(iters):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench_forward(
     config: str, variants: list[Variant], batch_sizes: list[int], device: torch.device, warmup: int, iters: int
 ) -> list[Result]:
-    """UNet forward throughput of each variant, relative to the baseline at the same batch size."""
+    """UNet forward throughput of each variant, relative to the baseline at the same batch size.
+
+    Each (memory format, attention kernel) pair gets its own copy of the UNet (same weights), so the
+    variants can be timed in turns; compiled variants are compiled (and warmed up) first.
+    """
     results = []
     model, _, flags, ssl_dim = build(config, device)
+    copies: dict[tuple, torch.nn.Module] = {}
+    for variant in variants:
+        key = (variant.channels_last, variant.fused_attention)
+        if key not in copies:
+            copies[key] = model if not copies else copy.deepcopy(model)
     for batch in batch_sizes:
-        baseline_s = None
         model.set_fused_attention(False)
+        model.to(memory_format=torch.contiguous_format)
         flops = forward_flops(model, _inputs(batch, flags["image_size"], ssl_dim, device, False))
+        calls = {}
         for variant in variants:
-            inputs = _inputs(batch, flags["image_size"], ssl_dim, device, variant.channels_last)
-            fast = variant_model(model, variant, device)
-            x, t, feat = inputs
+            fast = variant_model(copies[(variant.channels_last, variant.fused_attention)], variant, device)
+            x, t, feat = _inputs(batch, flags["image_size"], ssl_dim, device, variant.channels_last)
 
-            def step():
+            def step(fast=fast, x=x, t=t, feat=feat):
                 with torch.no_grad():
                     return fast(x, t, feat=feat)
 
-            seconds = time_call(step, device, warmup=warmup + (2 if variant.compile else 0), iters=iters)
-            if variant.is_baseline:
-                baseline_s = seconds
+            if variant.compile:
+                step()  # compiles
+            calls[variant.name] = step
+        seconds = time_in_turns(calls, device, warmup=warmup, iters=iters)
+        baseline_s = seconds.get(BASELINE.name)
+        for variant in variants:
+            s_ = seconds[variant.name]
             results.append(
                 Result(
                     config=config,
                     variant=variant.name,
                     batch_size=batch,
-                    images_per_s=batch / seconds,
-                    s_per_forward=seconds,
+                    images_per_s=batch / s_,
+                    s_per_forward=s_,
                     gflop_per_image=flops / batch / 1e9,
-                    achieved_tflops=flops / seconds / 1e12,
-                    speedup_vs_baseline=(baseline_s / seconds) if baseline_s else 1.0,
+                    achieved_tflops=flops / s_ / 1e12,
+                    speedup_vs_baseline=(baseline_s / s_) if baseline_s else 1.0,
                 )
             )
-            gc.collect()
+        del calls
+        gc.collect()
     return results
 
 

@@ -270,6 +270,15 @@ def sync_params(params: Iterable[torch.Tensor]) -> None:
             dist.broadcast(p.data, 0)
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (so that all ranks take the same branch)."""
+    if not is_initialized():
+        return bool(flag)
+    box = torch.tensor([1.0 if flag else 0.0], device=dev())
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object, on every rank."""
     if not is_initialized():

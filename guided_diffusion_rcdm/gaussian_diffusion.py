@@ -100,6 +100,7 @@ class LossType(enum.Enum):
 
 
 ModelKwargs = dict[str, Any] | None
+NoiseFn = Callable[[torch.Tensor], torch.Tensor] | None  # draws a sampling step's noise, like x
 
 
 class GaussianDiffusion:
@@ -334,12 +335,17 @@ class GaussianDiffusion:
         denoised_fn=None,
         cond_fn=None,
         model_kwargs: ModelKwargs = None,
+        noise_fn: NoiseFn = None,
     ) -> dict[str, torch.Tensor]:
-        """Sample x_{t-1} from the model. Returns `sample` and `pred_xstart`."""
+        """Sample x_{t-1} from the model. Returns `sample` and `pred_xstart`.
+
+        `noise_fn(x)`, if given, draws the step's noise instead of `torch.randn_like(x)` (for
+        example the same noise for several rows of a batch).
+        """
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        noise = torch.randn_like(x)
+        noise = torch.randn_like(x) if noise_fn is None else noise_fn(x)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))  # no noise at t == 0
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
@@ -357,8 +363,10 @@ class GaussianDiffusion:
         model_kwargs: ModelKwargs = None,
         device=None,
         progress: bool = False,
+        noise_fn: NoiseFn = None,
     ) -> torch.Tensor:
-        """Generate samples of `shape` (N, C, H, W), starting from `noise` if given."""
+        """Generate samples of `shape` (N, C, H, W), starting from `noise` if given (and drawing
+        each step's noise with `noise_fn`, see `p_sample`)."""
         final = None
         for final in self.p_sample_loop_progressive(
             model,
@@ -370,6 +378,7 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs,
             device=device,
             progress=progress,
+            noise_fn=noise_fn,
         ):
             pass
         return final["sample"]
@@ -385,6 +394,7 @@ class GaussianDiffusion:
         model_kwargs: ModelKwargs = None,
         device=None,
         progress: bool = False,
+        noise_fn: NoiseFn = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like `p_sample_loop`, yielding each step's `p_sample` output."""
         yield from self._sample_loop(
@@ -399,6 +409,7 @@ class GaussianDiffusion:
                 denoised_fn=denoised_fn,
                 cond_fn=cond_fn,
                 model_kwargs=model_kwargs,
+                noise_fn=noise_fn,
             ),
         )
 
@@ -432,6 +443,7 @@ class GaussianDiffusion:
         cond_fn=None,
         model_kwargs: ModelKwargs = None,
         eta: float = 0.0,
+        noise_fn: NoiseFn = None,
     ) -> dict[str, torch.Tensor]:
         """Sample x_{t-1} with DDIM (eta = 0: deterministic). Same usage as `p_sample`."""
         out = self.p_mean_variance(
@@ -448,7 +460,7 @@ class GaussianDiffusion:
             * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
             * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
-        noise = torch.randn_like(x)
+        noise = torch.randn_like(x) if noise_fn is None else noise_fn(x)
         # Equation 12 of Song et al. (2021).
         mean_pred = (
             out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
@@ -491,6 +503,7 @@ class GaussianDiffusion:
         device=None,
         progress: bool = False,
         eta: float = 0.0,
+        noise_fn: NoiseFn = None,
     ) -> torch.Tensor:
         """Generate samples with DDIM. Same usage as `p_sample_loop`."""
         final = None
@@ -505,6 +518,7 @@ class GaussianDiffusion:
             device=device,
             progress=progress,
             eta=eta,
+            noise_fn=noise_fn,
         ):
             pass
         return final["sample"]
@@ -521,6 +535,7 @@ class GaussianDiffusion:
         device=None,
         progress: bool = False,
         eta: float = 0.0,
+        noise_fn: NoiseFn = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like `ddim_sample_loop`, yielding each step's `ddim_sample` output."""
         yield from self._sample_loop(
@@ -536,6 +551,7 @@ class GaussianDiffusion:
                 cond_fn=cond_fn,
                 model_kwargs=model_kwargs,
                 eta=eta,
+                noise_fn=noise_fn,
             ),
         )
 

@@ -328,29 +328,13 @@ def training_key(s: Settings, encoder: dict, train_files: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- training
 
 
-def _timed_train_loop():
-    from .train_util import TrainLoop
-
-    class TimedTrainLoop(TrainLoop):
-        """TrainLoop that also stops once a wall-clock deadline has passed (then saves as usual)."""
-
-        def __init__(self, *args, deadline: float | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.deadline = deadline
-
-        def _done(self) -> bool:
-            return super()._done() or (self.deadline is not None and time.monotonic() >= self.deadline)
-
-    return TimedTrainLoop
-
-
 def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder: dict) -> dict:
     """Train (or resume) in `run_dir`; returns the marker record naming the EMA checkpoint."""
     from . import logger
     from .image_datasets import load_data
     from .precision import default_device
     from .script_util import create_model_and_diffusion
-    from .train_util import conditioned_batches
+    from .train_util import TrainLoop, conditioned_batches
 
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
@@ -373,14 +357,13 @@ def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder:
     }
     # Every 10 steps, or ~10 points for a short --train_steps run, so the loss curve has points.
     log_interval = 10 if not s.train_steps or s.train_steps >= 100 else max(1, s.train_steps // 10)
-    loop_cls = _timed_train_loop()
     start = time.monotonic()
-    loop = loop_cls(
+    loop = TrainLoop(
         model=model, diffusion=diffusion, data=conditioned_batches(stream, None, device),
         batch_size=s.batch_size, microbatch=-1, lr=s.lr, ema_rate=s.ema_rate, log_interval=log_interval,
         save_interval=500, resume_checkpoint="", out_dir=str(run_dir), precision=s.precision,
         checkpoint_meta=meta, max_steps=s.train_steps, progress=s.progress,
-        deadline=None if s.train_steps else start + 60.0 * s.minutes,
+        max_seconds=0.0 if s.train_steps else 60.0 * s.minutes,
     )
     first = loop.step
     if first:

@@ -45,6 +45,7 @@ def sample_images(
     guidance_scale: float = 1.0,
     device: torch.device | str | None = None,
     progress: bool = False,
+    noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Draw samples of `shape` (N, C, H, W) with the named sampler ("ddpm", "ddim" or "dpm++").
 
@@ -52,6 +53,8 @@ def sample_images(
     :param noise: the starting noise x_T (default: fresh standard normal noise).
     :param eta: DDIM's stochasticity (0: deterministic).
     :param guidance_scale: representation guidance (1: none; needs a model with a null representation).
+    :param noise_fn: draws the noise DDPM (and DDIM with eta > 0) add at each step, `noise_fn(x)`
+        (default: `torch.randn_like(x)`); DPM-Solver++ adds none.
     :return: [N x C x H x W] samples in [-1, 1] (when `clip_denoised`).
     """
     if sampler not in SAMPLERS:
@@ -70,9 +73,9 @@ def sample_images(
         progress=progress,
     )
     if sampler == "ddpm":
-        return diffusion.p_sample_loop(model, shape, **kwargs)
+        return diffusion.p_sample_loop(model, shape, noise_fn=noise_fn, **kwargs)
     if sampler == "ddim":
-        return diffusion.ddim_sample_loop(model, shape, eta=eta, **kwargs)
+        return diffusion.ddim_sample_loop(model, shape, eta=eta, noise_fn=noise_fn, **kwargs)
     return dpm_solver_pp_sample_loop(model, diffusion, shape, **kwargs)
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+import time
 from typing import Iterator, Optional
 
 import blobfile as bf
@@ -172,6 +173,10 @@ class TrainLoop:
     :param checkpoint_meta: what model/EMA files record (`model_flags`, `encoder`, ...).
     :param max_steps: stop once this many steps are done (0: never; `lr_anneal_steps` also stops).
     :param progress: show a tqdm bar on rank 0.
+    :param channels_last: channels-last memory format (faster convolutions in bf16/fp16).
+    :param compile: `torch.compile` the UNet.
+    :param max_seconds: stop once this run has trained that long, and save (0: no limit); for
+        a job with a wall-clock limit, so that it ends with a checkpoint rather than being killed.
     """
 
     def __init__(
@@ -199,6 +204,7 @@ class TrainLoop:
         progress=True,
         channels_last=False,
         compile=False,
+        max_seconds=0.0,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -217,6 +223,8 @@ class TrainLoop:
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
+        self.max_seconds = float(max_seconds)
+        self._started: Optional[float] = None
         self.out_dir = out_dir or logger.get_dir()
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.progress = progress
@@ -309,7 +317,12 @@ class TrainLoop:
     def _done(self) -> bool:
         if self.lr_anneal_steps and self.step >= self.lr_anneal_steps:
             return True
-        return bool(self.max_steps) and self.step >= self.max_steps
+        if self.max_steps and self.step >= self.max_steps:
+            return True
+        if self.max_seconds and self._started is not None:
+            # Clocks differ between ranks: stop everywhere as soon as one rank is out of time.
+            return dist_util.any_rank(time.monotonic() - self._started >= self.max_seconds)
+        return False
 
     def _target(self) -> Optional[int]:
         targets = [t for t in (self.lr_anneal_steps, self.max_steps) if t]
@@ -325,6 +338,7 @@ class TrainLoop:
                 dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0,
             )
         saved_at = self.step
+        self._started = time.monotonic()
         while not self._done():
             batch, cond = next(self.data)
             loss = self.run_step(batch, cond)

@@ -80,6 +80,9 @@ def create_argparser() -> argparse.ArgumentParser:
     new.add_argument("--precision", default="", choices=("", "fp32", "bf16", "fp16"),
                      help="compute precision (default: fp16 with --use_fp16 True on GPU, bf16 on CPU, else fp32)")
     new.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: never)")
+    new.add_argument("--max_minutes", type=float, default=0.0,
+                     help="stop after this many minutes of training and save a checkpoint (0: no limit); "
+                          "set it under a job's time limit so the job ends with a checkpoint")
     new.add_argument("--num_workers", type=int, default=1, help="data loading processes per rank")
     new.add_argument("--random_crop", type=str2bool, default=False, help="random crops instead of centre crops")
     new.add_argument("--random_flip", type=str2bool, default=True, help="random horizontal flips")
@@ -198,6 +201,7 @@ def main(args) -> None:
         precision=precision,
         checkpoint_meta=meta,
         max_steps=args.max_steps,
+        max_seconds=60.0 * args.max_minutes,
         progress=args.progress,
         channels_last=args.channels_last,
         compile=args.compile,

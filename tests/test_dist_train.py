@@ -101,3 +101,52 @@ def test_detect_reads_each_launchers_environment(monkeypatch):
     assert dist_util.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).world_size == 1
     assert dist_util.detect({}).launcher == "single"
     assert dist_util._first_slurm_host("a1,b[3-4]") == "a1"
+
+
+TIME_LIMIT_WORKER = r"""
+import sys
+import torch
+from guided_diffusion_rcdm import dist_util, logger
+from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion_rcdm.train_util import TrainLoop
+
+out = sys.argv[1]
+dist_util.setup_dist()
+rank = dist_util.get_rank()
+logger.configure(dir=out, format_strs="log")
+torch.manual_seed(0)
+flags = {**model_and_diffusion_defaults(), **dict(image_size=16, num_channels=32, num_res_blocks=1,
+         channel_mult="1,2", attention_resolutions="", diffusion_steps=50)}
+model, diffusion = create_model_and_diffusion(**flags)
+
+def batches():
+    g = torch.Generator().manual_seed(rank)
+    while True:
+        yield torch.randn(2, 3, 16, 16, generator=g), {}
+
+# Rank 1 runs out of time after a second; rank 0's own limit is far away, as if its clock were slow.
+loop = TrainLoop(model=model, diffusion=diffusion, data=batches(), batch_size=2, microbatch=-1, lr=1e-4,
+                 ema_rate="0.9", log_interval=1000, save_interval=100000, resume_checkpoint="",
+                 max_steps=100000, max_seconds=1.0 if rank == 1 else 1e6, progress=False, out_dir=out)
+loop.run_loop()
+torch.save({"step": loop.step, "params": [p.detach().clone() for p in model.parameters()]},
+           f"{out}/rank{rank}.pt")
+"""
+
+
+def test_a_time_limit_stops_every_rank_at_the_same_step_and_saves(tmp_path):
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", TIME_LIMIT_WORKER, str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert 0 < r0["step"] == r1["step"] < 100000
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    step = r0["step"]
+    assert (tmp_path / f"model{step:06d}.pt").is_file() and (tmp_path / f"ema_0.9_{step:06d}.pt").is_file()

@@ -106,9 +106,9 @@ def test_shared_noise_makes_only_the_representation_differ(files, sampler):
     # another representation with the same noise: other samples; other noise (column): other samples
     assert (out[0] - out[2]).abs().mean() > 1e-3
     assert (out[0, 0] - out[0, 1]).abs().mean() > 0.05
-    # DDPM adds noise at every step, so it runs representation by representation with the
-    # generator rewound; DDIM (eta 0) depends on the starting noise only and runs as one batch.
-    assert model.noise_fixes_sample == (sampler == "ddim")
+    # one batch, and the caller's generator advanced by it (the next call draws other noise)
+    again = model.sample_shared_noise(feats[:1], num_samples=2)
+    assert (again[0] - out[0]).abs().mean() > 0.05
 
 
 def test_interpolate_uses_exactly_the_two_representations_at_the_ends(rcdm, files):
