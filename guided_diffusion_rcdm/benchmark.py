@@ -83,6 +83,7 @@ class Result:
     s_per_forward: float
     gflop_per_image: float
     achieved_tflops: float
+    utilisation: float = 0.0  # achieved / the device's measured peak in the variant's precision
     speedup_vs_baseline: float = 1.0
     extra: dict = field(default_factory=dict)
 
@@ -153,6 +154,43 @@ def variant_model(model: torch.nn.Module, variant: Variant, device: torch.device
     )
 
 
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_tflops(device: torch.device, precision: str, seconds: float = 1.0) -> float:
+    """The device's practical peak in `precision`: the better TFLOP/s of a large square matmul
+    and of a 3x3 convolution (256 channels, 64x64, batch 8, channels-last), the UNet's main op.
+
+    Model FLOP utilisation is a forward's achieved FLOP/s over this figure (a datasheet peak is
+    higher). NaN for fp16 on a CPU, which has no fast fp16 path.
+    """
+    dtype = PEAK_DTYPES[precision]
+    if device.type == "cpu" and dtype == torch.float16:
+        return float("nan")
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    x = torch.randn(8, 256, 64, 64, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    ops = [
+        (lambda: a @ b, 2 * n**3),
+        (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 8 * 256 * 256 * 9 * 64 * 64),
+    ]
+    best = 0.0
+    with torch.no_grad():
+        for op, flops in ops:
+            op()  # warm up
+            _sync(device)
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 2 or calls < 2:
+                op()
+                calls += 1
+                if device.type == "cuda" and calls % 10 == 0:
+                    _sync(device)
+            _sync(device)
+            best = max(best, flops * calls / (time.perf_counter() - start) / 1e12)
+    return best
+
+
 def time_in_turns(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
     """Median seconds per call of each function, timed in turns (one call of each per round).
 
@@ -174,7 +212,13 @@ def time_in_turns(calls: dict[str, Callable[[], object]], device: torch.device, 
 
 
 def bench_forward(
-    config: str, variants: list[Variant], batch_sizes: list[int], device: torch.device, warmup: int, iters: int
+    config: str,
+    variants: list[Variant],
+    batch_sizes: list[int],
+    device: torch.device,
+    warmup: int,
+    iters: int,
+    peaks: dict[str, float] | None = None,
 ) -> list[Result]:
     """UNet forward throughput of each variant, relative to the baseline at the same batch size.
 
@@ -182,6 +226,7 @@ def bench_forward(
     variants can be timed in turns; compiled variants are compiled (and warmed up) first.
     """
     results = []
+    peaks = peaks or {v.precision: peak_tflops(device, v.precision) for v in variants}
     model, _, flags, ssl_dim = build(config, device)
     copies: dict[tuple, torch.nn.Module] = {}
     for variant in variants:
@@ -217,6 +262,7 @@ def bench_forward(
                     s_per_forward=s_,
                     gflop_per_image=flops / batch / 1e9,
                     achieved_tflops=flops / s_ / 1e12,
+                    utilisation=flops / s_ / 1e12 / peaks[variant.precision],
                     speedup_vs_baseline=(baseline_s / s_) if baseline_s else 1.0,
                 )
             )

@@ -39,6 +39,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def ceiling_note(rows: list[dict], peaks: dict[str, float]) -> str:
+    """What the hardware allows: each precision at 100% of its peak, as a multiple of the baseline."""
+    lines = []
+    for row in rows:
+        if row["variant"] == bm.BASELINE.name:
+            ceilings = ", ".join(f"{p} {peaks[p] / row['achieved_tflops']:.2f}x" for p in peaks if peaks[p] == peaks[p])
+            lines.append(f"batch {row['batch_size']}: the baseline runs at {row['utilisation']:.0%} of the fp32 "
+                         f"peak; a forward at 100% of the peak would be {ceilings} the baseline")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
@@ -63,13 +74,20 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "forward": [], "sampling": [], "training": [],
     }
+    peaks = {v.precision: bm.peak_tflops(device, v.precision) for v in variants}
+    report["peak_tflops"] = peaks
+    print("device peak (best of a large matmul and a 3x3 convolution): "
+          + ", ".join(f"{p} {t:.3g} TFLOP/s" for p, t in peaks.items()))
     for config in configs:
         if "forward" not in skip:
-            rows = bm.as_dicts(bm.bench_forward(config, variants, batch_sizes, device, args.warmup, args.iters))
+            rows = bm.as_dicts(bm.bench_forward(config, variants, batch_sizes, device, args.warmup, args.iters,
+                                                peaks=peaks))
             report["forward"] += rows
             print(f"\n== UNet forward, config {config} ==")
             print(bm.format_table(rows, ["variant", "batch_size", "images_per_s", "s_per_forward",
-                                         "speedup_vs_baseline", "gflop_per_image", "achieved_tflops"]))
+                                         "speedup_vs_baseline", "gflop_per_image", "achieved_tflops",
+                                         "utilisation"]))
+            print(ceiling_note(rows, peaks))
         if "sampling" not in skip:
             rows = bm.bench_sampling(config, variants, device, args.sample_batch, args.measure_sampling)
             report["sampling"] += rows

@@ -27,3 +27,9 @@ def test_benchmark_smoke(tmp_path):
     assert all(r["s_per_image"] > 0 for r in report["sampling"])
     assert all(r["images_per_s"] > 0 for r in report["training"])
     assert report["peak_memory_mb"] > 0
+    # utilisation is the forward's FLOP/s over the device's measured peak in its precision
+    assert report["peak_tflops"]["fp32"] > 0 and report["peak_tflops"]["bf16"] > 0
+    for row in report["forward"]:
+        peak = report["peak_tflops"][row["variant"].split("+")[0] if row["variant"] != "baseline" else "fp32"]
+        assert abs(row["utilisation"] - row["achieved_tflops"] / peak) < 1e-9
+    assert "a forward at 100% of the peak would be" in proc.stdout
