@@ -59,6 +59,15 @@ class AutocastModel(nn.Module):
             out = self.inner(*args, **kwargs)
         return out.float()
 
+    def reuse_weight_casts(self) -> contextlib.AbstractContextManager:
+        """A context in which calls share one low-precision copy of the weights.
+
+        Autocast keeps its casts of the weights for as long as an autocast region is open, so a
+        whole sampling loop run inside this context casts them once instead of at every step
+        (about 10% of a 128x128 bf16 forward at batch 1 on a CPU). Only while the weights are fixed.
+        """
+        return autocast(self.precision, self.device_type)
+
 
 def prepare_model(
     model: nn.Module,

@@ -19,6 +19,7 @@ unconditional one, s > 1 pushes samples towards what the representation pins dow
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .gaussian_diffusion import GaussianDiffusion
+from .precision import AutocastModel
 from .respace import SpacedDiffusion, space_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
@@ -63,6 +65,8 @@ def sample_images(
         diffusion = respace_for_sampler(diffusion, sampler, steps)
     if device is None and isinstance(model, nn.Module):
         device = next(model.parameters()).device
+    # The weights are fixed while sampling: cast them to bf16/fp16 once for the whole loop.
+    weight_casts = model.reuse_weight_casts() if isinstance(model, AutocastModel) else contextlib.nullcontext()
     if guidance_scale != 1.0:
         model = GuidedModel(model, guidance_scale)
     kwargs = dict(
@@ -72,11 +76,12 @@ def sample_images(
         device=device,
         progress=progress,
     )
-    if sampler == "ddpm":
-        return diffusion.p_sample_loop(model, shape, noise_fn=noise_fn, **kwargs)
-    if sampler == "ddim":
-        return diffusion.ddim_sample_loop(model, shape, eta=eta, noise_fn=noise_fn, **kwargs)
-    return dpm_solver_pp_sample_loop(model, diffusion, shape, **kwargs)
+    with weight_casts:
+        if sampler == "ddpm":
+            return diffusion.p_sample_loop(model, shape, noise_fn=noise_fn, **kwargs)
+        if sampler == "ddim":
+            return diffusion.ddim_sample_loop(model, shape, eta=eta, noise_fn=noise_fn, **kwargs)
+        return dpm_solver_pp_sample_loop(model, diffusion, shape, **kwargs)
 
 
 def find_unet(model: nn.Module) -> nn.Module:

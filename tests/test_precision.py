@@ -141,3 +141,32 @@ def test_compiled_and_frozen_bf16_model_agrees_with_eager(model_and_inputs):
     scale = reference.abs().max()
     assert (out - expected).abs().max() < 0.02 * scale
     assert (out - reference).abs().max() < 0.05 * scale
+
+
+def _count_casts(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+def test_sampling_casts_the_weights_once_for_the_whole_loop(model_and_inputs):
+    from guided_diffusion_rcdm.samplers import respace_for_sampler, sample_images
+    from guided_diffusion_rcdm.script_util import create_gaussian_diffusion
+
+    model = model_and_inputs[0]
+    fast = prepare_model(model, precision="bf16", device="cpu")
+    diffusion = respace_for_sampler(create_gaussian_diffusion(steps=100, learn_sigma=True), "ddim", 5)
+    conv_params = sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d) for _ in m.parameters(False))
+    shape, kwargs = (1, 3, 32, 32), {"feat": torch.ones(1, 16)}
+    noise = torch.randn(shape)
+    # the diffusion's own loop opens a fresh autocast region, and casts every weight, at each call ...
+    every_step, casts_every_step = _count_casts(
+        lambda: diffusion.ddim_sample_loop(fast, shape, noise=noise, model_kwargs=kwargs))
+    # ... sample_images keeps one region open over the whole loop: the convolutions' weights and
+    # biases are cast once instead of five times
+    once, casts_once = _count_casts(
+        lambda: sample_images(fast, diffusion, shape, sampler="ddim", noise=noise, model_kwargs=kwargs, device="cpu"))
+    assert casts_every_step - casts_once >= 4 * conv_params
+    torch.testing.assert_close(once, every_step, atol=0, rtol=0)
