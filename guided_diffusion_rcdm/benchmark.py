@@ -157,7 +157,7 @@ def variant_model(model: torch.nn.Module, variant: Variant, device: torch.device
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def peak_tflops(device: torch.device, precision: str, seconds: float = 1.0) -> float:
+def peak_tflops(device: torch.device, precision: str, seconds: float = 2.0) -> float:
     """The device's practical peak in `precision`: the better TFLOP/s of a large square matmul
     and of a 3x3 convolution (256 channels, 64x64, batch 8, channels-last), the UNet's main op.
 
