@@ -144,7 +144,7 @@ def forward_flops(model: torch.nn.Module, inputs) -> float:
 
 def variant_model(model: torch.nn.Module, variant: Variant, device: torch.device) -> torch.nn.Module:
     """`model` set up as `variant` says (in place: memory format and attention kernel), wrapped
-    for precision and compilation. The same UNet serves every variant, so weights are shared."""
+    for precision and compilation (compiled with its weights frozen in eval mode)."""
     model.set_fused_attention(variant.fused_attention)
     if variant.compile:
         torch._dynamo.reset()  # compile each batch size afresh, not as a dynamic-shape graph
