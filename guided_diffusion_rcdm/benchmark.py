@@ -146,8 +146,6 @@ def variant_model(model: torch.nn.Module, variant: Variant, device: torch.device
     """`model` set up as `variant` says (in place: memory format and attention kernel), wrapped
     for precision and compilation (compiled with its weights frozen in eval mode)."""
     model.set_fused_attention(variant.fused_attention)
-    if variant.compile:
-        torch._dynamo.reset()  # compile each batch size afresh, not as a dynamic-shape graph
     model.to(memory_format=torch.channels_last if variant.channels_last else torch.contiguous_format)
     return prepare_model(
         model, precision=variant.precision, device=device, compile=variant.compile, freeze=not model.training
@@ -211,6 +209,22 @@ def time_in_turns(calls: dict[str, Callable[[], object]], device: torch.device, 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def variant_runners(model: torch.nn.Module, variants: list[Variant], device: torch.device) -> dict[str, torch.nn.Module]:
+    """Each variant's runnable model, by name, so that the variants can be timed in turns.
+
+    Each (memory format, attention kernel) pair gets its own copy of `model` (the same weights);
+    `model` itself serves the first pair.
+    """
+    copies: dict[tuple, torch.nn.Module] = {}
+    runners = {}
+    for variant in variants:
+        key = (variant.channels_last, variant.fused_attention)
+        if key not in copies:
+            copies[key] = model if not copies else copy.deepcopy(model)
+        runners[variant.name] = variant_model(copies[key], variant, device)
+    return runners
+
+
 def bench_forward(
     config: str,
     variants: list[Variant],
@@ -222,33 +236,16 @@ def bench_forward(
 ) -> list[Result]:
     """UNet forward throughput of each variant, relative to the baseline at the same batch size.
 
-    Each (memory format, attention kernel) pair gets its own copy of the UNet (same weights), so the
-    variants can be timed in turns; compiled variants are compiled (and warmed up) first.
+    The variants are timed in turns (see `time_in_turns`); compiled variants are compiled first.
     """
     results = []
     peaks = peaks or {v.precision: peak_tflops(device, v.precision) for v in variants}
     model, _, flags, ssl_dim = build(config, device)
-    copies: dict[tuple, torch.nn.Module] = {}
-    for variant in variants:
-        key = (variant.channels_last, variant.fused_attention)
-        if key not in copies:
-            copies[key] = model if not copies else copy.deepcopy(model)
     for batch in batch_sizes:
         model.set_fused_attention(False)
         model.to(memory_format=torch.contiguous_format)
         flops = forward_flops(model, _inputs(batch, flags["image_size"], ssl_dim, device, False))
-        calls = {}
-        for variant in variants:
-            fast = variant_model(copies[(variant.channels_last, variant.fused_attention)], variant, device)
-            x, t, feat = _inputs(batch, flags["image_size"], ssl_dim, device, variant.channels_last)
-
-            def step(fast=fast, x=x, t=t, feat=feat):
-                with torch.no_grad():
-                    return fast(x, t, feat=feat)
-
-            if variant.compile:
-                step()  # compiles
-            calls[variant.name] = step
+        calls = _forward_calls(model, variants, device, batch, flags["image_size"], ssl_dim)
         seconds = time_in_turns(calls, device, warmup=warmup, iters=iters)
         baseline_s = seconds.get(BASELINE.name)
         for variant in variants:
@@ -271,44 +268,63 @@ def bench_forward(
     return results
 
 
+def _forward_calls(model, variants, device, batch: int, image_size: int, ssl_dim: int) -> dict[str, Callable]:
+    """One batched forward per variant, ready to time (compiled variants already compiled)."""
+    if any(v.compile for v in variants):
+        torch._dynamo.reset()  # compile each batch size afresh, not as a dynamic-shape graph
+    runners = variant_runners(model, variants, device)
+    calls = {}
+    for variant in variants:
+        x, t, feat = _inputs(batch, image_size, ssl_dim, device, variant.channels_last)
+
+        def step(fast=runners[variant.name], x=x, t=t, feat=feat):
+            with torch.no_grad():
+                return fast(x, t, feat=feat)
+
+        if variant.compile:
+            step()  # compiles
+        calls[variant.name] = step
+    return calls
+
+
 def bench_sampling(
     config: str, variants: list[Variant], device: torch.device, batch: int, measure: bool
 ) -> list[dict]:
     """Seconds per sampled image for DDPM with 100 steps and DPM-Solver++ with 20.
 
-    With `measure`, the samplers run for real; otherwise the time is the measured batched forward
-    times the number of model calls (sampling is dominated by them), and says so.
+    With `measure`, the samplers run for real (once each); otherwise the time is the batched
+    forward, timed in turns, times the number of model calls (sampling is dominated by them), and
+    says so.
     """
-    rows = []
     model, diffusion, flags, ssl_dim = build(config, device)
+    size = flags["image_size"]
+    samplers = (("ddpm", 100), ("dpm++", 20))
+    if measure:
+        x, t, feat = _inputs(batch, size, ssl_dim, device, False)
+        runners = variant_runners(model, variants, device)
+        for variant in variants:
+            if variant.compile:
+                with torch.no_grad():
+                    runners[variant.name](x, t, feat=feat)  # compiles outside the timing
+        calls = {
+            f"{name}|{sampler}": (lambda fast=fast, sampler=sampler, steps=steps: sample_images(
+                fast, diffusion, (batch, 3, size, size), sampler=sampler, steps=steps,
+                model_kwargs={"feat": feat}, device=device))
+            for name, fast in runners.items() for sampler, steps in samplers
+        }
+        seconds = time_in_turns(calls, device, warmup=0, iters=1)
+    else:
+        forward = time_in_turns(_forward_calls(model, variants, device, batch, size, ssl_dim), device, 1, 2)
+        seconds = {f"{name}|{sampler}": s_ * steps for name, s_ in forward.items() for sampler, steps in samplers}
+    rows = []
     for variant in variants:
-        fast = variant_model(model, variant, device)
-        size = flags["image_size"]
-        _, _, feat = _inputs(batch, size, ssl_dim, device, False)
-        for sampler, steps in (("ddpm", 100), ("dpm++", 20)):
-            if measure:
-                def run():
-                    return sample_images(
-                        fast, diffusion, (batch, 3, size, size), sampler=sampler, steps=steps,
-                        model_kwargs={"feat": feat}, device=device,
-                    )
-
-                seconds = time_call(run, device, warmup=0, iters=1)
-                how = "measured"
-            else:
-                x, t, _ = _inputs(batch, size, ssl_dim, device, variant.channels_last)
-
-                def step():
-                    with torch.no_grad():
-                        return fast(x, t, feat=feat)
-
-                seconds = time_call(step, device, warmup=1, iters=2) * steps
-                how = f"estimated: {steps} x batched forward"
-            rows.append(
-                dict(config=config, variant=variant.name, sampler=f"{sampler}-{steps}", batch_size=batch,
-                     s_per_image=seconds / batch, how=how)
-            )
-        gc.collect()
+        for sampler, steps in samplers:
+            rows.append(dict(
+                config=config, variant=variant.name, sampler=f"{sampler}-{steps}", batch_size=batch,
+                s_per_image=seconds[f"{variant.name}|{sampler}"] / batch,
+                how="measured" if measure else f"estimated: {steps} x batched forward",
+            ))
+    gc.collect()
     return rows
 
 
