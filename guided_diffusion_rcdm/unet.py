@@ -316,8 +316,8 @@ def _attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
 
 
-class QKVAttentionLegacy(nn.Module):
-    """QKV attention on an [N x (H * 3 * C) x T] tensor: heads first, then q, k, v.
+class _QKVAttentionBase(nn.Module):
+    """What both head layouts share: the head count and the fused-kernel switch.
 
     `fused`: True/False forces the fused kernel on/off; None (default) uses it in bf16/fp16 only.
     """
@@ -326,6 +326,10 @@ class QKVAttentionLegacy(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.fused: bool | None = None
+
+
+class QKVAttentionLegacy(_QKVAttentionBase):
+    """QKV attention on an [N x (H * 3 * C) x T] tensor: heads first, then q, k, v."""
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         """:return: [N x (H * C) x T]."""
@@ -342,16 +346,8 @@ class QKVAttentionLegacy(nn.Module):
         return _attend_heads(q, k, v)
 
 
-class QKVAttention(nn.Module):
-    """QKV attention on an [N x (3 * H * C) x T] tensor: q, k, v first, then heads.
-
-    `fused`: as for `QKVAttentionLegacy`.
-    """
-
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-        self.fused: bool | None = None
+class QKVAttention(_QKVAttentionBase):
+    """QKV attention on an [N x (3 * H * C) x T] tensor: q, k, v first, then heads."""
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         """:return: [N x (H * C) x T]."""
@@ -566,7 +562,7 @@ class UNetModel(nn.Module):
     def set_fused_attention(self, fused: bool | None) -> None:
         """Force the fused attention kernel on (True) or off (False); None: only in bf16/fp16."""
         for module in self.modules():
-            if isinstance(module, (QKVAttention, QKVAttentionLegacy)):
+            if isinstance(module, _QKVAttentionBase):
                 module.fused = fused
 
     def convert_to_fp16(self) -> None:

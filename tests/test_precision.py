@@ -12,13 +12,19 @@ CONFIG = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def model_and_inputs():
-    torch.manual_seed(0)
-    model = create_model(**CONFIG).eval()
+def _random_model(seed: int, **flags):
+    """The test UNet with every weight random (zero-initialised layers would hide differences)."""
+    torch.manual_seed(seed)
+    model = create_model(**{**CONFIG, **flags}).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_and_inputs():
+    model = _random_model(0)
     x, t, feat = torch.randn(2, 3, 32, 32), torch.tensor([3, 700]), torch.randn(2, 16)
     with torch.no_grad():
         reference = model(x, t, feat=feat)
@@ -79,11 +85,7 @@ def test_precision_choice():
 def test_token_major_fused_attention_matches_einsum(new_order, channels_last):
     # The fused path reads q, k, v as token-major views of one linear map; both head layouts
     # must split the channels exactly as the original's channel-major reshape does.
-    torch.manual_seed(1)
-    model = create_model(**CONFIG, use_new_attention_order=new_order, num_head_channels=-1).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
+    model = _random_model(1, use_new_attention_order=new_order, num_head_channels=-1)
     x, t, feat = torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), torch.randn(2, 16)
     with torch.no_grad():
         reference = model(x, t, feat=feat)
