@@ -7,7 +7,7 @@ variance channels). The number of model calls is the diffusion's number of (resp
 `steps=N`, `sample_images` respaces the diffusion to N steps first: evenly in time for DDPM and DDIM
 (as `--timestep_respacing N`), evenly in log signal-to-noise ratio for DPM-Solver++, where the
 solver is most accurate (on a 1000-step linear schedule, time-uniform steps leave one huge final
-jump in log-SNR).
+jump in log-SNR). Exactly N model calls on every schedule: see `logsnr_timesteps`.
 
 Representation guidance (`guidance_scale`, for models trained with `feat_drop_prob > 0`) works
 like classifier-free guidance: eps = eps_null + s * (eps_feat - eps_null), from one batched forward
@@ -145,17 +145,35 @@ def respace_for_sampler(diffusion: GaussianDiffusion, sampler: str, steps: int) 
     )
 
 
-def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> list[int]:
-    """`steps` distinct timesteps, as evenly spaced in log-SNR as the discrete schedule allows."""
+# The noisy end of the log-SNR range the steps are spread over (log(abar / (1 - abar))): the
+# 1000-step linear schedule ends at -10.1, but the cosine one clips its last beta at 0.999, which
+# drops log-SNR from -12.9 to -19.8 in its final step. Spreading steps evenly down to -19.8 would
+# spend several on that single interval, where the signal is under 1% of x_t. DPM-Solver's
+# authors clip the same end (half log-SNR -5.1 in their diffusers scheduler): the steps are spread
+# down to here, and the first step from x_T covers the rest.
+MIN_LOG_SNR = -10.2
+
+
+def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int, min_log_snr: float = MIN_LOG_SNR) -> list[int]:
+    """Exactly `steps` distinct timesteps (0 and the last one included), as evenly spaced in log-SNR
+    between the schedule's start and max(its end, `min_log_snr`) as the discrete schedule allows.
+    """
     log_snr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
-    chosen: list[int] = []
-    for target in np.linspace(log_snr[0], log_snr[-1], steps):
-        t = int(np.argmin(np.abs(log_snr - target)))
-        # Keep the count exact when rounding collides at the low-noise end.
-        while t in chosen and t + 1 < len(log_snr):
-            t += 1
-        chosen.append(t)
-    return sorted(set(chosen))
+    last = len(log_snr) - 1
+    if not 1 <= steps <= last + 1:
+        raise ValueError(f"--steps must be between 1 and {last + 1}, got {steps}")
+    targets = np.linspace(log_snr[0], max(log_snr[-1], min_log_snr), steps)
+    chosen = [int(np.argmin(np.abs(log_snr - target))) for target in targets]
+    chosen[0], chosen[-1] = 0, last  # sampling starts from x_T, at the last timestep
+    # Where rounding collides (log-SNR steps finer than the schedule's), push later steps along,
+    # then pull them back from the end, so the count stays exact and the order strict.
+    for k in range(1, steps):
+        chosen[k] = max(chosen[k], chosen[k - 1] + 1)
+    upper = last
+    for k in reversed(range(steps)):
+        chosen[k] = min(chosen[k], upper)
+        upper = chosen[k] - 1
+    return chosen
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ MU, STD = 0.3, 0.5  # data ~ N(MU, STD^2) per pixel
 
 
 class GaussianDenoiser(torch.nn.Module):
-    """The exact eps-prediction for N(MU, STD^2) data under the 1000-step linear schedule.
+    """The exact eps-prediction for N(MU, STD^2) data under a 1000-step schedule (counts its calls).
 
     Outputs 6 channels (eps and a learned-variance value of 0) to exercise the learned-variance split.
     """
@@ -31,9 +31,11 @@ class GaussianDenoiser(torch.nn.Module):
         return torch.cat([eps, torch.zeros_like(eps)], dim=1)
 
 
-def _sample(sampler, steps, noise):
-    diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=True, timestep_respacing="250")
-    model = GaussianDenoiser(create_gaussian_diffusion(steps=1000).alphas_cumprod).double()
+def _sample(sampler, steps, noise, schedule="linear"):
+    diffusion = create_gaussian_diffusion(
+        steps=1000, learn_sigma=True, timestep_respacing="250", noise_schedule=schedule
+    )
+    model = GaussianDenoiser(create_gaussian_diffusion(steps=1000, noise_schedule=schedule).alphas_cumprod).double()
     out = sample_images(
         model, diffusion, tuple(noise.shape), sampler=sampler, steps=steps, noise=noise,
         clip_denoised=False, device="cpu",
@@ -41,9 +43,9 @@ def _sample(sampler, steps, noise):
     return out, model.calls
 
 
-def _ode_solution(noise):
+def _ode_solution(noise, schedule="linear"):
     """Where the probability-flow ODE takes x_T for Gaussian data: the standardised value is kept."""
-    abar_T = create_gaussian_diffusion(steps=1000).alphas_cumprod[-1]
+    abar_T = create_gaussian_diffusion(steps=1000, noise_schedule=schedule).alphas_cumprod[-1]
     z = (noise - np.sqrt(abar_T) * MU) / np.sqrt(abar_T * STD**2 + 1 - abar_T)
     return MU + STD * z
 
@@ -66,6 +68,40 @@ def test_dpm_solver_converges_to_the_ode_solution_faster_than_ddim():
     for steps in (10, 20, 50):
         assert errors["dpm++", steps] < errors["ddim", steps] / 5, steps
     assert errors["dpm++", 20] < 0.03 and errors["dpm++", 50] < 0.005
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_dpm_solver_makes_exactly_steps_model_calls_on_every_schedule(schedule):
+    # The cosine schedule's last beta is clipped at 0.999: log-SNR falls from -12.9 to -19.8 in
+    # its final step, where evenly spaced steps used to collide and be dropped (9 calls for 10).
+    noise = torch.randn(1, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for steps in (1, 2, 5, 10, 20, 50, 100, 250):
+        _, calls = _sample("dpm++", steps, noise, schedule)
+        assert calls == steps, (schedule, steps, calls)
+
+
+def test_dpm_solver_on_the_cosine_schedule_beats_ddim():
+    torch.manual_seed(0)
+    noise = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    reference = _ode_solution(noise, "cosine")
+    for steps in (10, 20, 50):
+        ddim, _ = _sample("ddim", steps, noise, "cosine")
+        dpm, _ = _sample("dpm++", steps, noise, "cosine")
+        ddim_error, dpm_error = float((ddim - reference).abs().max()), float((dpm - reference).abs().max())
+        assert dpm_error < ddim_error / 4, (steps, dpm_error, ddim_error)
+    assert dpm_error < 0.01
+
+
+def test_log_snr_timesteps_are_distinct_and_span_the_schedule():
+    from guided_diffusion_rcdm.samplers import logsnr_timesteps
+
+    for schedule, num in (("linear", 1000), ("linear", 50), ("cosine", 1000), ("cosine", 20)):
+        alphas_cumprod = create_gaussian_diffusion(steps=num, noise_schedule=schedule).alphas_cumprod
+        for steps in range(1, num + 1):
+            chosen = logsnr_timesteps(alphas_cumprod, steps)
+            assert len(chosen) == steps and chosen[-1] == num - 1
+            assert all(a < b for a, b in zip(chosen, chosen[1:]))
+            assert steps == 1 or chosen[0] == 0
 
 
 def test_respacing_for_dpm_solver_is_even_in_log_snr():
