@@ -6,8 +6,8 @@
 Every training flag is accepted. One task per GPU (`--ngpus` tasks on each of `--nodes` nodes); the
 tasks find each other through submitit's job environment. Checkpoints, logs and submitit's own
 files (`RUN/submitit/`) go under `--out_dir` (`%j` in it becomes the job id). When SLURM preempts
-the job or its time runs out, submitit calls `Trainer.checkpoint`, the job is requeued and training
-resumes from the newest complete checkpoint in `--out_dir`.
+the job or its time runs out, every task finishes its step and saves a checkpoint, then submitit
+calls `Trainer.checkpoint`, the job is requeued and training resumes from that checkpoint.
 
 `--local` runs the same job on this machine with submitit's local executor (`--ngpus` processes,
 CPU-only machines included) and waits for it to finish.
@@ -82,8 +82,10 @@ class Trainer:
     def checkpoint(self):
         """Called by submitit when the job is preempted or times out: requeue a fresh copy.
 
-        The new run resumes from the newest complete checkpoint in --out_dir (an explicit
-        --resume_checkpoint is dropped once the run has written its own checkpoints).
+        During training, the preemption signal first makes every task finish its step and save
+        (TrainLoop), and only then reaches submitit, which calls this; so nothing since the last
+        periodic save is lost. The new run resumes from the newest complete checkpoint in
+        --out_dir (an explicit --resume_checkpoint is dropped once the run has written its own).
         """
         import submitit
 

@@ -279,6 +279,15 @@ def any_rank(flag: bool) -> bool:
     return bool(box.item())
 
 
+def max_over_ranks(values: list[int]) -> list[int]:
+    """The element-wise maximum of `values` over all ranks (one collective for several flags)."""
+    if not is_initialized():
+        return [int(v) for v in values]
+    box = torch.tensor([float(v) for v in values], device=dev())
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return [int(v) for v in box.tolist()]
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object, on every rank."""
     if not is_initialized():

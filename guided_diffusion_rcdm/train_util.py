@@ -11,6 +11,12 @@ Files in `out_dir`, written by rank 0, for step S (the number of optimizer steps
 so a `modelS.pt` on disk means step S is complete. Model and EMA files record the flags and the
 encoder they need (`meta`). Resuming takes the newest step whose files all load, skipping damaged
 ones with a warning.
+
+SIGTERM, SIGINT, SIGUSR1 and submitit's preemption signal (`SUBMITIT_PREEMPT_SIGNAL`, default
+USR2) do not kill the run: the current step finishes, every rank agrees on the step, a checkpoint
+is saved, and only then is the signal passed on (submitit requeues the job; otherwise the process
+exits with status 128 + the signal's number, SIGINT raises KeyboardInterrupt). A second signal ends
+the process at once.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import contextlib
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from typing import Iterator, Optional
 
@@ -160,6 +168,76 @@ def find_resume_checkpoint(out_dir: str, ema_rates=()) -> Optional[dict]:
         logger.warn(f"checkpoint {path} is incomplete: {'; '.join(found['problems'])}")
         fallback = fallback or found
     return fallback
+
+
+# ------------------------------------------------------------------------------- signals
+
+
+def stop_signals() -> list[int]:
+    """The signals that make training save and stop: SIGTERM, SIGINT, SIGUSR1 and the signal
+    submitit preempts with (`SUBMITIT_PREEMPT_SIGNAL`, default USR2)."""
+    names = ["SIGTERM", "SIGINT", "SIGUSR1", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+    return list(dict.fromkeys(getattr(signal, n) for n in names if hasattr(signal, n)))
+
+
+class StopOnSignal:
+    """While active (a context manager), the stop signals only record themselves in `received`.
+
+    The loop polls `received` between steps; after saving it calls `pass_on`, which hands the
+    signal to the handler that was installed before (submitit's requeue, Python's
+    KeyboardInterrupt) or exits with status 128 + signum. After the first signal the default
+    action is restored, so a second one ends the process at once, even inside a long C call.
+    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    """
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous: dict = {}
+        self._active = False
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in stop_signals():
+            previous = signal.getsignal(sig)
+            if previous is signal.SIG_IGN or previous is None:  # the user asked to ignore it
+                continue
+            self._previous[sig] = previous
+            signal.signal(sig, self._record)
+        self._active = True
+        return self
+
+    def _record(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            for sig in self._previous:
+                signal.signal(sig, signal.SIG_DFL)
+            return
+        os.kill(os.getpid(), signum)  # the default action is back in place: this ends the process
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._active:
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous)
+            self._active = False
+
+    def pass_on(self, signum: int) -> None:
+        """Deliver `signum` to the handler that was there before; exit if it does not."""
+        previous = self._previous.get(signum)
+        self._restore()
+        if callable(previous):
+            previous(signum, None)  # submitit requeues and exits; SIGINT raises KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 # ------------------------------------------------------------------------------- loop
@@ -314,21 +392,30 @@ class TrainLoop:
         dist_util.barrier()
 
     # -- loop ------------------------------------------------------------------------------
-    def _done(self) -> bool:
-        if self.lr_anneal_steps and self.step >= self.lr_anneal_steps:
-            return True
-        if self.max_steps and self.step >= self.max_steps:
-            return True
-        if self.max_seconds and self._started is not None:
-            # Clocks differ between ranks: stop everywhere as soon as one rank is out of time.
-            return dist_util.any_rank(time.monotonic() - self._started >= self.max_seconds)
-        return False
+    def _stop_reason(self, stop: StopOnSignal) -> tuple[bool, int]:
+        """(done, signal) agreed by every rank in one collective: done when a step target is met
+        or a rank ran out of time; signal is the number of a stop signal any rank received (0:
+        none)."""
+        if (self.lr_anneal_steps and self.step >= self.lr_anneal_steps) or (
+            self.max_steps and self.step >= self.max_steps
+        ):
+            return True, stop.received or 0
+        # Clocks differ between ranks: stop everywhere as soon as one rank is out of time.
+        out_of_time = bool(self.max_seconds and self._started is not None
+                           and time.monotonic() - self._started >= self.max_seconds)
+        if self.world_size == 1:
+            return out_of_time, stop.received or 0
+        out_of_time, signum = dist_util.max_over_ranks([out_of_time, stop.received or 0])
+        return bool(out_of_time), signum
 
     def _target(self) -> Optional[int]:
         targets = [t for t in (self.lr_anneal_steps, self.max_steps) if t]
         return min(targets) if targets else None
 
     def run_loop(self) -> None:
+        """Train until a target, the time limit or a stop signal; save at every `save_interval`
+        and at the end. After a stop signal the signal is passed on once the save is done (see
+        `StopOnSignal`)."""
         bar = None
         if self.progress and dist_util.is_main_process():
             from tqdm.auto import tqdm
@@ -339,23 +426,32 @@ class TrainLoop:
             )
         saved_at = self.step
         self._started = time.monotonic()
-        while not self._done():
-            batch, cond = next(self.data)
-            loss = self.run_step(batch, cond)
+        with StopOnSignal() as stop:
+            done, signum = self._stop_reason(stop)
+            while not (done or signum):
+                batch, cond = next(self.data)
+                loss = self.run_step(batch, cond)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if self.step % self.log_interval == 0:
+                    logger.dumpkvs()
+                if self.step % self.save_interval == 0:
+                    self.save()
+                    saved_at = self.step
+                    if os.environ.get("DIFFUSION_TRAINING_TEST"):
+                        break
+                done, signum = self._stop_reason(stop)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if self.step % self.log_interval == 0:
-                logger.dumpkvs()
-            if self.step % self.save_interval == 0:
+                bar.close()
+            if signum:
+                logger.log(f"{signal_name(signum)} received: saving step {self.step} before stopping")
+            if saved_at != self.step:
                 self.save()
-                saved_at = self.step
-                if os.environ.get("DIFFUSION_TRAINING_TEST"):
-                    break
-        if saved_at != self.step:
-            self.save()
-        if bar is not None:
-            bar.close()
+            if signum:
+                logger.log(f"stopped by {signal_name(signum)} at step {self.step}, checkpoint saved; "
+                           "run the same command again to resume")
+                stop.pass_on(signum)
 
     def run_step(self, batch: torch.Tensor, cond: dict) -> float:
         """One optimizer step on `batch`; returns its mean (weighted) loss."""

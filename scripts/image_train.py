@@ -5,7 +5,8 @@
 
 Launch it the same way with torchrun, srun, mpiexec or run_with_submitit.py: the process group
 comes from the launcher's environment. Rerunning the command resumes from the newest complete
-checkpoint in --out_dir. See docs/training.md.
+checkpoint in --out_dir. SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 (a scheduler's warning before a time
+limit or preemption) makes it finish the step, save and exit. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -213,4 +214,7 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    main(create_argparser().parse_args())
+    try:
+        main(create_argparser().parse_args())
+    except KeyboardInterrupt:  # Ctrl-C: training saved first (see TrainLoop); no traceback
+        sys.exit(130)

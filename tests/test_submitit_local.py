@@ -1,6 +1,7 @@
 """run_with_submitit.py: the same job through submitit's real local executor, preempted and requeued."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,15 +36,16 @@ def test_local_job_with_two_tasks_requeues_on_preemption_and_resumes(tmp_path, m
     args = run_with_submitit.parse_args(
         ["--local", "--ngpus", "2", "--nodes", "1", "--timeout", "10", *TINY, "--feat_cond",
          "--data_dir", photos, "--type_model", "resnet18", "--pretrained_encoder", "False",
-         "--out_dir", str(out), "--batch_size", "2", "--save_interval", "1", "--log_interval", "1",
-         "--max_steps", "4", "--num_workers", "0", "--progress", "False"])
+         "--out_dir", str(out), "--batch_size", "2", "--save_interval", "100000", "--log_interval", "1",
+         "--max_steps", "5", "--num_workers", "0", "--progress", "False"])
     job = run_with_submitit.submit(args)
     deadline = time.time() + 240
-    while not (out / "model000001.pt").exists():
+    while not (out / "progress.csv").exists() or (out / "progress.csv").read_text().count("\n") < 3:
         assert job.state not in ("FINISHED", "INTERRUPTED") and time.time() < deadline, job.stderr()
         time.sleep(0.05)
-    # preemption: SLURM signals every task; submitit checkpoints on rank 0 and requeues the job.
-    # (The tasks are paused while they are signalled, so the run cannot finish in between.)
+    # preemption: SLURM signals every task; they finish the step and save together, then submitit
+    # requeues the job from rank 0. (The tasks are paused while they are signalled, so the run
+    # cannot finish in between.)
     tasks = _children(job._process.pid)
     assert len(tasks) == 2
     for sig in (signal.SIGSTOP, signal.SIGUSR2, signal.SIGCONT):
@@ -52,10 +54,15 @@ def test_local_job_with_two_tasks_requeues_on_preemption_and_resumes(tmp_path, m
     job.results()  # raises if a task failed for good
     log = (out / "log.txt").read_text()
     assert "2 process(es) launched by submitit" in log
-    assert "resumed from checkpoint" in log
-    assert (out / "model000004.pt").exists() and (out / "opt000004.pt").exists()
+    stopped = re.search(r"stopped by SIGUSR2 at step (\d+), checkpoint saved", log)
+    assert stopped, log
+    step = int(stopped.group(1))
+    assert 2 <= step < 5  # nothing was saved before the signal (save_interval 100000)
+    assert f"resumed from checkpoint {out / f'model{step:06d}.pt'} at step {step}" in log
+    assert (out / "model000005.pt").exists() and (out / "opt000005.pt").exists()
     stdout = Path(job.paths.stdout).read_text()
     assert "requeuing; training resumes from the newest checkpoint" in stdout
+    assert stdout.index("stopped by SIGUSR2") < stdout.index("requeuing")  # saved, then requeued
     assert stdout.count("2 process(es) launched by submitit") == 2  # the first run and the requeued one
 
 
