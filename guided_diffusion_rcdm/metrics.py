@@ -514,7 +514,9 @@ def covariance_factor(features: np.ndarray) -> np.ndarray:
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """Inception Score `exp(E_x KL(p(y|x) || p(y)))` from N x C logits: mean and std over `splits`
-    equal parts (the original's protocol; fewer parts when there are fewer images)."""
+    parts, part i holding images [i*N//splits, (i+1)*N//splits) as in the original IS code (so
+    scores compare with published ones when N is not a multiple of `splits`; fewer parts when
+    there are fewer images)."""
     logits = np.asarray(logits, dtype=np.float64)
     n = logits.shape[0]
     if n < 1:
@@ -523,8 +525,8 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     logp = logits - logits.max(axis=1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))
     scores = []
-    for part in np.array_split(np.arange(n), splits):
-        lp = logp[part]
+    for i in range(splits):
+        lp = logp[i * n // splits : (i + 1) * n // splits]
         p = np.exp(lp)
         log_marginal = np.log(p.mean(axis=0) + 1e-300)
         kl = (p * (lp - log_marginal)).sum(axis=1).mean()
@@ -590,14 +592,21 @@ def load_folder_images(files: Sequence[str], size: int, progress: bool = False) 
     return np.stack(out), skipped
 
 
-def _content_key(ref: str, size: int, net_digest: str) -> str:
-    digest = hashlib.sha256(f"{STATS_FORMAT}|{size}|{net_digest}|".encode())
+def _content_key(ref: str, size: int, net_digest: str, ref_resize: str) -> str:
+    digest = hashlib.sha256(f"{STATS_FORMAT}|{size}|{net_digest}|{ref_resize}|".encode())
     paths = [ref] if os.path.isfile(ref) else folder_image_files(ref)
     root = os.path.abspath(ref)
     for p in paths:
         digest.update(os.path.relpath(os.path.abspath(p), root).encode() if p != ref else b"")
         digest.update(hub.sha256_of(p).encode())
     return digest.hexdigest()
+
+
+# How an .npz reference whose images have another size than the samples reaches the network:
+# "network": each image at its own size, resized straight to 299 by the network (pytorch-fid's
+# behaviour, so FIDs compare with the literature); "crop": first centre-cropped to the samples'
+# size with PIL (the training crop).
+REF_RESIZE = ("network", "crop")
 
 
 @dataclass
@@ -607,6 +616,7 @@ class ReferenceStats:
     count: int
     cache_path: str | None
     from_cache: bool
+    preprocessing: str = ""  # what was done to the reference images before the network
 
 
 def reference_statistics(
@@ -617,9 +627,12 @@ def reference_statistics(
     cache_dir: str | Path | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    ref_resize: str = "network",
 ) -> ReferenceStats:
     """FID statistics of a reference set: a folder of images (centre crops at `size`, the samples'
-    resolution), an `.npz` of images, or an `.npz` holding `mu` and `sigma` already.
+    resolution), an `.npz` of images (of another size than `size`: see `REF_RESIZE` for
+    `ref_resize`), or an `.npz` holding `mu` and `sigma` already. `preprocessing` in the result
+    says what was done to the images.
 
     Computed statistics are cached in `cache_dir` (default `default_stats_cache()`) under the
     SHA-256 of the reference files' content, `size` and the network's weights, so an edited
@@ -627,36 +640,51 @@ def reference_statistics(
     """
     if not os.path.exists(ref):
         raise FileNotFoundError(f"reference {ref}: no such folder or .npz file")
+    if ref_resize not in REF_RESIZE:
+        raise ValueError(f"unknown ref_resize {ref_resize!r}: choose one of {', '.join(REF_RESIZE)}")
     if os.path.isfile(ref):
         if not ref.endswith(".npz"):
             raise ValueError(f"reference {ref}: expected a folder of images or an .npz file")
         with np.load(ref, allow_pickle=False) as data:
             if "mu" in data.files and "sigma" in data.files:
                 return ReferenceStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64),
-                                      int(data["count"]) if "count" in data.files else -1, ref, True)
-    key = _content_key(ref, size, weights_digest(model))
+                                      int(data["count"]) if "count" in data.files else -1, ref, True,
+                                      "precomputed statistics")
+    key = _content_key(ref, size, weights_digest(model), ref_resize if os.path.isfile(ref) else "")
     cache = Path(default_stats_cache() if cache_dir is None else cache_dir) if cache_dir != "" else None
     path = cache / f"{key}.npz" if cache is not None else None
     if path is not None and path.is_file():
         try:
             with np.load(path, allow_pickle=False) as data:
-                return ReferenceStats(data["mu"], data["sigma"], int(data["count"]), str(path), True)
+                preprocessing = str(data["preprocessing"]) if "preprocessing" in data.files else ""
+                return ReferenceStats(data["mu"], data["sigma"], int(data["count"]), str(path), True,
+                                      preprocessing)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file is recomputed and replaced
     if os.path.isfile(ref):
         images = images_from_npz(ref)
-        if images.shape[1:3] != (size, size):
+        height, width = images.shape[1:3]
+        if (height, width) == (size, size):
+            preprocessing = f"{width}x{height} images as they are, resized to 299 by the network"
+        elif ref_resize == "network":
+            preprocessing = (f"{width}x{height} images resized straight to 299 by the network (as pytorch-fid), "
+                             f"not to the samples' {size}x{size}")
+        else:
             images = _resize_uint8(images, size)
+            preprocessing = (f"{width}x{height} images centre-cropped to the samples' {size}x{size} (PIL), "
+                             "then resized to 299 by the network")
     else:
         images, _ = load_folder_images(folder_image_files(ref), size, progress)
+        preprocessing = f"centre crops at the samples' {size}x{size}, resized to 299 by the network"
     pool, _ = inception_outputs(model, images, batch_size=batch_size, progress=progress, desc="reference features")
     mu, sigma = feature_statistics(pool)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, count=len(pool), source=os.path.abspath(ref), format=STATS_FORMAT)
+        np.savez(tmp, mu=mu, sigma=sigma, count=len(pool), source=os.path.abspath(ref), format=STATS_FORMAT,
+                 preprocessing=preprocessing)
         os.replace(tmp, path)  # atomic: a crash never leaves half a statistics file
-    return ReferenceStats(mu, sigma, len(pool), None if path is None else str(path), False)
+    return ReferenceStats(mu, sigma, len(pool), None if path is None else str(path), False, preprocessing)
 
 
 def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
@@ -676,6 +704,7 @@ class FidIsResult:
     num_reference: int
     inception_weights: str
     stats_cache: str | None
+    reference_preprocessing: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -690,11 +719,15 @@ def fid_and_is(
     batch_size: int = 32,
     splits: int = 10,
     progress: bool = False,
+    ref_resize: str = "network",
 ) -> FidIsResult:
-    """FID of uint8 M x H x W x 3 `samples` against the reference set `ref`, and their IS."""
+    """FID of uint8 M x H x W x 3 `samples` against the reference set `ref`, and their IS.
+
+    `ref_resize`: how an `.npz` reference of another image size reaches the network (`REF_RESIZE`).
+    """
     size = int(samples.shape[1])
     ref_stats = reference_statistics(ref, model, size=size, cache_dir=cache_dir, batch_size=batch_size,
-                                     progress=progress)
+                                     progress=progress, ref_resize=ref_resize)
     pool, logits = inception_outputs(model, samples, batch_size=batch_size, progress=progress,
                                      desc="sample features")
     mu, sigma = feature_statistics(pool)
@@ -704,7 +737,7 @@ def fid_and_is(
     fid = frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma, factor1=covariance_factor(pool))
     is_mean, is_std = inception_score(logits, splits)
     return FidIsResult(fid, is_mean, is_std, len(pool), ref_stats.count, model.weights_source,
-                       ref_stats.cache_path)
+                       ref_stats.cache_path, ref_stats.preprocessing)
 
 
 

@@ -12,7 +12,7 @@ these samples. The encoder is the one the samples were made with (the checkpoint
 .npz's fields), unless --type_model / --use_head / --pretrained_encoder say otherwise.
 
 With --ref, FID of all the samples against the reference (a folder of images, centre-cropped to the
-samples' size; an .npz of images; or an .npz with `mu` and `sigma`) and their Inception Score are
+samples' size; an .npz of images, of any size: see --ref_resize; or an .npz with `mu` and `sigma`) and their Inception Score are
 computed with the TF-FID Inception network; reference statistics are cached (see --stats_cache).
 Writes the scores as JSON (--out_json, default NPZ_eval.json) and prints them.
 """
@@ -58,6 +58,10 @@ def create_argparser() -> argparse.ArgumentParser:
     fid.add_argument("--stats_cache", default=None,
                      help="folder caching reference statistics ('' to disable; default "
                           "$RCDM_STATS_CACHE or ~/.cache/guided_diffusion_rcdm/fid_stats)")
+    fid.add_argument("--ref_resize", default="network", choices=metrics.REF_RESIZE,
+                     help="an .npz reference of another image size than the samples: 'network' feeds each "
+                          "image to the Inception network, which resizes it to 299 (pytorch-fid's way, "
+                          "comparable with published FIDs); 'crop' centre-crops it to the samples' size first")
     fid.add_argument("--splits", type=int, default=10, help="IS splits")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="", help="cpu, cuda, ... (default: a GPU if there is one)")
@@ -165,7 +169,9 @@ def main(args: argparse.Namespace) -> dict:
     if inception is not None:
         flat = data.samples.reshape(-1, *data.samples.shape[2:])
         scores = metrics.fid_and_is(flat, args.ref, inception, cache_dir=args.stats_cache,
-                                    batch_size=args.batch_size, splits=args.splits, progress=args.progress)
+                                    batch_size=args.batch_size, splits=args.splits, progress=args.progress,
+                                    ref_resize=args.ref_resize)
+        print(f"reference: {scores.reference_preprocessing or 'statistics computed earlier'}")
         print(f"FID {scores.fid:.2f} ({scores.num_samples} samples vs {scores.num_reference} reference images)  "
               f"IS {scores.inception_score:.2f} +- {scores.inception_score_std:.2f}")
         if scores.num_samples < 2048:

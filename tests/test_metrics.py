@@ -152,6 +152,24 @@ def test_inception_score_extremes():
     assert mean == pytest.approx(10.0, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
 
 
+def test_inception_score_splits_at_the_original_boundaries():
+    # Part i is images [i*N//splits, (i+1)*N//splits), as in the original IS code; np.array_split
+    # puts the remainder in the first parts instead, which moves the score when N % splits != 0.
+    rng = np.random.default_rng(0)
+    n, splits = 1003, 10
+    logits = rng.normal(size=(n, 50)) * np.linspace(0.5, 4.0, n)[:, None]  # sharper towards the end
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    expected = []
+    for i in range(splits):
+        part = probs[i * n // splits : (i + 1) * n // splits]
+        kl = (part * (np.log(part) - np.log(part.mean(axis=0)))).sum(axis=1).mean()
+        expected.append(np.exp(kl))
+    mean, std = M.inception_score(logits, splits=splits)
+    assert mean == pytest.approx(np.mean(expected), rel=1e-12)
+    assert std == pytest.approx(np.std(expected), rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- Inception network and files
 
 
@@ -248,6 +266,33 @@ def test_reference_statistics_are_cached_by_content(net, tmp_path):
     np.testing.assert_array_equal(stats.mu, edited.mu)
 
 
+def test_npz_reference_of_another_size_goes_straight_to_the_network_by_default(net, tmp_path):
+    from PIL import Image
+
+    from guided_diffusion_rcdm.image_datasets import center_crop_arr
+
+    ref = _photos(("astronaut", "coffee", "chelsea"), size=48)
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    cache = tmp_path / "cache"
+    # pytorch-fid's way: each 48x48 image resized to 299 by the network, whatever the samples' size
+    default = M.reference_statistics(str(tmp_path / "ref.npz"), net, size=32, cache_dir=cache)
+    direct = M.feature_statistics(M.inception_outputs(net, ref)[0])
+    np.testing.assert_allclose(default.mu, direct[0], rtol=1e-12)
+    assert "pytorch-fid" in default.preprocessing and "48x48" in default.preprocessing
+    # the other way: centre-cropped to the samples' 32x32 first, cached separately
+    cropped = M.reference_statistics(str(tmp_path / "ref.npz"), net, size=32, cache_dir=cache, ref_resize="crop")
+    crops = np.stack([center_crop_arr(Image.fromarray(im), 32) for im in ref])
+    np.testing.assert_allclose(cropped.mu, M.feature_statistics(M.inception_outputs(net, crops)[0])[0], rtol=1e-12)
+    assert "centre-cropped" in cropped.preprocessing and cropped.cache_path != default.cache_path
+    assert not np.allclose(cropped.mu, default.mu)
+    again = M.reference_statistics(str(tmp_path / "ref.npz"), net, size=32, cache_dir=cache)
+    assert again.from_cache and again.preprocessing == default.preprocessing
+    result = M.fid_and_is(_photos(("camera", "rocket"), size=32), str(tmp_path / "ref.npz"), net, cache_dir=cache)
+    assert result.reference_preprocessing == default.preprocessing
+    with pytest.raises(ValueError, match="ref_resize"):
+        M.reference_statistics(str(tmp_path / "ref.npz"), net, size=32, ref_resize="bicubic")
+
+
 # ----------------------------------------------------------------------------- scripts/image_eval.py
 
 
@@ -305,6 +350,7 @@ def test_image_eval_perfect_samples_and_fid_with_a_local_inception_file(sample_n
     assert scores["fidelity"]["model"]["mean_rank"] == 1.0 and scores["fidelity"]["model"]["mrr"] == 1.0
     assert abs(scores["fid_is"]["fid"]) < 1e-3
     assert "FID" in proc.stdout and "biased" in proc.stdout
+    assert "reference: 224x224 images as they are" in proc.stdout
 
 
 def test_image_eval_bad_input_gets_a_clear_message(tmp_path, sample_npz):
