@@ -51,7 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _fresh_port() -> int:
-    return random.SystemRandom().randrange(20000, 60000)
+    from guided_diffusion_rcdm.dist_util import rendezvous_ports
+
+    # Below the ephemeral range: no outgoing connection on the node can be holding it.
+    return random.SystemRandom().choice(rendezvous_ports())
 
 
 class Trainer:
@@ -99,6 +102,18 @@ class Trainer:
         return submitit.helpers.DelayedSubmission(type(self)(args))
 
 
+def local_gpu_problem(ngpus: int, gpu_count: int) -> str | None:
+    """Why `--local --ngpus ngpus` cannot run on a machine with `gpu_count` GPUs (None: it can).
+
+    With GPUs, each process needs its own (NCCL refuses two processes on one GPU); without any,
+    the processes train on the CPU.
+    """
+    if 0 < gpu_count < ngpus:
+        return (f"--ngpus {ngpus}: this machine has {gpu_count} GPU(s) and each training process needs "
+                f"its own; use --ngpus {gpu_count} or fewer")
+    return None
+
+
 def make_executor(args: argparse.Namespace):
     import submitit
 
@@ -106,9 +121,12 @@ def make_executor(args: argparse.Namespace):
     if args.local:
         if args.nodes > 1:
             print(f"--local runs on this machine: --nodes {args.nodes} is ignored", file=sys.stderr)
-        executor = submitit.AutoExecutor(folder=folder, cluster="local")
         import torch
 
+        problem = local_gpu_problem(args.ngpus, torch.cuda.device_count())
+        if problem:
+            raise SystemExit(f"error: {problem}")
+        executor = submitit.AutoExecutor(folder=folder, cluster="local")
         executor.update_parameters(
             timeout_min=args.timeout, tasks_per_node=args.ngpus, nodes=1,
             gpus_per_node=min(args.ngpus, torch.cuda.device_count()),

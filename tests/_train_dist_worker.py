@@ -32,7 +32,7 @@ def main(data_dir: str, out: str, steps: int) -> None:
         image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
         attention_resolutions="16", learn_sigma=True, diffusion_steps=100)}
     model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=512)
-    encoder = get_model("resnet18", use_head=False, pretrained=False)
+    encoder = get_model("resnet18", use_head=False, pretrained=False).to(dist_util.dev())
     # the ranks share the work of a feature cache (this run then trains with the live encoder)
     enc_info = {"type_model": "resnet18", "use_head": False, "normalize": "minus_one_one", "pretrained": False}
     cache_paths, cache_feats = prepare_feature_cache(

@@ -1,7 +1,13 @@
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# The suite runs on the CPU even on a machine with GPUs (its tolerances and its gloo process groups
+# are the CPU's); the processes it starts inherit this. scripts/gpu_check.sh runs the GPU checks.
+if not os.environ.get("RCDM_TEST_GPU"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 

@@ -13,6 +13,7 @@ import torch
 from _train_photos import make_photo_dir
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run_with_submitit.py
 WORKER = REPO / "tests" / "_train_dist_worker.py"
 STEPS = 3
 
@@ -150,3 +151,70 @@ def test_a_time_limit_stops_every_rank_at_the_same_step_and_saves(tmp_path):
         assert torch.equal(a, b)
     step = r0["step"]
     assert (tmp_path / f"model{step:06d}.pt").is_file() and (tmp_path / f"ema_0.9_{step:06d}.pt").is_file()
+
+
+def test_each_rank_takes_its_own_gpu_and_a_shared_one_is_a_clear_error():
+    from guided_diffusion_rcdm import dist_util
+
+    # all GPUs visible to every task: local rank = GPU index; SLURM-bound tasks see one GPU each
+    assert [dist_util.local_device_index(r, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert [dist_util.local_device_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="no GPU"):
+        dist_util.local_device_index(0, 0)
+    dist_util.check_distinct_devices(["n1/GPU-a", "n1/GPU-b", "n2/GPU-a", "n2/GPU-b"])
+    dist_util.check_distinct_devices(["", ""])  # CPU ranks
+    # two processes on one GPU of a 1-GPU host (e.g. --local --ngpus 2)
+    with pytest.raises(RuntimeError, match=r"ranks 0 and 1 both drive the same GPU on n1 \(2 processes for 1 "
+                                           r"distinct GPU\(s\) there\).*RCDM_DIST_BACKEND=gloo"):
+        dist_util.check_distinct_devices(["n1/GPU-a", "n1/GPU-a"])
+    with pytest.raises(RuntimeError, match="ranks 1 and 3"):
+        dist_util.check_distinct_devices(["n1/GPU-a", "n1/GPU-b", "n2/GPU-c", "n1/GPU-b"])
+
+
+def test_local_launch_needs_a_gpu_per_process():
+    import run_with_submitit
+
+    assert run_with_submitit.local_gpu_problem(2, 0) is None  # CPU processes
+    assert run_with_submitit.local_gpu_problem(2, 2) is None
+    assert run_with_submitit.local_gpu_problem(2, 1) == (
+        "--ngpus 2: this machine has 1 GPU(s) and each training process needs its own; use --ngpus 1 or fewer")
+
+
+def test_rendezvous_ports_avoid_the_ephemeral_range_and_differ_per_job_step(tmp_path):
+    from guided_diffusion_rcdm import dist_util
+
+    proc_file = tmp_path / "ip_local_port_range"
+    proc_file.write_text("32768\t60999\n")
+    assert dist_util.ephemeral_port_range(str(proc_file)) == (32768, 60999)
+    assert dist_util.ephemeral_port_range(str(tmp_path / "absent")) == (32768, 60999)
+    assert dist_util.rendezvous_ports((32768, 60999)) == range(20000, 32768)
+    # a kernel whose ephemeral range starts low: the ports lie above it
+    assert dist_util.rendezvous_ports((15000, 50000)) == range(50001, 65536)
+    low, high = dist_util.ephemeral_port_range()
+    ports = {dist_util._port_from_job_id("123456", step) for step in range(8)}
+    assert len(ports) == 8 and all(not low <= p <= high for p in ports)
+    # every task of one step computes the same port
+    assert dist_util._port_from_job_id("123456_7", 2) == dist_util._port_from_job_id("123456_7", "2")
+    env = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "99"}
+    assert (dist_util.detect({**env, "SLURM_STEP_ID": "0"}).master_port
+            != dist_util.detect({**env, "SLURM_STEP_ID": "1"}).master_port)
+    import run_with_submitit
+
+    assert all(not low <= run_with_submitit._fresh_port() <= high for _ in range(50))
+
+
+def test_the_rendezvous_address_is_never_loopback_for_other_hosts():
+    from guided_diffusion_rcdm import dist_util
+
+    # Debian's /etc/hosts maps the host's name to 127.0.1.1: such addresses are left out
+    assert "127.0.1.1" not in dist_util.host_addresses()
+    assert dist_util.host_addresses("localhost") == []
+    # the route to a peer on loopback has a loopback source: not usable, the host's own name decides
+    assert dist_util.address_towards("127.0.0.1") == "127.0.0.1"
+    assert dist_util.rendezvous_address(["127.0.0.1"], own=["10.1.2.3"]) == "10.1.2.3"
+    with pytest.raises(RuntimeError, match="set MASTER_ADDR"):
+        dist_util.rendezvous_address([], own=[])
+    # with a real peer address, the source address of the route to it
+    own = dist_util.host_addresses()
+    if own:
+        assert dist_util.rendezvous_address([own[0]], own=[]) == own[0]
