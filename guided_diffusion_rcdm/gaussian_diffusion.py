@@ -163,13 +163,47 @@ class GaussianDiffusion:
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
 
+    # ----------------------------------------------------------------- schedule tables
+
+    # Tables derived from the schedule, computed (in float64, like the others) on first use.
+    _DERIVED_TABLES: dict[str, Callable[["GaussianDiffusion"], np.ndarray]] = {
+        "one_minus_alphas_cumprod": lambda d: 1.0 - d.alphas_cumprod,
+        "log_betas": lambda d: np.log(d.betas),
+        "recip_posterior_mean_coef1": lambda d: 1.0 / d.posterior_mean_coef1,
+        "posterior_mean_coef2_over_coef1": lambda d: d.posterior_mean_coef2 / d.posterior_mean_coef1,
+        # beta_t, but the posterior variance at t = 0 for a better decoder likelihood.
+        "fixed_large_variance": lambda d: np.append(d.posterior_variance[1], d.betas[1:]),
+        "fixed_large_log_variance": lambda d: np.log(np.append(d.posterior_variance[1], d.betas[1:])),
+    }
+
+    def schedule_table(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """The schedule array `name` (e.g. "alphas_cumprod") as a float64 tensor on `device`.
+
+        Each table is copied to a device once and kept: a step of sampling or training gathers from
+        it without a host-to-device copy (a copy from host memory waits for the GPU to catch up).
+        """
+        device = torch.device(device)
+        tables = self.__dict__.setdefault("_device_tables", {})
+        key = (name, device)
+        table = tables.get(key)
+        if table is None:
+            derive = self._DERIVED_TABLES.get(name)
+            array = derive(self) if derive is not None else getattr(self, name)
+            table = tables[key] = torch.from_numpy(np.asarray(array)).to(device)
+        return table
+
+    def _gather(self, name: str, t: torch.Tensor, broadcast_shape) -> torch.Tensor:
+        """`name[t]` as float32 on t's device, broadcastable to `broadcast_shape`
+        (what `_extract_into_tensor` computes, from the cached table)."""
+        return _broadcast(self.schedule_table(name, t.device)[t].float(), broadcast_shape)
+
     # ----------------------------------------------------------------- forward process
 
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log-variance of q(x_t | x_0), each of x_start's shape."""
-        mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._gather("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._gather("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._gather("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(
@@ -180,21 +214,19 @@ class GaussianDiffusion:
             noise = torch.randn_like(x_start)
         assert noise.shape == x_start.shape
         return (
-            _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+            self._gather("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+            + self._gather("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
         )
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0)."""
         assert x_start.shape == x_t.shape
         posterior_mean = (
-            _extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + _extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t
+            self._gather("posterior_mean_coef1", t, x_t.shape) * x_start
+            + self._gather("posterior_mean_coef2", t, x_t.shape) * x_t
         )
-        posterior_variance = _extract_into_tensor(self.posterior_variance, t, x_t.shape)
-        posterior_log_variance_clipped = _extract_into_tensor(
-            self.posterior_log_variance_clipped, t, x_t.shape
-        )
+        posterior_variance = self._gather("posterior_variance", t, x_t.shape)
+        posterior_log_variance_clipped = self._gather("posterior_log_variance_clipped", t, x_t.shape)
         return posterior_mean, posterior_variance, posterior_log_variance_clipped
 
     # ----------------------------------------------------------------- reverse process
@@ -260,45 +292,36 @@ class GaussianDiffusion:
             if self.model_var_type == ModelVarType.LEARNED:
                 model_log_variance = model_var_values
             else:
-                min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract_into_tensor(np.log(self.betas), t, x.shape)
+                min_log = self._gather("posterior_log_variance_clipped", t, x.shape)
+                max_log = self._gather("log_betas", t, x.shape)
                 frac = (model_var_values + 1) / 2  # [-1, 1] -> [min_var, max_var]
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             return model_output, torch.exp(model_log_variance), model_log_variance
 
         if self.model_var_type == ModelVarType.FIXED_LARGE:
-            # beta_t, but the posterior variance at t = 0 for a better decoder likelihood.
-            variance = np.append(self.posterior_variance[1], self.betas[1:])
-            log_variance = np.log(variance)
+            variance, log_variance = "fixed_large_variance", "fixed_large_log_variance"
         else:
-            variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
-        return (
-            model_output,
-            _extract_into_tensor(variance, t, x.shape),
-            _extract_into_tensor(log_variance, t, x.shape),
-        )
+            variance, log_variance = "posterior_variance", "posterior_log_variance_clipped"
+        return model_output, self._gather(variance, t, x.shape), self._gather(log_variance, t, x.shape)
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         assert x_t.shape == eps.shape
         return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+            self._gather("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+            - self._gather("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps
         )
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
         assert x_t.shape == xprev.shape
         return (  # (xprev - coef2 * x_t) / coef1
-            _extract_into_tensor(1.0 / self.posterior_mean_coef1, t, x_t.shape) * xprev
-            - _extract_into_tensor(
-                self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t.shape
-            )
-            * x_t
+            self._gather("recip_posterior_mean_coef1", t, x_t.shape) * xprev
+            - self._gather("posterior_mean_coef2_over_coef1", t, x_t.shape) * x_t
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
-        ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+            self._gather("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
+        ) / self._gather("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
 
     def _scale_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         if self.rescale_timesteps:
@@ -314,7 +337,7 @@ class GaussianDiffusion:
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs: ModelKwargs = None):
         """p_mean_variance's output with the score conditioned by `cond_fn` (Song et al., 2021)."""
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
+        alpha_bar = self._gather("alphas_cumprod", t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(
             x, self._scale_timesteps(t), **(model_kwargs or {})
@@ -425,7 +448,7 @@ class GaussianDiffusion:
 
             indices = tqdm(indices, desc="sampling", unit="step")
         for i in indices:
-            t = torch.tensor([i] * shape[0], device=device)
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)  # no host copy
             with torch.no_grad():
                 out = step_fn(model, img, t, **step_kwargs)
             yield out
@@ -453,8 +476,8 @@ class GaussianDiffusion:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # Re-derive eps from x_0 in case the model predicts x_0 or x_{t-1}.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._gather("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._gather("alphas_cumprod_prev", t, x.shape)
         sigma = (
             eta
             * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
@@ -487,7 +510,7 @@ class GaussianDiffusion:
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
+        alpha_bar_next = self._gather("alphas_cumprod_next", t, x.shape)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
@@ -637,7 +660,7 @@ class GaussianDiffusion:
 
     def _prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
         """KL(q(x_T | x_0) || N(0, I)) in bits per dimension: the bound's constant prior term."""
-        t = torch.tensor([self.num_timesteps - 1] * x_start.shape[0], device=x_start.device)
+        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long)
         qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
         kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
         return mean_flat(kl_prior) / np.log(2.0)
@@ -654,7 +677,7 @@ class GaussianDiffusion:
         batch_size = x_start.shape[0]
         vb, xstart_mse, mse = [], [], []
         for t in list(range(self.num_timesteps))[::-1]:
-            t_batch = torch.tensor([t] * batch_size, device=device)
+            t_batch = torch.full((batch_size,), t, device=device, dtype=torch.long)
             noise = torch.randn_like(x_start)
             x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
             with torch.no_grad():
@@ -686,8 +709,15 @@ class GaussianDiffusion:
 
 
 def _extract_into_tensor(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape) -> torch.Tensor:
-    """Gather `arr[timesteps]` as float32 on the timesteps' device, broadcastable to `broadcast_shape`."""
-    res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    """Gather `arr[timesteps]` as float32 on the timesteps' device, broadcastable to `broadcast_shape`.
+
+    Copies `arr` to the device at every call; the diffusion's own tables go through
+    `GaussianDiffusion.schedule_table`, which copies each once.
+    """
+    return _broadcast(torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float(), broadcast_shape)
+
+
+def _broadcast(res: torch.Tensor, broadcast_shape) -> torch.Tensor:
     while len(res.shape) < len(broadcast_shape):
         res = res[..., None]
     return res.expand(broadcast_shape)

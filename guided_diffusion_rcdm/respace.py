@@ -9,7 +9,7 @@ model, so the model always sees the timesteps it was trained on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -125,7 +125,9 @@ class SpacedDiffusion(GaussianDiffusion):
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps)
+        return _WrappedModel(
+            model, self.timestep_map, self.rescale_timesteps, self.original_num_steps, self.schedule_table
+        )
 
     def _scale_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         # The wrapped model does the scaling, after mapping to the original timesteps.
@@ -135,15 +137,26 @@ class SpacedDiffusion(GaussianDiffusion):
 class _WrappedModel:
     """Calls the model with original timesteps in place of the respaced indices."""
 
-    def __init__(self, model, timestep_map: list[int], rescale_timesteps: bool, original_num_steps: int):
+    def __init__(
+        self,
+        model,
+        timestep_map: list[int],
+        rescale_timesteps: bool,
+        original_num_steps: int,
+        schedule_table: Callable[[str, torch.device], torch.Tensor] | None = None,
+    ):
         self.model = model
         self.timestep_map = timestep_map
         self.rescale_timesteps = rescale_timesteps
         self.original_num_steps = original_num_steps
+        self.schedule_table = schedule_table  # the diffusion's per-device tables (the map among them)
 
     def __call__(self, x: torch.Tensor, ts: torch.Tensor, **kwargs) -> torch.Tensor:
-        map_tensor = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        new_ts = map_tensor[ts]
+        if self.schedule_table is not None:
+            map_tensor = self.schedule_table("timestep_map", ts.device)
+        else:
+            map_tensor = torch.tensor(self.timestep_map, device=ts.device)
+        new_ts = map_tensor[ts].to(ts.dtype)
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return self.model(x, new_ts, **kwargs)

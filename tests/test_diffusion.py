@@ -173,3 +173,51 @@ def test_training_losses_without_model_kwargs():
     losses = diffusion.training_losses(model, torch.zeros(2, 3, 4, 4), torch.tensor([0, 9]))
     assert set(losses) == {"loss", "mse", "vb"}
     assert torch.isfinite(losses["loss"]).all()
+
+
+def _tiny_model_and_diffusion(**extra):
+    flags = {**model_and_diffusion_defaults(), **dict(
+        image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
+        diffusion_steps=40), **extra}
+    return create_model_and_diffusion(**flags)
+
+
+@pytest.mark.parametrize("extra", [dict(learn_sigma=True, timestep_respacing="8"),
+                                   dict(learn_sigma=False, predict_xstart=True)])
+def test_cached_schedule_tables_gather_what_the_numpy_arrays_hold(extra):
+    _, diffusion = _tiny_model_and_diffusion(**extra)
+    t = torch.arange(diffusion.num_timesteps).flip(0)
+    shape = (len(t), 3, 2, 2)
+    names = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next", "sqrt_alphas_cumprod",
+             "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+             "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+             "posterior_mean_coef1", "posterior_mean_coef2"]
+    for name in names:
+        assert torch.equal(diffusion._gather(name, t, shape), gd._extract_into_tensor(getattr(diffusion, name), t, shape))
+    d = diffusion
+    derived = {"one_minus_alphas_cumprod": 1.0 - d.alphas_cumprod, "log_betas": np.log(d.betas),
+               "recip_posterior_mean_coef1": 1.0 / d.posterior_mean_coef1,
+               "posterior_mean_coef2_over_coef1": d.posterior_mean_coef2 / d.posterior_mean_coef1,
+               "fixed_large_variance": np.append(d.posterior_variance[1], d.betas[1:]),
+               "fixed_large_log_variance": np.log(np.append(d.posterior_variance[1], d.betas[1:]))}
+    for name, array in derived.items():
+        assert torch.equal(diffusion._gather(name, t, shape), gd._extract_into_tensor(array, t, shape)), name
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_sampling_copies_each_schedule_table_to_the_device_once(sampler):
+    from _host_traffic import HostTraffic
+    from guided_diffusion_rcdm.samplers import sample_images
+
+    model, diffusion = _tiny_model_and_diffusion(learn_sigma=True, timestep_respacing="6")
+    model.eval()
+    sample_images(model, diffusion, (2, 3, 16, 16), sampler=sampler, eta=0.5)
+    tables = dict(diffusion._device_tables)
+    assert tables and all(device == torch.device("cpu") for _, device in tables)
+    # A second run, six steps: no table is made again, no host data becomes a tensor, no value is
+    # read back (each would be a host-device synchronisation per step on a GPU).
+    with HostTraffic() as traffic:
+        sample_images(model, diffusion, (2, 3, 16, 16), sampler=sampler, eta=0.5)
+    assert diffusion._device_tables.keys() == tables.keys()
+    assert all(diffusion._device_tables[k] is v for k, v in tables.items())
+    assert traffic.host_tensors <= 1 and traffic.reads == 0, traffic.counts  # dpm++: its abar, once per run
