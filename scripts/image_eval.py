@@ -45,7 +45,8 @@ def create_argparser() -> argparse.ArgumentParser:
     enc = parser.add_argument_group("encoder (default: the one the samples were made with)")
     enc.add_argument("--type_model", default="dino", help="dino, simclr, barlow, vicreg, supervised, a "
                      "torchvision model name or a checkpoint path")
-    enc.add_argument("--use_head", type=str2bool, default=False, help="the projector head's output")
+    enc.add_argument("--use_head", action="store_true", help="the projector head's output (a switch, as in "
+                     "the other scripts)")
     enc.add_argument("--pretrained_encoder", type=str2bool, default=True,
                      help="False: the fixed-seed untrained encoder (as in offline runs)")
     enc.add_argument("--encoder_normalize", default="minus_one_one", choices=("minus_one_one", "imagenet"))

@@ -353,6 +353,22 @@ def test_image_eval_perfect_samples_and_fid_with_a_local_inception_file(sample_n
     assert "reference: 224x224 images as they are" in proc.stdout
 
 
+def test_image_eval_use_head_is_a_switch_as_in_the_other_scripts():
+    import importlib.util
+
+    from guided_diffusion_rcdm import sample_util as su
+
+    spec = importlib.util.spec_from_file_location("image_eval", SCRIPTS / "image_eval.py")
+    image_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(image_eval)
+    parser = image_eval.create_argparser()
+    recorded = {"type_model": "dino", "use_head": False}  # the sample file's own fields
+    args = su.parse_args(parser, ["samples.npz", "--use_head"])
+    assert args.use_head is True and image_eval.resolve_encoder(args, recorded)[0]["use_head"] is True
+    args = su.parse_args(parser, ["samples.npz"])
+    assert args.use_head is False and image_eval.resolve_encoder(args, recorded)[0]["use_head"] is False
+
+
 def test_image_eval_bad_input_gets_a_clear_message(tmp_path, sample_npz):
     _, env = sample_npz
     no_feats = tmp_path / "orig.npz"
