@@ -194,6 +194,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     A file that cannot be decoded is replaced by the next readable one of the shard; the item's
     `out_dict["_skipped"]` lists `(path, reason)` for each file skipped on the way.
+
+    The key is an index, or `(index, item_seed)`: then the flip and random crops are drawn from
+    `item_seed` alone, so an item is the same whichever worker loads it and after a resume.
     """
 
     def __init__(
@@ -223,10 +226,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.local_images)
 
-    def _crop(self, image: Image.Image, size: int) -> np.ndarray:
-        return random_crop_arr(image, size) if self.random_crop else center_crop_arr(image, size)
+    def _crop(self, image: Image.Image, size: int, rng) -> np.ndarray:
+        return random_crop_arr(image, size, rng=rng) if self.random_crop else center_crop_arr(image, size)
 
-    def __getitem__(self, idx: int):
+    def __getitem__(self, key):
+        idx, rng = (key[0], random.Random(key[1])) if isinstance(key, tuple) else (key, random)
         skipped = []
         n = len(self.local_images)
         for attempt in range(n):
@@ -244,8 +248,8 @@ class ImageDataset(torch.utils.data.Dataset):
                 f"none of the {n} image files of this shard could be decoded (first: "
                 f"{self.local_images[0]!r}); check the data directory"
             )
-        flip = self.random_flip and random.random() < 0.5
-        arr = self._crop(image, self.resolution)
+        flip = self.random_flip and rng.random() < 0.5
+        arr = self._crop(image, self.resolution, rng)
         if flip:
             arr = arr[:, ::-1]
         out = {"_skipped": skipped}
@@ -255,7 +259,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.local_features is not None:
             out["feat"] = self.local_features[i, int(flip)].float()
         elif self.encoder_size:
-            big = self._crop(image, self.encoder_size)
+            big = self._crop(image, self.encoder_size, rng)
             if flip:
                 big = big[:, ::-1]
             encoder_view = normalize_for_encoder(arr_to_tensor(big), self.encoder_normalize)
@@ -273,33 +277,50 @@ def collate(samples: list):
     return images, big, out
 
 
-class _InfiniteSampler(torch.utils.data.Sampler):
-    """Indices forever: a fresh permutation per pass (or in order when not shuffling)."""
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed % 2**64, epoch]).generate_state(2)
+    return torch.Generator().manual_seed((int(state[0]) << 32) | int(state[1]))
 
-    def __init__(self, n: int, shuffle: bool, seed: int):
-        self.n, self.shuffle, self.seed = n, shuffle, seed
+
+class _InfiniteSampler(torch.utils.data.Sampler):
+    """`(index, item_seed)` keys forever, from position `start` on.
+
+    Each pass over the data (epoch) has its own permutation (or the natural order when not
+    shuffling) and per-item seeds, drawn from `(seed, epoch)` alone; so the stream can start at
+    any position, and a resumed run reads exactly what an uninterrupted one would have.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, start: int = 0):
+        self.n, self.shuffle, self.seed, self.start = n, shuffle, seed, start
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed)
+        epoch, offset = divmod(self.start, self.n)
         while True:
+            g = _epoch_generator(self.seed, epoch)
             order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-            yield from order.tolist()
+            item_seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+            for i in range(offset, self.n):
+                yield int(order[i]), int(item_seeds[i])
+            epoch, offset = epoch + 1, 0
 
 
 class ImageStream:
     """Endless batches `(images, encoder_images_or_None, kwargs)` of one rank's shard.
 
     `bad_files` maps each skipped file to the reason; every newly skipped file is reported once
-    through the logger (rank 0's log, other ranks' stderr).
+    through the logger (rank 0's log, other ranks' stderr). `resume_at(k)` makes the next batch
+    the k-th (0-based) of the stream, as when training resumes after k steps.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int):
         self.dataset = dataset
+        self.batch_size = batch_size
         self.bad_files: dict[str, str] = {}
+        self.sampler = _InfiniteSampler(len(dataset), shuffle, seed)
         self.loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=_InfiniteSampler(len(dataset), shuffle, seed),
+            sampler=self.sampler,
             num_workers=num_workers,
             collate_fn=collate,
             drop_last=True,
@@ -307,6 +328,10 @@ class ImageStream:
             pin_memory=torch.cuda.is_available(),
         )
         self._it = None
+
+    def resume_at(self, batch_index: int) -> None:
+        self.sampler.start = batch_index * self.batch_size
+        self._it = None  # the next batch starts a fresh pass of the loader from there
 
     def __iter__(self):
         return self

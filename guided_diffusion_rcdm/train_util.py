@@ -59,14 +59,32 @@ def encode(encoder: nn.Module, images: torch.Tensor, precision: str = "fp32") ->
         return encoder(images).float()
 
 
-def conditioned_batches(stream, encoder: Optional[nn.Module], device, precision: str = "fp32") -> Iterator:
+class ConditionedBatches:
     """Turn `(images, encoder_images, kwargs)` batches into the `(images, cond)` pairs TrainLoop
     eats, with `cond["feat"]` computed by the frozen `encoder` (skipped when `kwargs` already holds
-    cached features or there is no encoder)."""
-    for images, big, kwargs in stream:
-        if encoder is not None and "feat" not in kwargs:
-            kwargs["feat"] = encode(encoder, big.to(device, non_blocking=True), precision)
-        yield images, kwargs
+    cached features or there is no encoder). `resume_at` is passed on to the stream."""
+
+    def __init__(self, stream, encoder: Optional[nn.Module], device, precision: str = "fp32"):
+        self.stream, self.encoder, self.device, self.precision = stream, encoder, device, precision
+        self._batches = iter(stream)
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        images, big, kwargs = next(self._batches)
+        if self.encoder is not None and "feat" not in kwargs:
+            kwargs["feat"] = encode(self.encoder, big.to(self.device, non_blocking=True), self.precision)
+        return images, kwargs
+
+    def resume_at(self, batch_index: int) -> None:
+        if hasattr(self.stream, "resume_at"):
+            self.stream.resume_at(batch_index)
+
+
+def conditioned_batches(stream, encoder: Optional[nn.Module], device, precision: str = "fp32") -> ConditionedBatches:
+    """`(images, cond)` batches for TrainLoop from an `ImageStream` (see `ConditionedBatches`)."""
+    return ConditionedBatches(stream, encoder, device, precision)
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -255,6 +273,10 @@ class TrainLoop:
     :param compile: `torch.compile` the UNet.
     :param max_seconds: stop once this run has trained that long, and save (0: no limit); for
         a job with a wall-clock limit, so that it ends with a checkpoint rather than being killed.
+    :param seed: the random streams of step S on rank R (timesteps, noise, representation
+        dropout) are seeded from `(seed, R, S)`, so a resumed run draws what an uninterrupted one
+        would; None draws a seed from torch's generator (recorded in the checkpoint). A `data`
+        with `resume_at(step)` (see `conditioned_batches`) also continues where it stopped.
     """
 
     def __init__(
@@ -283,6 +305,7 @@ class TrainLoop:
         channels_last=False,
         compile=False,
         max_seconds=0.0,
+        seed=None,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -310,6 +333,10 @@ class TrainLoop:
         self.precision = resolve_precision(precision, use_fp16, self.device)
         self.world_size = dist_util.get_world_size()
         self.global_batch = batch_size * self.world_size
+
+        self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self._seed_given = seed is not None
+        self.rank = dist_util.get_rank()
 
         self.step = 0
         self.resume_step = 0
@@ -384,6 +411,12 @@ class TrainLoop:
             if isinstance(self.schedule_sampler, LossAwareSampler) and state.get("schedule_sampler"):
                 sampler_state = {k: v.numpy() for k, v in state["schedule_sampler"].items()}
                 self.schedule_sampler.load_state_dict(sampler_state)
+            if not self._seed_given and isinstance(state.get("seed"), int):
+                self.seed = state["seed"]
+        if hasattr(self.data, "resume_at"):
+            self.data.resume_at(self.step)
+        elif self.data is not None:
+            logger.warn("the data iterator cannot skip ahead: the resumed run reads its batches from the start")
         missing = "" if not found["problems"] else f" (starting afresh: {'; '.join(found['problems'])})"
         logger.log(f"resumed from checkpoint {found['path']} at step {self.step}{missing}")
         dist_util.sync_params(self.model.parameters())
@@ -430,6 +463,7 @@ class TrainLoop:
             done, signum = self._stop_reason(stop)
             while not (done or signum):
                 batch, cond = next(self.data)
+                self._seed_step()
                 loss = self.run_step(batch, cond)
                 if bar is not None:
                     bar.update(1)
@@ -452,6 +486,12 @@ class TrainLoop:
                 logger.log(f"stopped by {signal_name(signum)} at step {self.step}, checkpoint saved; "
                            "run the same command again to resume")
                 stop.pass_on(signum)
+
+    def _seed_step(self) -> None:
+        """Seed torch's and numpy's generators for this step from `(seed, rank, step)`."""
+        state = np.random.SeedSequence([self.seed % 2**64, self.rank, self.step]).generate_state(3)
+        torch.manual_seed((int(state[0]) << 32) | int(state[1]))
+        np.random.seed(int(state[2]))
 
     def run_step(self, batch: torch.Tensor, cond: dict) -> float:
         """One optimizer step on `batch`; returns its mean (weighted) loss."""
@@ -560,6 +600,7 @@ class TrainLoop:
                 "optimizer": self.opt.state_dict(),
                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "schedule_sampler": _sampler_state(self.schedule_sampler),
+                "seed": self.seed,
             }
             hub.atomic_torch_save(state, paths["opt"])
             hub.save_checkpoint(paths["model"], self._state_dict_with(self.params), meta=self._meta("model"))

@@ -87,7 +87,9 @@ def create_argparser() -> argparse.ArgumentParser:
     new.add_argument("--num_workers", type=int, default=1, help="data loading processes per rank")
     new.add_argument("--random_crop", type=str2bool, default=False, help="random crops instead of centre crops")
     new.add_argument("--random_flip", type=str2bool, default=True, help="random horizontal flips")
-    new.add_argument("--seed", type=int, default=0, help="seed (each rank adds its rank)")
+    new.add_argument("--seed", type=int, default=0,
+                     help="seed of the data order, crops, flips, timesteps and noise (per rank and step, "
+                          "so a resumed run continues the same streams)")
     new.add_argument("--progress", type=str2bool, default=True, help="tqdm progress bar")
     new.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster with bf16)")
     new.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first steps)")
@@ -206,6 +208,7 @@ def main(args) -> None:
         progress=args.progress,
         channels_last=args.channels_last,
         compile=args.compile,
+        seed=args.seed,
     ).run_loop()
     if stream.bad_files:
         logger.warn(f"{len(stream.bad_files)} unreadable image(s) were skipped on this rank")

@@ -148,3 +148,49 @@ def test_damaged_checkpoints_are_skipped_with_a_warning(photos, tmp_path):
     assert explicit.step == 1
     log = (tmp_path / "log2" / "log.txt").read_text()
     assert "no EMA file" in log and "starting afresh" in log
+
+
+class _RecordingLoop(TrainLoop):
+    """TrainLoop that keeps what each step was given (images, representations)."""
+
+    seen: list
+
+    def run_step(self, batch, cond):
+        self.seen.append((self.step, batch.clone(), cond["feat"].clone()))
+        return super().run_step(batch, cond)
+
+
+def _loop_on_photos(photos, out, max_steps, encoder):
+    stream = load_data(data_dir=photos, batch_size=2, image_size=32, num_workers=0, rank=0, world_size=1,
+                       random_crop=True, random_flip=True, seed=5)
+    torch.manual_seed(0)  # the same initial weights; a resumed run replaces them anyway
+    flags = {**model_and_diffusion_defaults(), **TINY, "dropout": 0.1, "feat_drop_prob": 0.3}
+    model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=512)
+    loop = _RecordingLoop(model=model, diffusion=diffusion, data=conditioned_batches(stream, encoder, "cpu"),
+                          batch_size=2, microbatch=-1, lr=1e-3, ema_rate="0.9", log_interval=1,
+                          save_interval=1000, resume_checkpoint="", progress=False, out_dir=str(out),
+                          max_steps=max_steps, seed=11)
+    loop.seen = []
+    torch.manual_seed(1234)  # what the global generators hold must not matter
+    loop.run_loop()
+    return loop
+
+
+def test_an_interrupted_and_resumed_run_sees_the_same_batches_and_noise_as_an_uninterrupted_one(photos, tmp_path):
+    encoder = get_model("resnet18", use_head=False, pretrained=False)
+    logger.configure(dir=str(tmp_path / "log"), format_strs="log")
+    straight = _loop_on_photos(photos, tmp_path / "straight", 5, encoder)  # 3 batches an epoch: crosses one
+    first = _loop_on_photos(photos, tmp_path / "resumed", 2, encoder)
+    second = _loop_on_photos(photos, tmp_path / "resumed", 5, encoder)
+    logger.reset()
+    assert second.resume_step == 2 and [s for s, *_ in second.seen] == [2, 3, 4]
+    seen = first.seen + second.seen
+    assert len(seen) == len(straight.seen) == 5
+    for (step, images, feat), (step_ref, images_ref, feat_ref) in zip(seen, straight.seen):
+        assert step == step_ref and torch.equal(images, images_ref) and torch.equal(feat, feat_ref)
+    assert not torch.equal(straight.seen[0][1], straight.seen[3][1])  # a new order, crops and flips
+    # timesteps, noise and dropout were the same too: the weights, EMA and optimizer agree exactly
+    for a, b in zip(second.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(second.ema_params[0], straight.ema_params[0]):
+        assert torch.equal(a, b)
