@@ -8,11 +8,14 @@ setup(
         "self-supervised representation keeps by sampling images from it."
     ),
     license="MIT",
-    python_requires=">=3.9",
+    # True floors, checked against the APIs used by tests/test_version_floors.py: X | Y unions
+    # evaluated at import (3.10), torch.serialization.safe_globals (torch 2.5; torchvision 0.20 is
+    # its release).
+    python_requires=">=3.10",
     packages=find_packages(include=["guided_diffusion_rcdm", "guided_diffusion_rcdm.*"]),
     install_requires=[
-        "torch>=2.1",
-        "torchvision",
+        "torch>=2.5",
+        "torchvision>=0.20",
         "numpy",
         "blobfile",
         "pillow",
