@@ -242,7 +242,9 @@ def main(argv=None) -> None:
     parser.add_argument("--type_model", default="dino")
     parser.add_argument("--use_head", action="store_true")
     parser.add_argument("--pretrained_encoder", type=str2bool, default=True)
-    parser.add_argument("--encoder_normalize", default="minus_one_one", choices=("minus_one_one", "imagenet"))
+    parser.add_argument("--encoder_normalize", default=None, choices=("minus_one_one", "imagenet"),
+                        help="encoder input scaling (default: the encoder's own: minus_one_one for the "
+                             "published encoders, imagenet for torchvision models)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -264,11 +266,17 @@ def main(argv=None) -> None:
 
 
 def encoder_info_from_args(args) -> dict:
-    """What identifies the encoder (and so the cache): name, head or trunk, input scaling, weights."""
+    """What identifies the encoder (and so the cache): name, head or trunk, input scaling, weights.
+
+    The input scaling is `--encoder_normalize` when given, else the encoder's own
+    (`get_ssl_models.native_input_normalize`).
+    """
+    from .get_ssl_models import native_input_normalize
+
     return {
         "type_model": args.type_model,
         "use_head": bool(args.use_head),
-        "normalize": args.encoder_normalize,
+        "normalize": args.encoder_normalize or native_input_normalize(args.type_model),
         "pretrained": bool(args.pretrained_encoder),
     }
 

@@ -6,8 +6,9 @@ method's projector head, read natively from the upstream files (VISSL model zoo,
 training checkpoints, torchvision weights; see `tests/reference/ssl_checkpoint_layouts.json`). Any
 torchvision classification model (its pooled features before the classifier) or a local checkpoint
 file works too. Encoders come back in eval mode with every parameter frozen. They do NOT normalise
-their input: feed 224x224 images as `image_datasets.encoder_input` makes them, in [-1, 1]
-(`x / 127.5 - 1`) for the published encoders, as the original fed them.
+their input: feed 224x224 images as `image_datasets.encoder_input` makes them, with the scaling
+`native_input_normalize(name)` names (the encoder's `input_normalize`): [-1, 1] (`x / 127.5 - 1`)
+for the published encoders, as the original fed them, ImageNet mean/std for torchvision models.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ class FrozenEncoder(nn.Module):
     """trunk -> (global average pool if spatial) -> optional head; always frozen, always eval.
 
     `train()` leaves it in eval mode, so calling `.train()` on a module that holds it can never
-    update its BatchNorm statistics. `input_normalize` says which input scaling its weights were
-    trained with ("minus_one_one" for the published RCDM encoders, "imagenet" for torchvision's);
-    the module itself does not rescale anything.
+    update its BatchNorm statistics. `input_normalize` says which input scaling it is fed by default
+    ("minus_one_one" for the published RCDM encoders, "imagenet" for torchvision's; see
+    `native_input_normalize`); the module itself does not rescale anything.
     """
 
     def __init__(self, model: nn.Module, head: nn.Module | None = None, use_head: bool = False,
@@ -379,13 +380,18 @@ def _torchvision_match(sd: StateDict) -> str | None:
     return None
 
 
-def _local_encoder(path: str, use_head: bool) -> FrozenEncoder:
+def _read_local(path: str) -> tuple[object, dict]:
+    """A local encoder file as `(loaded object, meta)` (meta from the project's own format)."""
     if path.endswith(".safetensors"):
-        obj, meta = hub.load_checkpoint(path)
-    else:
-        obj, meta = hub.safe_torch_load(path), {}
-        if isinstance(obj, Mapping) and obj.get("format") == hub.CHECKPOINT_FORMAT:
-            obj, meta = obj["state_dict"], obj.get("meta") or {}
+        return hub.load_checkpoint(path)
+    obj = hub.safe_torch_load(path)
+    if isinstance(obj, Mapping) and obj.get("format") == hub.CHECKPOINT_FORMAT:
+        return obj["state_dict"], dict(obj.get("meta") or {})
+    return obj, {}
+
+
+def _local_encoder(path: str, use_head: bool) -> FrozenEncoder:
+    obj, meta = _read_local(path)
     layout = detect_layout(obj)
     if layout is not None:
         return _published_encoder(layout, use_head, True, source=path, obj=obj)
@@ -409,6 +415,29 @@ def _local_encoder(path: str, use_head: bool) -> FrozenEncoder:
 
 
 # ----------------------------------------------------------------------------- entry point
+
+def native_input_normalize(model: str) -> str:
+    """The input scaling the encoder `get_model(model)` is fed by default, without building it.
+
+    "minus_one_one" ([-1, 1]) for the published encoders and upstream DINO / VISSL / VICReg files:
+    the original fed them that, and the published RCDM checkpoints were trained on it (the
+    supervised ResNet-50 included). "imagenet" (ImageNet mean/std) for torchvision models and
+    torchvision state dicts, as their weights were trained, unless the file's meta records a
+    `normalize`. A local file is read to tell. Unknown names give "minus_one_one" (`get_model`
+    reports them).
+    """
+    key = model.lower()
+    if key in ENCODER_NAMES:
+        return "minus_one_one"
+    if key in torchvision_names():
+        return "imagenet"
+    if _looks_like_path(model) and os.path.isfile(model):
+        obj, meta = _read_local(model)
+        if detect_layout(obj) is not None:
+            return "minus_one_one"
+        return str(meta.get("normalize", "imagenet"))
+    return "minus_one_one"
+
 
 
 def get_model(model: str = "dino", use_head: bool = False, pretrained: bool = True) -> nn.Module:

@@ -197,7 +197,10 @@ def resolve_encoder(type_model: str, weights: str) -> tuple[dict, str]:
 
 
 def _info(type_model: str, pretrained: bool) -> dict:
-    return {"type_model": type_model, "use_head": False, "normalize": "minus_one_one", "pretrained": pretrained}
+    from .get_ssl_models import native_input_normalize
+
+    return {"type_model": type_model, "use_head": False, "normalize": native_input_normalize(type_model),
+            "pretrained": pretrained}
 
 
 # ----------------------------------------------------------------------------- settings

@@ -108,8 +108,9 @@ def create_argparser(description: str | None = None, name: str = "samples") -> a
     new.add_argument("--progress", type=str2bool, default=True, help="tqdm bar over the diffusion steps")
     new.add_argument("--pretrained_encoder", type=str2bool, default=True,
                      help="False: the encoder with fixed-seed random weights, no download (tests, offline)")
-    new.add_argument("--encoder_normalize", default="minus_one_one", choices=("minus_one_one", "imagenet"),
-                     help="encoder input scaling (default: the checkpoint's, else minus_one_one)")
+    new.add_argument("--encoder_normalize", default=None, choices=("minus_one_one", "imagenet"),
+                     help="encoder input scaling (default: the checkpoint's, else the encoder's own: "
+                          "minus_one_one for the published encoders, imagenet for torchvision models)")
     add_precision_args(new, default_precision="")
     return parser
 
@@ -256,6 +257,10 @@ def resolve_encoder(args: argparse.Namespace, meta: dict) -> dict:
             info[key] = getattr(args, flag)
         else:
             info[key] = recorded[key]
+    if not info["normalize"]:
+        from .get_ssl_models import native_input_normalize
+
+        info["normalize"] = native_input_normalize(info["type_model"])
     return info
 
 

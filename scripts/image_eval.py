@@ -49,7 +49,8 @@ def create_argparser() -> argparse.ArgumentParser:
                      "the other scripts)")
     enc.add_argument("--pretrained_encoder", type=str2bool, default=True,
                      help="False: the fixed-seed untrained encoder (as in offline runs)")
-    enc.add_argument("--encoder_normalize", default="minus_one_one", choices=("minus_one_one", "imagenet"))
+    enc.add_argument("--encoder_normalize", default=None, choices=("minus_one_one", "imagenet"),
+                     help="encoder input scaling (default: the recorded one, else the encoder's own)")
     fid = parser.add_argument_group("FID and IS")
     fid.add_argument("--ref", default="", help="reference: folder of images, .npz of images, or .npz "
                      "with mu/sigma (omit to skip FID and IS)")
@@ -113,6 +114,10 @@ def resolve_encoder(args: argparse.Namespace, meta: dict) -> tuple[dict, str]:
     for key, flag in ENCODER_FLAGS.items():
         info[key] = getattr(args, flag) if flag in args.explicit or key not in recorded else recorded[key]
     info["use_head"], info["pretrained"] = bool(info["use_head"]), bool(info["pretrained"])
+    if not info["normalize"]:
+        from guided_diffusion_rcdm.get_ssl_models import native_input_normalize
+
+        info["normalize"] = native_input_normalize(info["type_model"])
     if any(flag in args.explicit for flag in ENCODER_FLAGS.values()):
         source += " and the command line"
     return info, source

@@ -74,8 +74,9 @@ def create_argparser() -> argparse.ArgumentParser:
     new = parser.add_argument_group("beyond the original")
     new.add_argument("--pretrained_encoder", type=str2bool, default=True,
                      help="False: the encoder with fixed-seed random weights (offline tests)")
-    new.add_argument("--encoder_normalize", default="minus_one_one", choices=("minus_one_one", "imagenet"),
-                     help="encoder input scaling (the published models: minus_one_one)")
+    new.add_argument("--encoder_normalize", default=None, choices=("minus_one_one", "imagenet"),
+                     help="encoder input scaling (default: the encoder's own: minus_one_one for the "
+                          "published encoders, imagenet for torchvision models); recorded in the checkpoint")
     new.add_argument("--feat_cache", default="",
                      help="folder of cached representations: encode the dataset once, then train from it")
     new.add_argument("--precision", default="", choices=("", "fp32", "bf16", "fp16"),
@@ -152,7 +153,8 @@ def main(args) -> None:
         else:
             encoder = _build_encoder(args)
             ssl_dim = _representation_dim(encoder)
-        logger.log(f"encoder {args.type_model} ({'head' if args.use_head else 'trunk'}): {ssl_dim}-d representation")
+        logger.log(f"encoder {args.type_model} ({'head' if args.use_head else 'trunk'}): {ssl_dim}-d "
+                   f"representation, input scaled {encoder_info['normalize']}")
 
     logger.log("creating model and diffusion...")
     model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
@@ -169,7 +171,7 @@ def main(args) -> None:
     stream = load_data(
         data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
         class_cond=args.class_cond, random_crop=args.random_crop, random_flip=args.random_flip,
-        num_workers=args.num_workers, encoder_normalize=args.encoder_normalize,
+        num_workers=args.num_workers, encoder_normalize=encoder_info["normalize"],
         features=features, image_paths=image_paths, seed=args.seed,
         encoder_size=224 if encoder is not None else None,
     )

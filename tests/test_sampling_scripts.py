@@ -201,3 +201,24 @@ def test_published_checkpoint_is_fetched_through_the_downloader(env, tmp_path, m
                  "--data_dir", env["root"] / "photos", "--type_model", "barlow", "--device", "cpu",
                  "--out_dir", tmp_path / "out", expect=("rcdm_ema_barlow_trunk.pt",))
     assert str(tmp_path / "torch_home") in err
+
+
+def test_encoder_input_scaling_is_the_checkpoints_else_the_encoders_own():
+    from guided_diffusion_rcdm import sample_util as su
+    from guided_diffusion_rcdm.get_rcdm_models import published_meta
+
+    parser = su.create_argparser()
+
+    def scaling(argv, meta):
+        return su.resolve_encoder(su.parse_args(parser, argv), meta)["normalize"]
+
+    # a published RCDM checkpoint: [-1, 1], as its encoder was fed in training
+    assert scaling(["--type_model", "supervised"], published_meta("supervised", False)) == "minus_one_one"
+    # the checkpoint's record wins over the encoder's own scaling
+    recorded = {"encoder": {"type_model": "resnet18", "use_head": False, "normalize": "minus_one_one"}}
+    assert scaling([], recorded) == "minus_one_one"
+    # nothing recorded: the encoder's own
+    assert scaling(["--type_model", "resnet18"], {}) == "imagenet"
+    assert scaling(["--type_model", "dino"], {}) == "minus_one_one"
+    # the flag overrides both
+    assert scaling(["--encoder_normalize", "imagenet"], recorded) == "imagenet"

@@ -172,6 +172,27 @@ def test_local_files_upstream_layout_and_torchvision_state_dict(tmp_path, torch_
     assert torch.equal(encoder.model.conv1.weight, sd["conv1.weight"])
 
 
+def test_each_encoder_has_its_own_input_scaling(tmp_path, torch_home, monkeypatch):
+    # The published ResNet-50s (supervised included) are fed [-1, 1], as the original fed them and
+    # the published RCDM checkpoints were trained; torchvision models the ImageNet mean/std their
+    # weights were trained with. The encoder built says the same as the name alone.
+    monkeypatch.setenv(hub.MIRROR_ENV, closed_port_url())
+    for name in ssl.ENCODER_NAMES:
+        assert ssl.native_input_normalize(name) == "minus_one_one"
+        assert get_model(name, pretrained=False).input_normalize == "minus_one_one"
+    for name in ("resnet18", "ResNet18", "mobilenet_v3_small"):
+        assert ssl.native_input_normalize(name) == "imagenet"
+    assert get_model("resnet18", pretrained=False).input_normalize == "imagenet"
+    path, _, _ = write_upstream_file("dino", tmp_path)
+    assert ssl.native_input_normalize(str(path)) == "minus_one_one" == get_model(str(path)).input_normalize
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "plain.pth")
+    assert ssl.native_input_normalize(str(tmp_path / "plain.pth")) == "imagenet"
+    hub.save_checkpoint(tmp_path / "recorded.pt", torchvision.models.resnet18().state_dict(),
+                        meta={"arch": "resnet18", "normalize": "minus_one_one"})
+    assert ssl.native_input_normalize(str(tmp_path / "recorded.pt")) == "minus_one_one"
+    assert get_model(str(tmp_path / "recorded.pt")).input_normalize == "minus_one_one"
+
+
 def test_unknown_type_model_lists_the_valid_names():
     with pytest.raises(ValueError) as err:
         get_model("mocov3")

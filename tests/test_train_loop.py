@@ -180,6 +180,14 @@ def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "6 images cached, representation width 512" in proc.stdout
+    # resnet18 is fed the ImageNet scaling its weights were trained with, unless a flag says otherwise
+    cache = load_cache(str(tmp_path / "cache"))
+    assert cache["encoder"]["normalize"] == "imagenet"
+    encoder = get_model("resnet18", pretrained=False)
+    first = str(Path(photos) / cache["paths"][0])
+    with torch.no_grad():
+        direct = encoder(encoder_input(first, normalize="imagenet").unsqueeze(0))[0]
+    torch.testing.assert_close(cache["features"][0, 0], direct, rtol=1e-4, atol=1e-4)
     out = tmp_path / "run"
     proc = _run_train(["--feat_cond", "--data_dir", photos, "--type_model", "resnet18",
                        "--pretrained_encoder", "False", "--out_dir", str(out), "--lr", "1e-4",
@@ -197,7 +205,7 @@ def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
     sd, meta = hub.load_checkpoint(out / "model000003.pt")
     assert meta["model_flags"]["image_size"] == 32 and meta["model_flags"]["ssl_dim"] == 512
     assert meta["model_flags"]["feat_cond"] is True
-    assert meta["encoder"] == {"type_model": "resnet18", "use_head": False, "normalize": "minus_one_one",
+    assert meta["encoder"] == {"type_model": "resnet18", "use_head": False, "normalize": "imagenet",
                                "pretrained": False}
     model, _ = tiny_model()
     hub.load_state_dict_checked(model, sd, meta=meta)
@@ -206,6 +214,18 @@ def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
     assert all(math.isfinite(float(v)) for k, v in rows[0].items() if v)
     log = (out / "log.txt").read_text()
     assert "saved checkpoint" in log and "encoding" not in log
+
+
+def test_encoder_input_scaling_defaults_to_the_encoders_own_and_the_flag_overrides_it():
+    from guided_diffusion_rcdm.feature_cache import encoder_info_from_args
+    from scripts import image_train
+
+    parser = image_train.create_argparser()
+    for argv, expected in (([], "minus_one_one"), (["--type_model", "supervised"], "minus_one_one"),
+                           (["--type_model", "resnet18"], "imagenet"),
+                           (["--type_model", "resnet18", "--encoder_normalize", "minus_one_one"], "minus_one_one"),
+                           (["--encoder_normalize", "imagenet"], "imagenet")):
+        assert encoder_info_from_args(parser.parse_args(argv))["normalize"] == expected, argv
 
 
 def test_fp16_loss_scaling_skips_overflowing_steps_and_is_checkpointed(tmp_path):
