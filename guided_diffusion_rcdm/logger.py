@@ -105,11 +105,12 @@ class Logger:
         self.name2val[key] = val
         self.name2cnt[key] = 1
 
-    def logkv_mean(self, key, val) -> None:
+    def logkv_mean(self, key, val, count: int = 1) -> None:
+        """Fold `val`, the mean of `count` values, into the running mean of `key`."""
         val = float(val)
         n = self.name2cnt[key]
-        self.name2val[key] = self.name2val[key] * n / (n + 1) + val / (n + 1)
-        self.name2cnt[key] = n + 1
+        self.name2val[key] = self.name2val[key] * n / (n + count) + val * count / (n + count)
+        self.name2cnt[key] = n + count
 
     def dumpkvs(self) -> dict:
         local = {k: (v, self.name2cnt.get(k, 1)) for k, v in self.name2val.items()}
@@ -212,8 +213,8 @@ def logkv(key, val) -> None:
     get_current().logkv(key, val)
 
 
-def logkv_mean(key, val) -> None:
-    get_current().logkv_mean(key, val)
+def logkv_mean(key, val, count: int = 1) -> None:
+    get_current().logkv_mean(key, val, count)
 
 
 def logkvs(d: dict) -> None:

@@ -42,10 +42,16 @@ class ScheduleSampler(ABC):
         w = self.weights()
         p = w / np.sum(w)
         indices_np = np.random.choice(len(p), size=(batch_size,), p=p)
-        indices = torch.from_numpy(indices_np).long().to(device)
         weights_np = 1 / (len(p) * p[indices_np])
-        weights = torch.from_numpy(weights_np).float().to(device)
-        return indices, weights
+        return _to_device(indices_np.astype(np.int64), device), _to_device(weights_np.astype(np.float32), device)
+
+
+def _to_device(array: np.ndarray, device) -> torch.Tensor:
+    """`array` on `device`; to a GPU through pinned memory, so the copy does not wait for the GPU."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class UniformSampler(ScheduleSampler):

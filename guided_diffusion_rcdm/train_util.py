@@ -38,7 +38,6 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
-from .nn import update_ema
 from .precision import PRECISIONS, autocast, prepare_model, resolve_precision  # noqa: F401 (re-exported)
 from .resample import LossAwareSampler, UniformSampler
 
@@ -344,7 +343,11 @@ class TrainLoop:
         # Every rank starts from rank 0's weights, EMA copies included.
         dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
+        self.opt, self._fused_opt = _adamw(self.params, lr=self.lr, weight_decay=self.weight_decay)
+        # What a log line reports, kept on the device until it is written (see `_write_logs`).
+        self._log_means = DeviceMeans()
+        self._skipped_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self._scale_used: Optional[torch.Tensor] = None
         self.scaler = None
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler(
@@ -406,6 +409,8 @@ class TrainLoop:
         if found["opt"] is not None:
             state = found["opt"]
             self.opt.load_state_dict(state["optimizer"])
+            if self._fused_opt:
+                _keep_fused(self.opt)
             if self.scaler is not None and state.get("grad_scaler"):
                 self.scaler.load_state_dict(state["grad_scaler"])
             if isinstance(self.schedule_sampler, LossAwareSampler) and state.get("schedule_sampler"):
@@ -467,9 +472,10 @@ class TrainLoop:
                 loss = self.run_step(batch, cond)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if self.step % self.log_interval == 0:
-                    logger.dumpkvs()
+                    self._write_logs()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
                 if self.step % self.save_interval == 0:
                     self.save()
                     saved_at = self.step
@@ -493,27 +499,40 @@ class TrainLoop:
         torch.manual_seed((int(state[0]) << 32) | int(state[1]))
         np.random.seed(int(state[2]))
 
-    def run_step(self, batch: torch.Tensor, cond: dict) -> float:
-        """One optimizer step on `batch`; returns its mean (weighted) loss."""
+    def run_step(self, batch: torch.Tensor, cond: dict) -> torch.Tensor:
+        """One optimizer step on `batch`; returns its mean (weighted) loss, a 0-d tensor on the
+        device (reading it waits for the GPU: the loop does so only when it writes a log line)."""
         self._anneal_lr()
         self.opt.zero_grad(set_to_none=True)
         loss = self.forward_backward(batch, cond)
-        took_step = self._optimize()
-        if took_step:
-            self._update_ema()
+        step_taken = self._optimize()
+        self._update_ema(step_taken)
         self.step += 1
         logger.logkv("step", self.step)
         logger.logkv("samples", self.step * self.global_batch)
         logger.logkv("lr", self.opt.param_groups[0]["lr"])
         return loss
 
-    def forward_backward(self, batch: torch.Tensor, cond: dict) -> float:
+    def _write_logs(self) -> dict:
+        """Read the step values kept on the device (one synchronisation), then write the log line."""
+        for key, (mean, count) in self._log_means.pop().items():
+            logger.logkv_mean(key, mean, count)
+        skipped = int(self._skipped_steps)
+        self._skipped_steps.zero_()
+        if self._scale_used is not None:
+            logger.logkv("lg_loss_scale", math.log2(float(self._scale_used)))
+        if skipped:
+            logger.warn(f"{skipped} step(s) up to step {self.step} skipped: non-finite gradients")
+        return logger.dumpkvs()
+
+    def forward_backward(self, batch: torch.Tensor, cond: dict) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
         cond = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
         n = batch.shape[0]
         t, weights = self.schedule_sampler.sample(n, self.device)
         noise = torch.randn_like(batch)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
+        step_losses = []
         for i in range(0, n, self.microbatch):
             sl = slice(i, i + self.microbatch)
             micro, micro_t, micro_w = batch[sl], t[sl], weights[sl]
@@ -524,47 +543,62 @@ class TrainLoop:
                 losses = self.diffusion.training_losses(
                     self.forward_model, micro, micro_t, model_kwargs=micro_cond, noise=noise[sl]
                 )
-                if isinstance(self.schedule_sampler, LossAwareSampler):
-                    self.schedule_sampler.update_with_local_losses(micro_t, losses["loss"].detach())
+                step_losses.append(losses["loss"].detach())
                 # Weight each microbatch by its share so the sum is the full batch's mean.
                 loss = (losses["loss"] * micro_w).mean() * (micro.shape[0] / n)
-                log_loss_dict(self.diffusion, micro_t, {k: v * micro_w for k, v in losses.items()})
+                log_loss_dict(self.diffusion, micro_t, {k: v * micro_w for k, v in losses.items()},
+                              into=self._log_means)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
                     loss.backward()
-            total += float(loss.detach())
+            total += loss.detach()
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            # Its weights live on the host: the step's losses are read back once (not per microbatch).
+            self.schedule_sampler.update_with_local_losses(t, torch.cat(step_losses))
         return total
 
-    def _optimize(self) -> bool:
+    def _optimize(self) -> torch.Tensor:
+        """Clip nothing, step (unless a gradient is inf/NaN), and return whether it stepped, as a
+        device boolean: deciding on the host would wait for the GPU at every step."""
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         grad_norm, param_norm = self._norms()
-        logger.logkv_mean("grad_norm", grad_norm)
-        logger.logkv_mean("param_norm", param_norm)
+        self._log_means.add("grad_norm", grad_norm)
+        self._log_means.add("param_norm", param_norm)
+        finite = torch.isfinite(grad_norm)
+        self._skipped_steps += ~finite
         if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.opt)
+            # the scale this step used, for the log; a device tensor (get_scale() would read it back)
+            self._scale_used = self.scaler._get_scale_async().clone()
+            self.scaler.step(self.opt)  # skips a step with inf/NaN gradients (on the device when fused)
             self.scaler.update()
-            logger.logkv("lg_loss_scale", math.log2(scale))
-            return self.scaler.get_scale() >= scale  # a skipped step lowers the scale
-        if not math.isfinite(grad_norm):
-            logger.warn(f"non-finite gradient at step {self.step}: step skipped")
-            return False
-        self.opt.step()
-        return True
+        elif self._fused_opt:
+            # The fused AdamW skips its update where `found_inf` is 1, as GradScaler asks it to.
+            self.opt.found_inf = (~finite).float()
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.found_inf
+        elif bool(finite):  # an optimizer without the fused kernel: decide on the host
+            self.opt.step()
+        return finite
 
     @torch.no_grad()
-    def _norms(self) -> tuple[float, float]:
-        """Global L2 norms of the gradients and of the parameters."""
+    def _norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global L2 norms of the gradients and of the parameters, as 0-d device tensors."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        g = torch.stack(torch._foreach_norm(grads)).float().norm() if grads else torch.zeros(())
+        g = torch.stack(torch._foreach_norm(grads)).float().norm() if grads else torch.zeros((), device=self.device)
         w = torch.stack(torch._foreach_norm(self.params)).float().norm()
-        return float(g), float(w)
+        return g, w
 
-    def _update_ema(self) -> None:
+    @torch.no_grad()
+    def _update_ema(self, step_taken: torch.Tensor) -> None:
+        """Move each EMA towards the weights by (1 - rate), or not at all after a skipped step."""
+        taken = step_taken.float()
         for rate, params in zip(self.ema_rate, self.ema_params):
-            update_ema(params, self.params, rate=rate)
+            weight = taken * (1.0 - rate)  # a 0-d device tensor: no host read
+            torch._foreach_lerp_(params, self.params, [weight.expand_as(p) for p in params])
 
     def _anneal_lr(self) -> None:
         if not self.lr_anneal_steps:
@@ -614,14 +648,77 @@ def _sampler_state(sampler) -> Optional[dict]:
     return None
 
 
-def log_loss_dict(diffusion, ts: torch.Tensor, losses: dict) -> None:
-    """Log each loss term's mean and its mean per quarter of the diffusion (`<term>_q0..q3`)."""
+def _adamw(params: list, **kwargs) -> tuple[torch.optim.Optimizer, bool]:
+    """AdamW, fused where torch has the kernel (it can skip a step on the device); else the default."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs), True
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs), False
+
+
+def _keep_fused(opt: torch.optim.Optimizer) -> None:
+    """After `load_state_dict` of a state saved by an unfused AdamW: fused again, and its step
+    counters where the fused kernel wants them (float32, on the parameter's device)."""
+    for group in opt.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
+class DeviceMeans:
+    """Running means of logged values, kept on the device and read back all at once by `pop`."""
+
+    def __init__(self):
+        # name -> (keys, sums, counts): one key per entry of the sum and count vectors
+        self._groups: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+
+    def _accumulate(self, name: str, keys: list[str], sums: torch.Tensor, counts: torch.Tensor) -> None:
+        if name in self._groups:
+            _, old_sums, old_counts = self._groups[name]
+            sums, counts = old_sums + sums, old_counts + counts
+        self._groups[name] = (keys, sums, counts)
+
+    def add(self, key: str, values: torch.Tensor) -> None:
+        """Add every entry of `values` (any shape) to the mean of `key`."""
+        values = values.detach().float().flatten()
+        self._accumulate(key, [key], values.sum().reshape(1), torch.full((1,), values.numel(), device=values.device))
+
+    def add_binned(self, key: str, values: torch.Tensor, bins: torch.Tensor, num_bins: int) -> None:
+        """Add `values` [N] to the means of `key_q0 .. key_q{num_bins-1}`, each by its bin in `bins` [N]."""
+        values = values.detach().float().flatten()
+        # one-hot by comparison: F.one_hot reads the bins back to check them on a CPU
+        onehot = (bins.flatten()[:, None] == torch.arange(num_bins, device=bins.device)).float()
+        keys = [f"{key}_q{b}" for b in range(num_bins)]
+        self._accumulate(f"{key}_q", keys, values @ onehot, onehot.sum(0))
+
+    def pop(self) -> dict[str, tuple[float, float]]:
+        """{key: (mean, count)} of the keys that saw values, read back in one transfer; then empty."""
+        if not self._groups:
+            return {}
+        keys = [k for ks, _, _ in self._groups.values() for k in ks]
+        sums = torch.cat([s for _, s, _ in self._groups.values()])
+        counts = torch.cat([c.float() for _, _, c in self._groups.values()])
+        both = torch.stack([sums, counts]).cpu().tolist()
+        self._groups.clear()
+        return {k: (total / count, count) for k, total, count in zip(keys, *both) if count > 0}
+
+
+def log_loss_dict(diffusion, ts: torch.Tensor, losses: dict, into: DeviceMeans | None = None) -> None:
+    """Log each loss term's mean and its mean per quarter of the diffusion (`<term>_q0..q3`).
+
+    With `into`, the values are added to it on the device (the training loop writes them at its log
+    interval); without, they are logged at once (which reads them back from the device).
+    """
+    quartiles = (4 * ts.detach() // diffusion.num_timesteps).long()
+    means = into if into is not None else DeviceMeans()
     for key, values in losses.items():
-        values = values.detach().float()
-        logger.logkv_mean(key, values.mean().item())
-        quartiles = (4 * ts.detach().cpu().numpy() / diffusion.num_timesteps).astype(int)
-        for q, v in zip(quartiles, values.cpu().numpy()):
-            logger.logkv_mean(f"{key}_q{q}", v)
+        means.add(key, values)
+        means.add_binned(key, values, quartiles, 4)
+    if into is None:
+        for key, (mean, count) in means.pop().items():
+            logger.logkv_mean(key, mean, count)
 
 
 def get_blob_logdir() -> Optional[str]:

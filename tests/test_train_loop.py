@@ -280,3 +280,54 @@ def test_the_readme_command_lines_parse_with_every_original_flag():
         f"--nodes 4 --ngpus 8 --use_volta32 --partition p --timeout 60 --comment c {line}".split())
     assert (sub.nodes, sub.ngpus, sub.use_volta32, sub.partition, sub.timeout, sub.comment) == (4, 8, True, "p", 60, "c")
     assert sub.out_dir == "S" and sub.image_size == 128
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_training_steps_read_nothing_back_from_the_device_between_log_lines(precision, tmp_path):
+    # On a GPU every read-back (`.item()`, `float(t)`) or tensor made from host data waits for the
+    # GPU to finish; counted here on the CPU, where the same operations pass through the dispatcher.
+    from _host_traffic import HostTraffic
+
+    model, diffusion = tiny_model()
+    batch = torch.rand(4, 3, 32, 32) * 2 - 1
+    cond = {"feat": torch.randn(4, 512)}
+    logger.configure(dir=str(tmp_path), format_strs="csv")
+    loop = TrainLoop(model=model, diffusion=diffusion, data=_repeat(batch, cond), batch_size=4,
+                     microbatch=3, lr=1e-3, ema_rate="0.9,0.99", log_interval=3, save_interval=1000,
+                     resume_checkpoint="", precision=precision, progress=False, out_dir=str(tmp_path))
+    loop.run_step(batch, cond)  # first step: optimizer state, autocast caches
+    per_step = []
+    for _ in range(2):
+        with HostTraffic() as traffic:
+            loop.run_step(batch, cond)
+        per_step.append(dict(traffic.counts))
+    # the two tensors per step are the timesteps and weights drawn with numpy (copied from pinned
+    # memory without waiting on a GPU); nothing is read back
+    assert per_step == [{"host_tensors": 2}] * 2, per_step
+    with HostTraffic() as traffic:
+        row = loop._write_logs()
+    logger.reset()
+    assert 1 <= traffic.reads <= 2, traffic.counts  # the log line: one read (plus the loss scale)
+    assert row["step"] == 3 and math.isfinite(row["loss"]) and "grad_norm" in row
+    assert ("lg_loss_scale" in row) == (precision == "fp16")  # fp16's first steps overflow: inf norms
+    assert {"mse", "vb", "param_norm"} <= row.keys() and any(k.startswith("loss_q") for k in row)
+
+
+def test_a_non_finite_gradient_skips_the_step_and_the_ema_without_a_host_read(tmp_path):
+    model, diffusion = tiny_model()
+    batch = torch.rand(2, 3, 32, 32) * 2 - 1
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    loop = TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-3,
+                     ema_rate="0.5", log_interval=1, save_interval=1000, resume_checkpoint="",
+                     progress=False, out_dir=str(tmp_path))
+    loop.run_step(batch, {"feat": torch.randn(2, 512)})
+    params = [p.detach().clone() for p in loop.params]
+    ema = [p.clone() for p in loop.ema_params[0]]
+    loop.run_step(batch, {"feat": torch.full((2, 512), float("nan"))})
+    assert all(torch.equal(a, b) for a, b in zip(params, loop.params))
+    assert all(torch.equal(a, b) for a, b in zip(ema, loop.ema_params[0]))
+    loop._write_logs()
+    loop.run_step(batch, {"feat": torch.randn(2, 512)})
+    assert not all(torch.equal(a, b) for a, b in zip(ema, loop.ema_params[0]))
+    logger.reset()
+    assert "1 step(s) up to step 2 skipped: non-finite gradients" in (tmp_path / "log.txt").read_text()
