@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from . import fileio
+
 CHECKPOINT_FORMAT = "rcdm-checkpoint-v1"
 MIRROR_ENV = "RCDM_MIRROR"
 TIMEOUT_ENV = "RCDM_DOWNLOAD_TIMEOUT"
@@ -415,30 +417,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         with bf.BlobFile(path, "wb") as f:
             f.write(buffer.getvalue())
         return
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    try:  # make the rename itself durable; not possible on every platform / filesystem
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    fileio.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _plain_meta(meta: dict | None) -> dict:
@@ -487,7 +466,7 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
         with bf.BlobFile(path, "wb") as f:
             f.write(payload)
         return
-    _atomic_write(path, lambda f: f.write(payload))
+    fileio.atomic_write(path, lambda f: f.write(payload))
 
 
 # ----------------------------------------------------------------------------- checked loading

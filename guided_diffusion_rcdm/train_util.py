@@ -37,14 +37,14 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import dist_util, logger
+from . import dist_util, fileio, logger
 from .precision import PRECISIONS, autocast, prepare_model, resolve_precision  # noqa: F401 (re-exported)
 from .resample import LossAwareSampler, UniformSampler
 
 INITIAL_LOG_LOSS_SCALE = 20.0  # the original's starting fp16 loss scale, 2**20
 TRAIN_STATE_FORMAT = "rcdm-train-state-v1"
 _MODEL_RE = re.compile(r"^model(\d+)\.pt$")
-# what an interrupted atomic save leaves behind (hub writes `.<name>.<random>.tmp`, then renames)
+# what an interrupted atomic save leaves behind (`fileio.temp_name`: `.<name>.<host>.<pid>.<hex>.tmp`)
 _STALE_TMP_RE = re.compile(r"^\.(model\d+|opt\d+|ema_[0-9.]+_\d+)\.pt\..+\.tmp$")
 
 
@@ -156,14 +156,40 @@ def load_resume_files(model_path: str, ema_rates) -> dict:
 
 
 def remove_stale_temporaries(out_dir: str) -> list:
-    """Delete the temporary files of checkpoint saves that never finished (a crash mid-save)."""
-    if not out_dir or not bf.exists(out_dir):
+    """Delete the temporary files of checkpoint saves whose writer is dead (a crash mid-save);
+    a save in progress in another process is left alone."""
+    if not out_dir or not bf.exists(out_dir) or _is_remote(out_dir):
         return []
-    stale = [bf.join(out_dir, n) for n in bf.listdir(out_dir) if _STALE_TMP_RE.match(n)]
+    stale = [bf.join(out_dir, n) for n in bf.listdir(out_dir)
+             if _STALE_TMP_RE.match(n) and fileio.writer_is_dead(n, folder=out_dir)]
     for path in stale:
-        bf.remove(path)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
         logger.log(f"removed {path}, left by a save that was interrupted")
     return stale
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def lock_out_dir(out_dir: str, warn=None) -> Optional[fileio.RunLock]:
+    """Rank 0 takes the run lock of `out_dir` (see `fileio.acquire_run_lock`); if it cannot,
+    every rank raises the same error (`RunLockedError`, or OSError for an unwritable folder).
+    Remote folders (gs://, az://) are not locked."""
+    lock, error = None, None
+    if dist_util.is_main_process() and out_dir and not _is_remote(out_dir):
+        try:
+            lock = fileio.acquire_run_lock(out_dir, warn=warn or logger.warn)
+        except (fileio.RunLockedError, OSError) as exc:
+            error = (isinstance(exc, fileio.RunLockedError), str(exc))
+    if dist_util.get_world_size() > 1:
+        error = dist_util.broadcast_object(error)
+    if error:
+        raise (fileio.RunLockedError if error[0] else OSError)(error[1])
+    return lock
 
 
 def find_resume_checkpoint(out_dir: str, ema_rates=()) -> Optional[dict]:
@@ -356,6 +382,7 @@ class TrainLoop:
                 growth_interval=max(1, round(1.0 / fp16_scale_growth)),
             )
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rate]
+        self._lock: Optional[fileio.RunLock] = None
         self._resume()
 
         if self.world_size > 1:
@@ -375,18 +402,44 @@ class TrainLoop:
         )
 
     # -- resume ----------------------------------------------------------------------------
+    def _hold_out_dir(self) -> None:
+        """One run per `out_dir`: take its lock (rank 0), unless this loop holds it already."""
+        if self._lock is None:
+            self._lock = lock_out_dir(self.out_dir)
+
+    def _release_out_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def _resume(self) -> None:
-        found = None
+        # The folder is held while its files are cleaned and read, and again while training.
+        if self.out_dir and bf.exists(self.out_dir):
+            self._hold_out_dir()
+        try:
+            self._resume_held()
+        finally:
+            self._release_out_dir()
+
+    def _resume_held(self) -> None:
+        found, error = None, None
         if dist_util.is_main_process():
-            if self.resume_checkpoint:
-                if not bf.exists(self.resume_checkpoint):
-                    raise FileNotFoundError(f"--resume_checkpoint {self.resume_checkpoint!r} does not exist")
-                found = load_resume_files(self.resume_checkpoint, self.ema_rate)
-                for problem in found["problems"]:
-                    logger.warn(f"resuming from {self.resume_checkpoint}: {problem}")
-            else:
-                remove_stale_temporaries(self.out_dir)
-                found = find_resume_checkpoint(self.out_dir, self.ema_rate)
+            try:
+                if self.resume_checkpoint:
+                    if not bf.exists(self.resume_checkpoint):
+                        raise FileNotFoundError(f"--resume_checkpoint {self.resume_checkpoint!r} does not exist")
+                    found = load_resume_files(self.resume_checkpoint, self.ema_rate)
+                    for problem in found["problems"]:
+                        logger.warn(f"resuming from {self.resume_checkpoint}: {problem}")
+                else:
+                    remove_stale_temporaries(self.out_dir)
+                    found = find_resume_checkpoint(self.out_dir, self.ema_rate)
+            except Exception as exc:  # tell the other ranks instead of leaving them waiting
+                if self.world_size == 1:
+                    raise
+                error = exc
+        if self.world_size > 1 and dist_util.broadcast_object(error is not None):
+            raise error if error is not None else RuntimeError("rank 0 could not read the checkpoint to resume from")
         choice = dist_util.broadcast_object(None if found is None else found["path"])
         if choice is None:
             dist_util.barrier()
@@ -464,7 +517,9 @@ class TrainLoop:
             )
         saved_at = self.step
         self._started = time.monotonic()
-        with StopOnSignal() as stop:
+        self._hold_out_dir()
+        with StopOnSignal() as stop, contextlib.ExitStack() as release:
+            release.callback(self._release_out_dir)
             done, signum = self._stop_reason(stop)
             while not (done or signum):
                 batch, cond = next(self.data)

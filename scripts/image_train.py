@@ -35,7 +35,8 @@ from guided_diffusion_rcdm.script_util import (
     model_and_diffusion_defaults,
     str2bool,
 )
-from guided_diffusion_rcdm.train_util import TrainLoop, conditioned_batches, resolve_precision
+from guided_diffusion_rcdm.fileio import RunLockedError
+from guided_diffusion_rcdm.train_util import TrainLoop, conditioned_batches, lock_out_dir, resolve_precision
 
 DEFAULT_SSL_DIM = 2048  # the original's width when training without --feat_cond
 
@@ -125,7 +126,15 @@ def _representation_dim(encoder) -> int:
 
 def main(args) -> None:
     dist_util.setup_dist()
+    # One run per folder, and a folder we can write to, before anything else touches it.
+    notes: list[str] = []
+    try:
+        run_lock = lock_out_dir(args.out_dir, warn=notes.append)
+    except (RunLockedError, OSError) as err:
+        raise SystemExit(f"error: --out_dir: {err}") from None
     logger.configure(dir=args.out_dir)
+    for note in notes:
+        logger.warn(note)
     seed = args.seed + dist_util.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)  # the schedule sampler draws timesteps with numpy
@@ -215,6 +224,8 @@ def main(args) -> None:
     if stream.bad_files:
         logger.warn(f"{len(stream.bad_files)} unreadable image(s) were skipped on this rank")
     logger.log("done.")
+    if run_lock is not None:
+        run_lock.release()
     dist_util.cleanup()
 
 

@@ -1,0 +1,355 @@
+"""Writing files so that a fault loses nothing: atomic replace, appends that never follow a planted
+link, one training run per folder, and disk-full errors that say which file and how much room.
+
+- `atomic_write(path, write)`: a temporary file in the same folder, fsync, rename. A symbolic link
+  at `path` is replaced, never followed; a crash leaves the old file or the new one, never half.
+  Files get the usual permissions (0666 less the umask), like any file the user creates.
+- `open_append(path)`: append to a log without following a symbolic link at `path`.
+- `acquire_run_lock(folder)`: `train.lock` names the run that holds the folder (host, PID); a
+  second run gets one line; a lock whose process is gone is taken over with a warning.
+- Temporary files carry their writer's host and PID in their name, so clean-up removes only
+  those whose writer is dead (`writer_is_dead`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from typing import Callable, Optional
+
+LOCK_NAME = "train.lock"
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]*)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class DiskFullError(OSError):
+    """Writing a file failed because its device (or the user's quota) is full."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live training run holds the output folder."""
+
+
+class UnsafePathError(OSError):
+    """An output name is a symbolic link (which would send the write elsewhere)."""
+
+
+# ----------------------------------------------------------------------------- disk space
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_space(folder: str) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True if `exc`, or an error it was raised from, is "no space left" / "quota exceeded".
+
+    torch.save reports a full disk as a RuntimeError from its zip writer, chained to the OSError.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        text = str(exc)
+        if "No space left" in text or "Disk quota exceeded" in text or "file write failed" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(path: str, needed: Optional[int] = None) -> DiskFullError:
+    folder = os.path.dirname(os.path.abspath(path))
+    free = free_space(folder)
+    room = f"{format_bytes(free)} free" if free is not None else "free space unknown"
+    need = f", about {format_bytes(needed)} needed" if needed else ""
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left to write {path} ({room} in {folder}{need}); nothing was written: free "
+        "some space or choose another folder, then run again",
+    )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _hostname() -> str:
+    return socket.gethostname().split(".")[0].replace(".", "_") or "host"
+
+
+def temp_name(path: str) -> str:
+    """`.<name>.<host>.<pid>.<random>.tmp` next to `path`: who writes it is in the name."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{_hostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def refuse_symlink(path: str) -> None:
+    if os.path.islink(path):
+        raise UnsafePathError(
+            errno.ELOOP,
+            f"{path} is a symbolic link (to {os.readlink(path)}): refusing to write through it; "
+            "remove the link or choose another output name",
+        )
+
+
+def atomic_write(path: str, write: Callable, *, text: bool = False) -> None:
+    """Write `path` through `write(file)` into a temporary file of the same folder, then rename.
+
+    A symbolic link at `path` is replaced, not followed. A full disk raises `DiskFullError` (one
+    line with the file and the free space) and leaves no temporary file behind.
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0), 0o666)  # the umask applies, as to any new file
+    try:
+        try:
+            with os.fdopen(fd, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(path) from None
+            raise
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+    _fsync_folder(folder)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str, data: str) -> None:
+    atomic_write(path, lambda f: f.write(data), text=True)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:  # make the rename itself durable; not possible on every platform / filesystem
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def open_append(path: str, mode: str = "a"):
+    """Open `path` for appending (created 0666 less the umask), refusing a symbolic link there."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP or os.path.islink(path):
+            refuse_symlink(path)
+        raise
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _process_start(pid: int) -> Optional[int]:
+    """The start time of process `pid` (clock ticks since boot, Linux), to tell a reused PID."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_alive(pid: int, start: Optional[int] = None) -> bool:
+    """Is process `pid` on this host running (and, when `start` is known, the same process)?"""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user
+    if start is not None:
+        now = _process_start(pid)
+        if now is not None and now != start:
+            return False  # the PID was reused by another process
+    return True
+
+
+def writer_is_dead(name: str, max_foreign_age_s: float = 3600.0, folder: str = "") -> bool:
+    """For a temporary file name made by `temp_name`: is its writer gone?
+
+    On this host, the PID tells. A file from another host counts as abandoned once it has not
+    changed for `max_foreign_age_s` (a live save keeps writing it). Other names: False.
+    """
+    match = _TMP_RE.match(os.path.basename(name))
+    if not match:
+        return False
+    if match.group("host") == _hostname():
+        return not process_alive(int(match.group("pid")))
+    try:
+        age = time.time() - os.path.getmtime(os.path.join(folder, name) if folder else name)
+    except OSError:
+        return False
+    return age > max_foreign_age_s
+
+
+def temp_target(name: str) -> Optional[str]:
+    """The file a temporary name made by `temp_name` stands for, or None."""
+    match = _TMP_RE.match(os.path.basename(name))
+    return match.group("name") if match else None
+
+
+# ----------------------------------------------------------------------------- run lock
+
+
+def _me() -> dict:
+    me = {"host": _hostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if os.environ.get("SLURM_JOB_ID"):
+        me["slurm_job"] = os.environ["SLURM_JOB_ID"]
+        me["slurm_restart"] = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return me
+
+
+def _describe(holder: dict) -> str:
+    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    return f"host {holder.get('host')}, PID {holder.get('pid')}{job}, since {holder.get('since')}"
+
+
+def _stale(holder: dict, me: dict) -> bool:
+    if holder.get("host") == me["host"]:
+        return not process_alive(int(holder.get("pid") or 0), holder.get("start"))
+    # A requeued SLURM job runs again under the same id, maybe elsewhere: its old attempt is over.
+    return bool(holder.get("slurm_job")) and holder.get("slurm_job") == me.get("slurm_job") and (
+        holder.get("slurm_restart") != me.get("slurm_restart")
+    )
+
+
+class RunLock:
+    def __init__(self, path: str, record: dict):
+        self.path, self.record, self.count = path, record, 1
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count > 0:
+            return
+        _HELD.pop(os.path.dirname(self.path), None)
+        try:
+            with open(self.path) as f:
+                mine = json.load(f).get("pid") == self.record["pid"]
+        except (OSError, ValueError):
+            mine = False
+        if mine:
+            os.remove(self.path)
+
+
+_HELD: dict[str, RunLock] = {}
+
+
+def _read_holder(path: str) -> Optional[dict]:
+    for _ in range(20):  # the holder may be writing it this very moment
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            time.sleep(0.05)
+    return {}
+
+
+def acquire_run_lock(folder: str, warn: Callable[[str], None] = print) -> RunLock:
+    """Hold `folder` for this process (re-entrant); raise `RunLockedError` if a live run has it.
+
+    The folder is created; failing to write there raises OSError naming it (checked before any
+    heavy work by the scripts).
+    """
+    folder = os.path.realpath(folder)
+    if folder in _HELD:
+        _HELD[folder].count += 1
+        return _HELD[folder]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    me = _me()
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except FileExistsError:
+            holder = _read_holder(path)
+            if holder is None:
+                continue  # released meanwhile
+            if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                os.remove(path)  # our own, from a lock released without the file going away
+                continue
+            if holder and not _stale(holder, me):
+                raise RunLockedError(
+                    f"{folder} is in use by another training run ({_describe(holder)}): wait for "
+                    f"it to end, choose another --out_dir, or delete {path} if that run is gone"
+                ) from None
+            _take_over(path, holder)
+            warn(f"taking over {path}: the run that held it ({_describe(holder) if holder else 'unreadable lock'}) "
+                 "is no longer running")
+            continue
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full_error(path) from None
+            raise OSError(err.errno, f"cannot write in {folder} ({err.strerror}): choose a folder you "
+                                     "can write to") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError as err:
+            os.remove(path)
+            if is_disk_full(err):
+                raise disk_full_error(path) from None
+            raise
+        lock = _HELD[folder] = RunLock(path, me)
+        return lock
+    raise RunLockedError(f"could not take {path}: other runs keep taking it; start one run per folder")
+
+
+def _take_over(path: str, holder: Optional[dict]) -> None:
+    """Remove the stale lock `holder` at `path`, unless another run replaced it meanwhile."""
+    grave = f"{path}.{os.getpid()}.stale"
+    try:
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return
+    current = _read_holder(grave)
+    if current and holder and current != holder:  # a live run's fresh lock: put it back
+        try:
+            os.link(grave, path)
+        except OSError:
+            pass
+    os.remove(grave)
+
+
+@atexit.register
+def _release_all() -> None:
+    for lock in list(_HELD.values()):
+        lock.count = 1
+        lock.release()
