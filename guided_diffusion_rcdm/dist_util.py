@@ -386,6 +386,8 @@ def init_distributed_mode(args=None) -> DistInfo:
 
 
 def cleanup() -> None:
+    global _CONTROL_GROUP
+    _CONTROL_GROUP = None
     if is_initialized():
         dist.destroy_process_group()
 
@@ -416,12 +418,27 @@ def any_rank(flag: bool) -> bool:
     return bool(box.item())
 
 
+_CONTROL_GROUP = None
+
+
+def _control_group():
+    """A gloo group for small host-side flags, so that agreeing on them never waits for the GPU
+    (None: the default group is gloo already)."""
+    global _CONTROL_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.new_group(backend="gloo")
+    return _CONTROL_GROUP
+
+
 def max_over_ranks(values: list[int]) -> list[int]:
-    """The element-wise maximum of `values` over all ranks (one collective for several flags)."""
+    """The element-wise maximum of `values` over all ranks: one host-side collective for several
+    flags (stop signal, time limit), which does not synchronise with the GPU."""
     if not is_initialized():
         return [int(v) for v in values]
-    box = torch.tensor([float(v) for v in values], device=dev())
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    box = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control_group())
     return [int(v) for v in box.tolist()]
 
 
