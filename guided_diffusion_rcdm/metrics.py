@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import hub
+from .precision import exact_fp32_math
 
 # ----------------------------------------------------------------------------- representation fidelity
 
@@ -451,7 +452,8 @@ def inception_outputs(
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"images must be uint8 B x H x W x 3, got {x.dtype} {list(x.shape)}")
         x = x.to(device).permute(0, 3, 1, 2).float() / 255.0
-        p, lg = model(x)
+        with exact_fp32_math():  # TF32 on a GPU would move the features, and FID, by its rounding
+            p, lg = model(x)
         pools.append(p.double().cpu().numpy())
         logits.append(lg.double().cpu().numpy())
     if not pools:

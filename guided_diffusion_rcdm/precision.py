@@ -95,8 +95,42 @@ def prepare_model(
     return model
 
 
+def set_fp32_math(tf32: bool = False, *, fixed_shapes: bool | None = None) -> None:
+    """How float32 matrix products and convolutions run on NVIDIA GPUs, for this process.
+
+    `tf32=False` (exact): both in full float32, the arithmetic of the CPU and of the fp32 parity
+    tests. `tf32=True`: both in TensorFloat-32 (10-bit mantissa inputs, float32 accumulation), the
+    behaviour of the PyTorch versions the original was written with, several times faster on
+    Ampere and newer. Left alone, PyTorch runs convolutions in TF32 and matrix products in float32:
+    neither exact nor fast. `fixed_shapes=True` lets cuDNN time its algorithms for each new input
+    shape and keep the fastest (training, where the shapes repeat); None leaves it as it is.
+    No effect on the CPU.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    if fixed_shapes is not None:
+        torch.backends.cudnn.benchmark = bool(fixed_shapes)
+
+
+def fp32_math_mode() -> str:
+    """"tf32", "exact" or "mixed" (PyTorch's default: TF32 convolutions, float32 matrix products)."""
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    return "tf32" if matmul and conv else "exact" if not (matmul or conv) else "mixed"
+
+
+@contextlib.contextmanager
+def exact_fp32_math():
+    """A block in which float32 convolutions and matrix products are exact (for FID features)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_fp32_math(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def add_precision_args(parser, *, default_precision: str = "fp32") -> None:
-    """Add `--precision`, `--channels_last` and `--compile` to an argparse parser."""
+    """Add `--precision`, `--channels_last`, `--compile` and `--tf32` to an argparse parser."""
     parser.add_argument(
         "--precision",
         default=default_precision,
@@ -110,4 +144,15 @@ def add_precision_args(parser, *, default_precision: str = "fp32") -> None:
     )
     parser.add_argument(
         "--compile", action="store_true", help="compile the UNet with torch.compile (slow first call)"
+    )
+    add_tf32_arg(parser)
+
+
+def add_tf32_arg(parser) -> None:
+    """Add `--tf32` (see `set_fp32_math`)."""
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="on NVIDIA GPUs, run float32 convolutions and matrix products in TensorFloat-32 (fast, "
+        "about 1e-3 relative error); without it they are exact float32",
     )

@@ -26,7 +26,7 @@ import torch
 
 from . import hub
 from .image_datasets import encoder_input, find_images, load_rgb_image, model_input
-from .precision import add_precision_args, default_device, resolve_precision
+from .precision import add_precision_args, default_device, resolve_precision, set_fp32_math
 from .samplers import SAMPLERS
 from .script_util import (
     add_dict_to_argparser,
@@ -313,6 +313,7 @@ def load_components(args: argparse.Namespace) -> Components:
     from .get_ssl_models import get_model, representation_dim
 
     device = resolve_device(getattr(args, "device", ""))
+    set_fp32_math(getattr(args, "tf32", False))
     precision = resolve_precision(args.precision or None, args.use_fp16, device)
     check_model_path(args.model_path)
     state_dict, meta = load_rcdm_checkpoint(args.model_path, args.type_model, args.use_head)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from guided_diffusion_rcdm import benchmark as bm
-from guided_diffusion_rcdm.precision import default_device
+from guided_diffusion_rcdm.precision import add_tf32_arg, default_device, fp32_math_mode, set_fp32_math
 
 
 def parse_args(argv=None):
@@ -39,6 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON results")
     parser.add_argument("--smoke", action="store_true", help="tiny config, one iteration: checks the script runs")
+    add_tf32_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
+    set_fp32_math(args.tf32, fixed_shapes=True)
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in bm.CONFIGS]
     if unknown:
@@ -75,12 +77,16 @@ def main(argv=None) -> int:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # on a GPU, what "fp32" means here: exact float32, or TF32 convolutions and matmuls (--tf32)
+        "fp32_math": fp32_math_mode() if device.type == "cuda" else "exact",
         "forward": [], "sampling": [], "training": [],
     }
     peaks = {v.precision: bm.peak_tflops(device, v.precision) for v in variants}
     report["peak_tflops"] = peaks
     print("device peak (best of a large matmul and a 3x3 convolution): "
-          + ", ".join(f"{p} {t:.3g} TFLOP/s" for p, t in peaks.items()))
+          + ", ".join(f"{p} {t:.3g} TFLOP/s" for p, t in peaks.items())
+          + (f"; fp32 is {report['fp32_math']}" + (" (TF32)" if report["fp32_math"] == "tf32" else " float32")
+             if device.type == "cuda" else ""))
     for config in configs:
         if "forward" not in skip:
             rows = bm.as_dicts(bm.bench_forward(config, variants, batch_sizes, device, args.warmup, args.iters,

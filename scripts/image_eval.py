@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # `python scripts/image_eval.py` from anywhere
 
 from guided_diffusion_rcdm import metrics
 from guided_diffusion_rcdm import sample_util as su
+from guided_diffusion_rcdm.precision import add_tf32_arg, set_fp32_math
 from guided_diffusion_rcdm.script_util import str2bool
 
 
@@ -69,6 +70,7 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="", help="cpu, cuda, ... (default: a GPU if there is one)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                         help="encoder precision for the samples' representations (the .npz's are fp32)")
+    add_tf32_arg(parser)
     parser.add_argument("--progress", type=str2bool, default=True)
     parser.add_argument("--out_json", default="", help="where to write the scores (default: NPZ_eval.json)")
     return parser
@@ -141,6 +143,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.ref and not os.path.exists(args.ref):
         raise su.UsageError(f"--ref {args.ref}: no such folder or .npz file")
     device = su.resolve_device(args.device)
+    set_fp32_math(args.tf32)  # the encoder's; FID's Inception features are always exact float32
     results: dict = {"sample_path": os.path.abspath(args.sample_path),
                      "num_conditions": data.num_conditions,
                      "samples_per_condition": int(data.samples.shape[1]),

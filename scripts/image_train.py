@@ -26,6 +26,7 @@ import torch
 from guided_diffusion_rcdm import dist_util, logger
 from guided_diffusion_rcdm.feature_cache import encoder_info_from_args, prepare_feature_cache
 from guided_diffusion_rcdm.image_datasets import find_images, load_data
+from guided_diffusion_rcdm.precision import add_tf32_arg, set_fp32_math
 from guided_diffusion_rcdm.resample import create_named_schedule_sampler
 from guided_diffusion_rcdm.script_util import (
     add_dict_to_argparser,
@@ -95,6 +96,7 @@ def create_argparser() -> argparse.ArgumentParser:
     new.add_argument("--progress", type=str2bool, default=True, help="tqdm progress bar")
     new.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster with bf16)")
     new.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first steps)")
+    add_tf32_arg(new)
     new.add_argument("--sync_bn", type=str2bool, default=False,
                      help="with --norm_style cbn: batch statistics over all processes (SyncBatchNorm)")
     return parser
@@ -148,6 +150,7 @@ def main(args) -> None:
     image_paths = find_images(args.data_dir)
     _model_flag_check(args)
     precision = resolve_precision(args.precision, args.use_fp16)
+    set_fp32_math(args.tf32, fixed_shapes=True)  # a training batch always has the same shape
     logger.log(f"{len(image_paths)} images in {args.data_dir}; precision {precision}")
 
     encoder, features, ssl_dim = None, None, DEFAULT_SSL_DIM

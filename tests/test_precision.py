@@ -172,3 +172,47 @@ def test_sampling_casts_the_weights_once_for_the_whole_loop(model_and_inputs):
         lambda: sample_images(fast, diffusion, shape, sampler="ddim", noise=noise, model_kwargs=kwargs, device="cpu"))
     assert casts_every_step - casts_once >= 4 * conv_params
     torch.testing.assert_close(once, every_step, atol=0, rtol=0)
+
+
+@pytest.fixture
+def saved_fp32_math():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    yield
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = saved
+
+
+def test_tf32_is_both_or_neither_and_fid_features_stay_exact(saved_fp32_math):
+    from guided_diffusion_rcdm.precision import exact_fp32_math, fp32_math_mode, set_fp32_math
+
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # PyTorch's default
+    assert fp32_math_mode() == "mixed"
+    set_fp32_math(True, fixed_shapes=True)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+    assert fp32_math_mode() == "tf32"
+    with exact_fp32_math():
+        assert fp32_math_mode() == "exact"
+    assert fp32_math_mode() == "tf32"
+    set_fp32_math(False)
+    assert fp32_math_mode() == "exact" and torch.backends.cudnn.benchmark  # fixed_shapes=None: unchanged
+
+
+def test_every_script_takes_tf32_and_sampling_applies_it(saved_fp32_math, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from _sampling_helpers import make_tiny_checkpoint
+    from guided_diffusion_rcdm import sample_util as su
+    from guided_diffusion_rcdm.precision import fp32_math_mode
+    from scripts import benchmark, image_eval, image_train
+
+    assert image_train.create_argparser().parse_args(["--tf32"]).tf32
+    assert not image_train.create_argparser().parse_args([]).tf32
+    assert benchmark.parse_args(["--tf32"]).tf32
+    assert image_eval.create_argparser().parse_args(["x.npz", "--tf32"]).tf32
+    ckpt = make_tiny_checkpoint(tmp_path / "model.pt")
+    for flags, mode in (([], "exact"), (["--tf32"], "tf32")):
+        args = su.parse_args(su.create_argparser(), ["--model_path", ckpt, "--pretrained_encoder", "False",
+                                                     "--device", "cpu", *flags])
+        su.load_components(args)
+        assert fp32_math_mode() == mode
