@@ -298,6 +298,8 @@ class TrainLoop:
     :param compile: `torch.compile` the UNet.
     :param max_seconds: stop once this run has trained that long, and save (0: no limit); for
         a job with a wall-clock limit, so that it ends with a checkpoint rather than being killed.
+        Each rank reads its own clock every step; the ranks agree on stopping (time limit or stop
+        signal) about every `agree_seconds` of training, not every step (a collective each time).
     :param seed: the random streams of step S on rank R (timesteps, noise, representation
         dropout) are seeded from `(seed, R, S)`, so a resumed run draws what an uninterrupted one
         would; None draws a seed from torch's generator (recorded in the checkpoint). A `data`
@@ -331,6 +333,7 @@ class TrainLoop:
         compile=False,
         max_seconds=0.0,
         seed=None,
+        agree_seconds=2.0,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -351,6 +354,9 @@ class TrainLoop:
         self.max_steps = max_steps
         self.max_seconds = float(max_seconds)
         self._started: Optional[float] = None
+        self.agree_seconds = float(agree_seconds)
+        self._next_agreement = 0  # the step at which the ranks next agree on stopping
+        self._agreed_at: tuple[int, float] = (0, 0.0)  # (step, clock) of the last agreement
         self.out_dir = out_dir or logger.get_dir()
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.progress = progress
@@ -366,6 +372,10 @@ class TrainLoop:
         self.step = 0
         self.resume_step = 0
         self.model.to(self.device)
+        if channels_last:
+            # Before DDP lays out its gradient buckets, the optimizer and the EMA copies are made:
+            # all of them then share the parameters' channels-last layout.
+            self.model.to(memory_format=torch.channels_last)
         # Every rank starts from rank 0's weights, EMA copies included.
         dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -394,8 +404,6 @@ class TrainLoop:
         else:
             self.ddp_model = self.model
         self.use_ddp = self.world_size > 1
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
         # `forward_model` is what the loss calls; `ddp_model` keeps DDP's no_sync for microbatches.
         self.forward_model = prepare_model(
             self.ddp_model, precision=self.precision, device=self.device, compile=compile
@@ -464,6 +472,11 @@ class TrainLoop:
             self.opt.load_state_dict(state["optimizer"])
             if self._fused_opt:
                 _keep_fused(self.opt)
+            # Adam's moments take their parameter's layout (load_state_dict keeps the file's).
+            for p, p_state in self.opt.state.items():
+                for key, value in p_state.items():
+                    if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                        p_state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
             if self.scaler is not None and state.get("grad_scaler"):
                 self.scaler.load_state_dict(state["grad_scaler"])
             if isinstance(self.schedule_sampler, LossAwareSampler) and state.get("schedule_sampler"):
@@ -484,19 +497,34 @@ class TrainLoop:
 
     # -- loop ------------------------------------------------------------------------------
     def _stop_reason(self, stop: StopOnSignal) -> tuple[bool, int]:
-        """(done, signal) agreed by every rank in one collective: done when a step target is met
-        or a rank ran out of time; signal is the number of a stop signal any rank received (0:
-        none)."""
+        """(done, signal), the same on every rank: done when a step target is met or a rank ran
+        out of time; signal is the number of a stop signal any rank received (0: none).
+
+        One process decides every step from its own clock and flags. Several agree in one
+        collective, at steps all of them know in advance: every `agree_seconds` of training, as
+        measured by the slowest rank since the last agreement (at least every step, at most
+        every 1000).
+        """
         if (self.lr_anneal_steps and self.step >= self.lr_anneal_steps) or (
             self.max_steps and self.step >= self.max_steps
         ):
             return True, stop.received or 0
-        # Clocks differ between ranks: stop everywhere as soon as one rank is out of time.
+        now = time.monotonic()
         out_of_time = bool(self.max_seconds and self._started is not None
-                           and time.monotonic() - self._started >= self.max_seconds)
+                           and now - self._started >= self.max_seconds)
         if self.world_size == 1:
             return out_of_time, stop.received or 0
-        out_of_time, signum = dist_util.max_over_ranks([out_of_time, stop.received or 0])
+        if self.step < self._next_agreement:
+            return False, 0
+        last_step, last_clock = self._agreed_at
+        per_step = (now - last_clock) / (self.step - last_step) if self.step > last_step else 0.0
+        interval = 1 if per_step <= 0 else int(min(1000, max(1, self.agree_seconds / per_step)))
+        # Clocks differ between ranks: stop everywhere as soon as one rank is out of time; the
+        # next agreement comes after the fewest steps any rank asks for.
+        out_of_time, signum, neg_interval = dist_util.max_over_ranks(
+            [out_of_time, stop.received or 0, -interval])
+        self._agreed_at = (self.step, time.monotonic())
+        self._next_agreement = self.step - neg_interval
         return bool(out_of_time), signum
 
     def _target(self) -> Optional[int]:
@@ -517,6 +545,7 @@ class TrainLoop:
             )
         saved_at = self.step
         self._started = time.monotonic()
+        self._next_agreement, self._agreed_at = self.step, (self.step, self._started)
         self._hold_out_dir()
         with StopOnSignal() as stop, contextlib.ExitStack() as release:
             release.callback(self._release_out_dir)
@@ -664,11 +693,16 @@ class TrainLoop:
 
     # -- save ------------------------------------------------------------------------------
     def _state_dict_with(self, params) -> dict:
-        """The model's state dict with `params` in place of its trainable parameters."""
-        sd = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        """The model's state dict with `params` in place of its trainable parameters, in the
+        standard (contiguous) layout whatever the training layout (`channels_last`)."""
+
+        def saved(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+        sd = {k: saved(v) for k, v in self.model.state_dict().items()}
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         for name, p in zip(names, params):
-            sd[name] = p.detach().cpu().clone()
+            sd[name] = saved(p)
         return sd
 
     def _meta(self, weights: str) -> dict:

@@ -218,3 +218,136 @@ def test_the_rendezvous_address_is_never_loopback_for_other_hosts():
     own = dist_util.host_addresses()
     if own:
         assert dist_util.rendezvous_address([own[0]], own=[]) == own[0]
+
+
+CHANNELS_LAST_WORKER = r"""
+import os
+import sys
+import warnings
+import torch
+from guided_diffusion_rcdm import dist_util, logger
+from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion_rcdm.train_util import TrainLoop
+
+out = sys.argv[1]
+warnings.simplefilter("always")  # DDP warns when a gradient's layout differs from its bucket's
+dist_util.setup_dist()
+rank = dist_util.get_rank()
+logger.configure(dir=out, format_strs="log")
+flags = {**model_and_diffusion_defaults(), **dict(image_size=16, num_channels=32, num_res_blocks=1,
+         channel_mult="1,2", attention_resolutions="8", learn_sigma=True, diffusion_steps=50)}
+batch = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(rank))  # each rank its own
+result = {}
+for layout in ("contiguous", "channels_last"):
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**flags)
+    os.makedirs(f"{out}/{layout}", exist_ok=True)
+    loop = TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=4, microbatch=2, lr=1e-3,
+                     ema_rate="0.9", log_interval=1000, save_interval=1000, resume_checkpoint="",
+                     progress=False, out_dir=f"{out}/{layout}", precision="fp32", seed=0,
+                     channels_last=layout == "channels_last")
+    loop._seed_step()
+    loop.opt.zero_grad(set_to_none=True)
+    loop.forward_backward(batch, {})  # two microbatches: DDP's no_sync, then the all-reduce
+
+    def channels_last(tensors):
+        return [t.is_contiguous(memory_format=torch.channels_last) for t in tensors if t.dim() == 4]
+
+    result[layout] = {"grads": [p.grad.detach().contiguous() for p in loop.params],
+                      "params_cl": channels_last(loop.params), "grads_cl": channels_last(p.grad for p in loop.params),
+                      "ema_cl": channels_last(loop.ema_params[0])}
+    loop._optimize()
+    loop._update_ema()
+    loop.save()
+    result[layout]["ema"] = [p.detach().contiguous() for p in loop.ema_params[0]]
+torch.save(result, f"{out}/rank{rank}.pt")
+dist_util.cleanup()
+"""
+
+
+def test_channels_last_ddp_gradients_match_the_contiguous_ones(tmp_path):
+    # Channels-last is set before DDP lays out its gradient buckets and before the EMA copies are
+    # made: the two ranks' averaged gradients equal the contiguous model's, with no layout copies.
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", CHANNELS_LAST_WORKER, str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    for output in outputs:
+        assert "strides do not match bucket view strides" not in output, output[-2000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for rank in (r0, r1):
+        cl = rank["channels_last"]
+        assert cl["params_cl"] and all(cl["params_cl"]) and all(cl["grads_cl"]) and all(cl["ema_cl"])
+        for a, b in zip(cl["grads"], rank["contiguous"]["grads"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for layout in ("contiguous", "channels_last"):  # both ranks hold the same averaged gradients
+        for a, b in zip(r0[layout]["grads"] + r0[layout]["ema"], r1[layout]["grads"] + r1[layout]["ema"]):
+            assert torch.equal(a, b)
+    # the checkpoints are written in the standard layout whatever the training layout
+    from guided_diffusion_rcdm import hub
+
+    saved, _ = hub.load_checkpoint(tmp_path / "channels_last" / "ema_0.9_000000.pt")
+    assert all(t.is_contiguous() for t in saved.values())
+
+
+AGREEMENT_WORKER = r"""
+import sys
+import torch
+from guided_diffusion_rcdm import dist_util, logger
+from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion_rcdm.train_util import TrainLoop
+
+out, steps = sys.argv[1], int(sys.argv[2])
+collectives = []
+agree = dist_util.max_over_ranks
+
+def counted(values):  # the real collective, counted
+    collectives.append(list(values))
+    return agree(values)
+
+dist_util.max_over_ranks = counted
+dist_util.setup_dist()
+rank = dist_util.get_rank()
+logger.configure(dir=out, format_strs="log")
+torch.manual_seed(0)
+flags = {**model_and_diffusion_defaults(), **dict(image_size=16, num_channels=32, num_res_blocks=1,
+         channel_mult="1,2", attention_resolutions="", diffusion_steps=50)}
+model, diffusion = create_model_and_diffusion(**flags)
+
+def batches():
+    g = torch.Generator().manual_seed(rank)
+    while True:
+        yield torch.randn(2, 3, 16, 16, generator=g), {}
+
+loop = TrainLoop(model=model, diffusion=diffusion, data=batches(), batch_size=2, microbatch=-1, lr=1e-4,
+                 ema_rate="0.9", log_interval=1000, save_interval=100000, resume_checkpoint="",
+                 max_steps=steps, max_seconds=3600.0, progress=False, out_dir=out)
+loop.run_loop()
+torch.save({"step": loop.step, "collectives": len(collectives),
+            "params": [p.detach().clone() for p in model.parameters()]}, f"{out}/rank{rank}.pt")
+"""
+
+
+def test_a_time_limit_costs_no_collective_per_step(tmp_path):
+    # --max_minutes: each rank reads its clock every step, but the ranks agree (a collective and a
+    # host sync) only every couple of seconds, not every step.
+    port, steps = _free_port(), 30
+    procs = []
+    for rank in (0, 1):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", AGREEMENT_WORKER, str(tmp_path), str(steps)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["step"] == r1["step"] == steps
+    assert r0["collectives"] == r1["collectives"]
+    assert 1 <= r0["collectives"] < steps / 3, r0["collectives"]
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
