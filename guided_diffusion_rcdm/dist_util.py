@@ -451,6 +451,56 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class _TensorSlot:
+    """Where a tensor sits in a state sent by `broadcast_state`, and what it looks like."""
+
+    index: int
+    shape: tuple
+    dtype: torch.dtype
+
+
+def broadcast_state(state=None, src: int = 0):
+    """Rank `src`'s nested state (dicts, lists and tuples of tensors and plain values, such as an
+    optimizer's state dict) on every rank; other ranks pass nothing.
+
+    The structure travels as one small object and each tensor by itself, on this process's device
+    (where NCCL needs it), so only rank `src` reads the files the state came from.
+    """
+    if not is_initialized():
+        return state
+    tensors: list[torch.Tensor] = []
+
+    def strip(x):
+        if torch.is_tensor(x):
+            tensors.append(x)
+            return _TensorSlot(len(tensors) - 1, tuple(x.shape), x.dtype)
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(strip(v) for v in x)
+        return x
+
+    skeleton = broadcast_object(strip(state) if get_rank() == src else None, src=src)
+    device = dev()
+
+    def fill(x):
+        if isinstance(x, _TensorSlot):
+            if get_rank() == src:
+                buf = tensors[x.index].to(device)
+            else:
+                buf = torch.empty(x.shape, dtype=x.dtype, device=device)
+            dist.broadcast(buf, src)
+            return buf
+        if isinstance(x, dict):
+            return {k: fill(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(fill(v) for v in x)
+        return x
+
+    return fill(skeleton)
+
+
 def all_gather_objects(obj) -> list:
     if not is_initialized():
         return [obj]

@@ -452,8 +452,43 @@ class TrainLoop:
         if choice is None:
             dist_util.barrier()
             return
-        if found is None:  # other ranks load the files rank 0 chose
-            found = load_resume_files(choice, self.ema_rate)
+        # Rank 0 alone reads the files (a requeued job of many ranks would otherwise read every
+        # file once per rank from the shared filesystem); the others receive what they need.
+        if found is not None:
+            self._load_found(found)
+        summary = None if found is None else {
+            "step": found["step"], "seed": self.seed, "problems": found["problems"],
+            "has_opt": found["opt"] is not None,
+            "grad_scaler": (found["opt"] or {}).get("grad_scaler"),
+            "schedule_sampler": (found["opt"] or {}).get("schedule_sampler"),
+        }
+        summary = dist_util.broadcast_object(summary)
+        if summary["has_opt"]:
+            opt_state = dist_util.broadcast_state(self.opt.state_dict() if found is not None else None)
+            if found is None:
+                self.opt.load_state_dict(opt_state)
+                if self._fused_opt:
+                    _keep_fused(self.opt)
+        if found is None:
+            self.step = self.resume_step = summary["step"]
+            self.seed = summary["seed"]
+            if self.scaler is not None and summary["grad_scaler"]:
+                self.scaler.load_state_dict(summary["grad_scaler"])
+            if isinstance(self.schedule_sampler, LossAwareSampler) and summary["schedule_sampler"]:
+                self.schedule_sampler.load_state_dict({k: v.numpy() for k, v in summary["schedule_sampler"].items()})
+        if hasattr(self.data, "resume_at"):
+            self.data.resume_at(self.step)
+        elif self.data is not None:
+            logger.warn("the data iterator cannot skip ahead: the resumed run reads its batches from the start")
+        missing = "" if not summary["problems"] else f" (starting afresh: {'; '.join(summary['problems'])})"
+        logger.log(f"resumed from checkpoint {choice} at step {self.step}{missing}")
+        dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
+        for params in self.ema_params:
+            dist_util.sync_params(params)
+        dist_util.barrier()
+
+    def _load_found(self, found: dict) -> None:
+        """Put the files `load_resume_files` read into the model, EMA, optimizer and samplers."""
         from . import hub
 
         sd, meta = found["model"]
@@ -484,16 +519,6 @@ class TrainLoop:
                 self.schedule_sampler.load_state_dict(sampler_state)
             if not self._seed_given and isinstance(state.get("seed"), int):
                 self.seed = state["seed"]
-        if hasattr(self.data, "resume_at"):
-            self.data.resume_at(self.step)
-        elif self.data is not None:
-            logger.warn("the data iterator cannot skip ahead: the resumed run reads its batches from the start")
-        missing = "" if not found["problems"] else f" (starting afresh: {'; '.join(found['problems'])})"
-        logger.log(f"resumed from checkpoint {found['path']} at step {self.step}{missing}")
-        dist_util.sync_params(self.model.parameters())
-        for params in self.ema_params:
-            dist_util.sync_params(params)
-        dist_util.barrier()
 
     # -- loop ------------------------------------------------------------------------------
     def _stop_reason(self, stop: StopOnSignal) -> tuple[bool, int]:

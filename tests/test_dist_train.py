@@ -351,3 +351,71 @@ def test_a_time_limit_costs_no_collective_per_step(tmp_path):
     assert 1 <= r0["collectives"] < steps / 3, r0["collectives"]
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
+
+
+RESUME_WORKER = r"""
+import os, sys
+import torch
+from guided_diffusion_rcdm import dist_util, logger
+from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion_rcdm.train_util import TrainLoop
+
+out, steps = sys.argv[1], int(sys.argv[2])
+dist_util.setup_dist()
+rank = dist_util.get_rank()
+logger.configure(dir=out, format_strs="log")
+torch.manual_seed(100 + rank)  # every rank builds different weights: only what it receives counts
+flags = {**model_and_diffusion_defaults(), **dict(image_size=16, num_channels=32, num_res_blocks=1,
+         channel_mult="1,2", attention_resolutions="", diffusion_steps=50)}
+model, diffusion = create_model_and_diffusion(**flags)
+opened = []
+
+def record(event, args):  # every file this process opens, as Python opens it
+    if event == "open" and isinstance(args[0], str) and args[0].startswith(out):
+        opened.append(os.path.basename(args[0]))
+
+sys.addaudithook(record)
+
+def batches():
+    g = torch.Generator().manual_seed(rank)
+    while True:
+        yield torch.randn(2, 3, 16, 16, generator=g), {}
+
+loop = TrainLoop(model=model, diffusion=diffusion, data=batches(), batch_size=2, microbatch=-1, lr=1e-3,
+                 ema_rate="0.9", log_interval=1000, save_interval=2, resume_checkpoint="", max_steps=steps,
+                 progress=False, out_dir=out, seed=5)
+resumed = {"step": loop.step, "params": [p.detach().clone() for p in model.parameters()],
+           "ema": [p.clone() for p in loop.ema_params[0]],
+           "opt": [t.clone() for s in loop.opt.state_dict()["state"].values() for k, t in sorted(s.items())]}
+loop.run_loop()
+opened_before_training = list(opened)
+torch.save({"resumed": resumed, "opened": opened_before_training,
+            "params": [p.detach().clone() for p in model.parameters()]}, f"{out}/rank{rank}_{steps}.pt")
+"""
+
+
+def test_on_resume_only_rank_0_reads_the_checkpoint_and_every_rank_gets_its_state(tmp_path):
+    def launch(steps):
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, "-c", RESUME_WORKER, str(tmp_path), str(steps)],
+                                  env=dict(_env(), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outputs
+        return [torch.load(tmp_path / f"rank{r}_{steps}.pt", weights_only=True) for r in (0, 1)]
+
+    launch(2)  # trains two steps and saves them
+    r0, r1 = launch(4)  # resumes at step 2
+    assert {"model000002.pt", "opt000002.pt", "ema_0.9_000002.pt"} <= set(r0["opened"])
+    assert not [name for name in r1["opened"] if name.endswith(".pt")], r1["opened"]
+    a, b = r0["resumed"], r1["resumed"]
+    assert a["step"] == b["step"] == 2
+    for key in ("params", "ema", "opt"):
+        assert len(a[key]) == len(b[key]) > 0
+        assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+    from guided_diffusion_rcdm import hub
+
+    saved, _ = hub.load_checkpoint(tmp_path / "model000002.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], saved.values()))
+    assert all(torch.equal(x, y) for x, y in zip(r0["params"], r1["params"]))  # and they train alike
