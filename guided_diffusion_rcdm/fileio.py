@@ -41,6 +41,22 @@ class UnsafePathError(OSError):
     """An output name is a symbolic link (which would send the write elsewhere)."""
 
 
+class UnwritableFolderError(PermissionError):
+    """An output folder cannot be created or written to."""
+
+
+def _error(cls, code: int, message: str) -> OSError:
+    # The message alone (no "[Errno N]" prefix): it is shown to the user as one line.
+    err = cls(message)
+    err.errno = code
+    return err
+
+
+def unwritable(folder: str, err: OSError) -> UnwritableFolderError:
+    return _error(UnwritableFolderError, err.errno or errno.EACCES,
+                  f"cannot write in {folder} ({err.strerror or err}): choose a folder you can write to")
+
+
 # ----------------------------------------------------------------------------- disk space
 
 
@@ -81,8 +97,8 @@ def disk_full_error(path: str, needed: Optional[int] = None) -> DiskFullError:
     free = free_space(folder)
     room = f"{format_bytes(free)} free" if free is not None else "free space unknown"
     need = f", about {format_bytes(needed)} needed" if needed else ""
-    return DiskFullError(
-        errno.ENOSPC,
+    return _error(
+        DiskFullError, errno.ENOSPC,
         f"no space left to write {path} ({room} in {folder}{need}); nothing was written: free "
         "some space or choose another folder, then run again",
     )
@@ -103,8 +119,8 @@ def temp_name(path: str) -> str:
 
 def refuse_symlink(path: str) -> None:
     if os.path.islink(path):
-        raise UnsafePathError(
-            errno.ELOOP,
+        raise _error(
+            UnsafePathError, errno.ELOOP,
             f"{path} is a symbolic link (to {os.readlink(path)}): refusing to write through it; "
             "remove the link or choose another output name",
         )
@@ -158,7 +174,37 @@ def _fsync_folder(folder: str) -> None:
         pass
 
 
-def open_append(path: str, mode: str = "a"):
+def check_writable(folder: str, flag: str = "") -> None:
+    """Create `folder` and write (then remove) a probe file in it, so that an unwritable or full
+    output folder fails in one line before any heavy work."""
+    named = f"{flag} {folder}" if flag else folder
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = temp_name(os.path.join(folder, "write-probe"))
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(os.path.join(folder, "write-probe")) from None
+        raise unwritable(named, err) from None
+
+
+def save_image(image, path: str, **options) -> None:
+    """`PIL.Image.save` through `atomic_write` (the format from the file name's extension)."""
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image extension {ext!r} (use .png or .jpeg)")
+    atomic_write(path, lambda f: image.save(f, format=fmt, **options))
+
+
+def open_append(path: str, mode: str = "a", newline: Optional[str] = None):
     """Open `path` for appending (created 0666 less the umask), refusing a symbolic link there."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -167,7 +213,7 @@ def open_append(path: str, mode: str = "a"):
         if err.errno == errno.ELOOP or os.path.islink(path):
             refuse_symlink(path)
         raise
-    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": newline}))
 
 
 # ----------------------------------------------------------------------------- processes
@@ -292,7 +338,10 @@ def acquire_run_lock(folder: str, warn: Callable[[str], None] = print) -> RunLoc
     if folder in _HELD:
         _HELD[folder].count += 1
         return _HELD[folder]
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise unwritable(folder, err) from None
     path = os.path.join(folder, LOCK_NAME)
     me = _me()
     for _ in range(10):
@@ -317,8 +366,7 @@ def acquire_run_lock(folder: str, warn: Callable[[str], None] = print) -> RunLoc
         except OSError as err:
             if is_disk_full(err):
                 raise disk_full_error(path) from None
-            raise OSError(err.errno, f"cannot write in {folder} ({err.strerror}): choose a folder you "
-                                     "can write to") from None
+            raise unwritable(folder, err) from None
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)

@@ -18,7 +18,7 @@ import tempfile
 from collections import defaultdict
 from typing import Optional
 
-from . import dist_util
+from . import dist_util, fileio
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
 
@@ -54,6 +54,7 @@ class _CSV:
     def __init__(self, path: str):
         self.path = path
         self.keys: list[str] = []
+        fileio.refuse_symlink(path)  # its rows would be read from, and appended to, elsewhere
         if os.path.exists(path) and os.path.getsize(path) > 0:
             with open(path, newline="") as f:
                 self.keys = next(csv.reader(f), [])
@@ -62,7 +63,7 @@ class _CSV:
         new = sorted(k for k in kvs if k not in self.keys)
         if new:
             self._rewrite_with(self.keys + new)
-        with open(self.path, "a", newline="") as f:
+        with fileio.open_append(self.path, newline="") as f:
             csv.writer(f).writerow(["" if kvs.get(k) is None else kvs[k] for k in self.keys])
 
     def _rewrite_with(self, keys: list[str]) -> None:
@@ -70,13 +71,14 @@ class _CSV:
         if os.path.exists(self.path):
             with open(self.path, newline="") as f:
                 rows = list(csv.reader(f))[1:]
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path) or ".", suffix=".csv.tmp")
-        with os.fdopen(fd, "w", newline="") as f:
+
+        def write(f) -> None:
             w = csv.writer(f)
             w.writerow(keys)
             for row in rows:
                 w.writerow(row + [""] * (len(keys) - len(row)))
-        os.replace(tmp, self.path)
+
+        fileio.atomic_write(self.path, write, text=True)
         self.keys = keys
 
     def close(self) -> None:
@@ -193,7 +195,7 @@ def configure(dir: Optional[str] = None, format_strs=None, comm=None, log_suffix
             if fmt == "stdout":
                 outputs.append(_Text(sys.stdout, own=False))
             elif fmt == "log":
-                outputs.append(_Text(open(os.path.join(dir, f"log{log_suffix}.txt"), "a"), own=True))
+                outputs.append(_Text(fileio.open_append(os.path.join(dir, f"log{log_suffix}.txt")), own=True))
             elif fmt == "csv":
                 outputs.append(_CSV(os.path.join(dir, f"progress{log_suffix}.csv")))
             else:

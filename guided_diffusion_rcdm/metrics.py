@@ -681,11 +681,12 @@ def reference_statistics(
     pool, _ = inception_outputs(model, images, batch_size=batch_size, progress=progress, desc="reference features")
     mu, sigma = feature_statistics(pool)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, count=len(pool), source=os.path.abspath(ref), format=STATS_FORMAT,
-                 preprocessing=preprocessing)
-        os.replace(tmp, path)  # atomic: a crash never leaves half a statistics file
+        from .fileio import atomic_write
+
+        # atomic: a crash never leaves half a statistics file
+        atomic_write(str(path), lambda f: np.savez(
+            f, mu=mu, sigma=sigma, count=len(pool), source=os.path.abspath(ref), format=STATS_FORMAT,
+            preprocessing=preprocessing))
     return ReferenceStats(mu, sigma, len(pool), None if path is None else str(path), False, preprocessing)
 
 

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import fileio
+
 REPORT = "index.html"
 SETTINGS_VERSION = 1
 MARKER = "quickstart_model.json"  # written once training finished: names the checkpoint to sample from
@@ -95,7 +97,7 @@ def load_photo(name: str) -> Image.Image:
 def _save_view(image: Image.Image, box: tuple[int, int, int], path: Path) -> None:
     left, top, side = box
     view = image.crop((left, top, left + side, top + side)).resize((VIEW_SIZE, VIEW_SIZE), Image.BICUBIC)
-    view.save(path)
+    fileio.save_image(view, str(path))
 
 
 def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list[str], list[dict]]:
@@ -428,7 +430,7 @@ def loss_curve_svg(csv_path: Path, out: Path, width: int = 640, height: int = 26
     else:
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no logged steps</text>')
     parts.append("</svg>")
-    out.write_text("\n".join(parts))
+    fileio.atomic_write_text(str(out), "\n".join(parts))
     return {"points": len(steps), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None}
 
@@ -441,7 +443,7 @@ def contact_sheet(files: Sequence[str], out: Path, size: int = 48, per_row: int 
         with Image.open(f) as im:
             sheet.paste(im.convert("RGB").resize((size, size), Image.BICUBIC),
                         ((i % per_row) * (size + 2), (i // per_row) * (size + 2)))
-    sheet.save(out, quality=90)
+    fileio.save_image(sheet, str(out), quality=90)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -563,7 +565,7 @@ the row comes from; sample j of every row shares its noise.</p>
 </body></html>
 """
     path = out_dir / REPORT
-    path.write_text(body, encoding="utf-8")
+    fileio.atomic_write_text(str(path), body)
     return path
 
 
@@ -667,7 +669,7 @@ def run(s: Settings, command: str) -> dict:
               f"{s.image_size}x{s.image_size}; checkpoints in {run_dir}", flush=True)
         record = train(s, run_dir, train_files, features, encoder_info)
         record["reused"] = False
-        marker.write_text(json.dumps(record, indent=2))
+        fileio.atomic_write_text(str(marker), json.dumps(record, indent=2))
         print(f"  trained {record['steps_this_run']} steps in {record['seconds']:.0f} s "
               f"({record['images_per_second']} images/s)", flush=True)
     ckpt = run_dir / record["checkpoint"]
@@ -748,7 +750,7 @@ def run(s: Settings, command: str) -> dict:
         "timings": {**stages.timings, "total": time.monotonic() - wall},
     }
     report = write_report(out, result)
-    (out / "scores.json").write_text(json.dumps(result, indent=2, default=str))
+    fileio.atomic_write_text(str(out / "scores.json"), json.dumps(result, indent=2, default=str))
     print(result["verdict"], flush=True)
     print(f"done in {result['timings']['total']:.0f} s. Open the report: {report.resolve().as_uri()}", flush=True)
     return result

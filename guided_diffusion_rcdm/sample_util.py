@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import hub
+from . import fileio, hub
 from .image_datasets import encoder_input, find_images, load_rgb_image, model_input
 from .precision import add_precision_args, default_device, resolve_precision, set_fp32_math
 from .samplers import SAMPLERS
@@ -373,23 +373,18 @@ def save_grid(rows: Sequence[torch.Tensor], path: str, padding: int = 2) -> str:
     images = torch.cat([r.detach().float().cpu() for r in rows])
     grid = make_grid((images + 1) / 2, nrow=ncols, padding=padding, pad_value=1.0)
     arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # 4:4:4 chroma: the default 4:2:0 subsampling smears small samples.
-    Image.fromarray(arr).save(path, quality=95, subsampling=0)
+    options = {"quality": 95, "subsampling": 0} if path.lower().endswith((".jpg", ".jpeg")) else {}
+    fileio.save_image(Image.fromarray(arr), path, **options)
     return path
 
 
 def save_npz(path: str, **arrays: Any) -> str:
-    """`np.savez` written to a temporary name and renamed, so a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    try:
-        np.savez(tmp, **{k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-                         for k, v in arrays.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """`np.savez` written to a temporary name and renamed (`fileio.atomic_write`), so a crash
+    never leaves half a file and a symbolic link at `path` is replaced, not followed."""
+    plain = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+             for k, v in arrays.items()}
+    fileio.atomic_write(path, lambda f: np.savez(f, **plain))
     return path
 
 
@@ -519,6 +514,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     hub.DownloadError,
     hub.CheckpointError,
     hub.CheckpointMismatchError,
+    fileio.UnsafePathError,  # an output name is a planted symbolic link
+    fileio.DiskFullError,
+    PermissionError,  # an output folder that cannot be written
 )
 
 

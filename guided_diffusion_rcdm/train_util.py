@@ -734,14 +734,46 @@ class TrainLoop:
         return {**self.checkpoint_meta, "step": self.step, "weights": weights}
 
     def save(self) -> None:
-        """Write EMA, optimizer, then model files for the current step (rank 0), atomically."""
-        if dist_util.is_main_process():
-            from . import hub
+        """Write EMA, optimizer, then model files for the current step (rank 0), atomically.
 
-            paths = checkpoint_paths(self.out_dir, self.step, self.ema_rate)
-            bf.makedirs(self.out_dir)
+        A save that fails (a full disk) removes the files of this step it already wrote, so the
+        previous step stays the newest complete one, and every rank raises.
+        """
+        error = None
+        if dist_util.is_main_process():
+            try:
+                self._write_checkpoint()
+            except Exception as exc:
+                error = exc
+        failed = error is not None
+        if self.world_size > 1:
+            failed = bool(dist_util.max_over_ranks([failed])[0])
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"rank 0 could not save the checkpoint of step {self.step} (see its error)")
+
+    def _checkpoint_bytes(self) -> int:
+        """A lower bound of the bytes one step's files take: the model's tensors once per model and
+        EMA file, the parameters twice more for AdamW's moments."""
+        model = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        params = sum(p.numel() * p.element_size() for p in self.params)
+        return model * (1 + len(self.ema_rate)) + 2 * params
+
+    def _write_checkpoint(self) -> None:
+        from . import hub
+
+        paths = checkpoint_paths(self.out_dir, self.step, self.ema_rate)
+        bf.makedirs(self.out_dir)
+        if not _is_remote(self.out_dir):  # fail before writing anything when it cannot fit
+            needed, free = self._checkpoint_bytes(), fileio.free_space(self.out_dir)
+            if free is not None and free < needed:
+                raise fileio.disk_full_error(paths["model"], needed)
+        written = []
+        try:
             for rate, params in zip(self.ema_rate, self.ema_params):
                 hub.save_checkpoint(paths["ema"][rate], self._state_dict_with(params), meta=self._meta(f"ema_{rate}"))
+                written.append(paths["ema"][rate])
             state = {
                 "format": TRAIN_STATE_FORMAT,
                 "step": self.step,
@@ -751,9 +783,14 @@ class TrainLoop:
                 "seed": self.seed,
             }
             hub.atomic_torch_save(state, paths["opt"])
+            written.append(paths["opt"])
             hub.save_checkpoint(paths["model"], self._state_dict_with(self.params), meta=self._meta("model"))
-            logger.log(f"saved checkpoint {paths['model']} (step {self.step})")
-        dist_util.barrier()
+        except BaseException:
+            for path in written:  # no orphan companions of a step that was never completed
+                with contextlib.suppress(OSError):
+                    bf.remove(path)
+            raise
+        logger.log(f"saved checkpoint {paths['model']} (step {self.step})")
 
 
 def _sampler_state(sampler) -> Optional[dict]:

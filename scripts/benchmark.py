@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from guided_diffusion_rcdm import benchmark as bm
+from guided_diffusion_rcdm.fileio import atomic_write_text
 from guided_diffusion_rcdm.precision import add_tf32_arg, default_device, fp32_math_mode, set_fp32_math
 
 
@@ -109,8 +110,7 @@ def main(argv=None) -> int:
             print(bm.format_table(rows, ["variant", "batch_size", "images_per_s"]))
     report["peak_memory_mb"] = bm.peak_memory_mb(device)
     print(f"\npeak memory: {report['peak_memory_mb']:.0f} MiB ({'GPU allocations' if device.type == 'cuda' else 'process RSS'})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    atomic_write_text(args.out, json.dumps(report, indent=2))
     print(f"results written to {args.out}")
     return 0
 

@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # `python scripts/image_eval.py` from anywhere
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion_rcdm import metrics
+from guided_diffusion_rcdm.fileio import atomic_write_text, check_writable
 from guided_diffusion_rcdm import sample_util as su
 from guided_diffusion_rcdm.precision import add_tf32_arg, set_fp32_math
 from guided_diffusion_rcdm.script_util import str2bool
@@ -128,6 +129,8 @@ def resolve_encoder(args: argparse.Namespace, meta: dict) -> tuple[dict, str]:
 def main(args: argparse.Namespace) -> dict:
     if args.num_shuffles < 1:
         raise su.UsageError("--num_shuffles must be at least 1")
+    out = args.out_json or os.path.splitext(args.sample_path)[0] + "_eval.json"
+    check_writable(os.path.dirname(os.path.abspath(out)), "--out_json folder")
     data = metrics.read_sample_file(args.sample_path)
     if not args.fidelity and not args.ref:
         raise su.UsageError("nothing to compute: --fidelity False and no --ref")
@@ -188,9 +191,7 @@ def main(args: argparse.Namespace) -> dict:
                   f"({scores.num_samples} here); compare only FIDs computed with the same number")
         results["fid_is"] = scores.as_dict() | {"ref": os.path.abspath(args.ref)}
 
-    out = args.out_json or os.path.splitext(args.sample_path)[0] + "_eval.json"
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+    atomic_write_text(out, json.dumps(results, indent=2))
     print(f"wrote {out}")
     return results
 

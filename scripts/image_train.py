@@ -36,7 +36,7 @@ from guided_diffusion_rcdm.script_util import (
     model_and_diffusion_defaults,
     str2bool,
 )
-from guided_diffusion_rcdm.fileio import RunLockedError
+from guided_diffusion_rcdm.fileio import DiskFullError, RunLockedError, UnsafePathError, UnwritableFolderError
 from guided_diffusion_rcdm.train_util import TrainLoop, conditioned_batches, lock_out_dir, resolve_precision
 
 DEFAULT_SSL_DIM = 2048  # the original's width when training without --feat_cond
@@ -237,3 +237,5 @@ if __name__ == "__main__":
         main(create_argparser().parse_args())
     except KeyboardInterrupt:  # Ctrl-C: training saved first (see TrainLoop); no traceback
         sys.exit(130)
+    except (DiskFullError, UnsafePathError, UnwritableFolderError) as err:  # one line, nothing lost
+        sys.exit(f"error: {err}")
