@@ -47,7 +47,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="how many times a job that runs out of time is requeued")
     job.add_argument("--local", action="store_true",
                      help="run the job here with submitit's local executor and wait for it")
+    # image_train.py writes to the current folder by default; a job has no useful one: it must
+    # be named (see `check_out_dir`).
+    parser.set_defaults(out_dir=None)
     return parser.parse_args(argv)
+
+
+def check_out_dir(out_dir: str | None) -> str:
+    """The job's `--out_dir` as an absolute path (`%j` kept), or an error saying what to do.
+
+    The launcher needs it named: every task on every node and every requeued attempt must write
+    and resume in the same folder, so it cannot default to wherever the command was typed, and
+    it must be creatable (on a file system the nodes share) before the job waits in the queue.
+    """
+    if not out_dir:
+        raise SystemExit("error: --out_dir is required: the folder (on a file system every node "
+                         "shares) where checkpoints, logs and submitit's files go; '%j' in it "
+                         "becomes the job id")
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    # the folders above the one that holds the job id must exist or be creatable now
+    existing = os.path.dirname(out_dir.split("%j", 1)[0]) if "%j" in out_dir else out_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out_dir {out_dir}: cannot create it ({existing} is not a writable "
+                         "folder); pass a folder you can write to")
+    return out_dir
 
 
 def _fresh_port() -> int:
@@ -155,8 +180,7 @@ def make_executor(args: argparse.Namespace):
 
 def submit(args: argparse.Namespace):
     """Submit the training job; returns the submitit job."""
-    if not args.out_dir:
-        raise SystemExit("--out_dir is required: checkpoints, logs and job files go there")
+    args.out_dir = check_out_dir(args.out_dir)
     # Fail now, not in the queue, when the data cannot work.
     from guided_diffusion_rcdm.image_datasets import find_images
 

@@ -82,3 +82,20 @@ def test_cli_without_slurm_says_what_to_do_and_keeps_the_original_flags(tmp_path
                           capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
     assert proc.returncode != 0 and "does not exist" in proc.stderr  # checked before anything is queued
     assert "Traceback" not in proc.stderr
+
+
+def test_the_launcher_needs_a_writable_out_dir_and_makes_it_absolute(tmp_path, monkeypatch):
+    # image_train.py alone writes to "." by default; a job's tasks, nodes and requeued attempts
+    # need one named folder, so the launcher asks for it before anything is queued.
+    photos = make_photo_dir(tmp_path / "photos", names=("coffee",))
+    with pytest.raises(SystemExit, match="--out_dir is required"):
+        run_with_submitit.submit(run_with_submitit.parse_args(["--local", "--data_dir", str(photos)]))
+    monkeypatch.chdir(tmp_path)
+    assert run_with_submitit.check_out_dir("runs/%j") == str(tmp_path / "runs" / "%j")
+    assert run_with_submitit.check_out_dir(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out_dir .*a_file/run: cannot create it"):
+        run_with_submitit.check_out_dir(str(tmp_path / "a_file" / "run"))
+    (tmp_path / "runs").write_text("")  # a file where the job-id folders would go
+    with pytest.raises(SystemExit, match="is not a writable folder"):
+        run_with_submitit.check_out_dir("runs/%j")
