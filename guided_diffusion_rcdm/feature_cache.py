@@ -26,6 +26,7 @@ from .image_datasets import (
     center_crop_arr,
     find_images,
     load_rgb_image,
+    loader_worker_init,
     normalize_for_encoder,
 )
 
@@ -84,7 +85,7 @@ def encode_files(
     device = device or dist_util.dev()
     loader = torch.utils.data.DataLoader(
         _EncoderViews(paths, normalize), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=_collate, pin_memory=torch.cuda.is_available(), worker_init_fn=loader_worker_init,
     )
     if progress and dist_util.is_main_process():
         from tqdm.auto import tqdm
@@ -97,7 +98,7 @@ def encode_files(
             logger.warn(f"skipping unreadable image {paths[i]} ({reason})")
         if views is None:
             continue
-        views = views.to(device)
+        views = views.to(device, non_blocking=True)
         out = encode(encoder, torch.cat([views, views.flip(-1)]), precision).cpu()
         n = len(idx)
         for k, i in enumerate(idx):

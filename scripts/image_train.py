@@ -25,7 +25,7 @@ import torch
 
 from guided_diffusion_rcdm import dist_util, logger
 from guided_diffusion_rcdm.feature_cache import encoder_info_from_args, prepare_feature_cache
-from guided_diffusion_rcdm.image_datasets import find_images, load_data
+from guided_diffusion_rcdm.image_datasets import default_num_workers, find_images, load_data
 from guided_diffusion_rcdm.precision import add_tf32_arg, set_fp32_math
 from guided_diffusion_rcdm.resample import create_named_schedule_sampler
 from guided_diffusion_rcdm.script_util import (
@@ -87,7 +87,9 @@ def create_argparser() -> argparse.ArgumentParser:
     new.add_argument("--max_minutes", type=float, default=0.0,
                      help="stop after this many minutes of training and save a checkpoint (0: no limit); "
                           "set it under a job's time limit so the job ends with a checkpoint")
-    new.add_argument("--num_workers", type=int, default=1, help="data loading processes per rank")
+    new.add_argument("--num_workers", type=int, default=None,
+                     help="data loading processes per rank (default: the CPUs each rank may use, less one, "
+                          "at most 8)")
     new.add_argument("--random_crop", type=str2bool, default=False, help="random crops instead of centre crops")
     new.add_argument("--random_flip", type=str2bool, default=True, help="random horizontal flips")
     new.add_argument("--seed", type=int, default=0,
@@ -151,7 +153,10 @@ def main(args) -> None:
     _model_flag_check(args)
     precision = resolve_precision(args.precision, args.use_fp16)
     set_fp32_math(args.tf32, fixed_shapes=True)  # a training batch always has the same shape
-    logger.log(f"{len(image_paths)} images in {args.data_dir}; precision {precision}")
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
+    logger.log(f"{len(image_paths)} images in {args.data_dir}; precision {precision}; "
+               f"{args.num_workers} data loading process(es) per rank")
 
     encoder, features, ssl_dim = None, None, DEFAULT_SSL_DIM
     encoder_info = encoder_info_from_args(args)

@@ -153,3 +153,41 @@ def test_class_labels_come_from_folders(tmp_path):
                        deterministic=True, num_workers=0, rank=0, world_size=1)
     _, _, kwargs = next(stream)
     assert sorted(kwargs["y"].tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+class _SignalStates(torch.utils.data.Dataset):
+    """Each item: whether SIGINT and SIGTERM are ignored in the process that loads it."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import signal
+
+        return torch.tensor([signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM)])
+
+
+def test_loader_workers_leave_stop_signals_to_the_training_process(tmp_path):
+    import signal
+
+    from guided_diffusion_rcdm.image_datasets import loader_worker_init
+
+    loader = torch.utils.data.DataLoader(_SignalStates(), batch_size=2, num_workers=1,
+                                         worker_init_fn=loader_worker_init)
+    assert next(iter(loader)).all()  # in the worker: both ignored
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # this process keeps its handlers
+    # the training stream uses it
+    photos = make_photo_dir(tmp_path)
+    stream = load_data(data_dir=photos, batch_size=2, image_size=32, num_workers=1, rank=0, world_size=1)
+    assert stream.loader.worker_init_fn is loader_worker_init
+
+
+def test_default_loader_processes_follow_the_cpus_each_rank_may_use():
+    from guided_diffusion_rcdm.image_datasets import default_num_workers
+
+    assert default_num_workers(cpus=10, processes_here=1) == 8  # a submitit task with 10 CPUs
+    assert default_num_workers(cpus=96, processes_here=8) == 8  # torchrun on a 96-core, 8-GPU node
+    assert default_num_workers(cpus=16, processes_here=8) == 1
+    assert default_num_workers(cpus=2, processes_here=1) == 1
+    assert default_num_workers(cpus=1, processes_here=4) == 1
+    assert 1 <= default_num_workers() <= 8
