@@ -67,6 +67,8 @@ def default_variants(device: torch.device, compile: bool) -> list[Variant]:
     ]
     if device.type == "cuda":
         variants.append(Variant("fp16+sdpa+cl", precision="fp16", channels_last=True, fused_attention=True))
+        # CUDA's GroupNorm has no channels-last kernel: measure what channels-last costs or buys there
+        variants.append(Variant("bf16+sdpa", precision="bf16", fused_attention=True))
     if compile:
         variants.append(
             Variant("bf16+sdpa+cl+compile", precision="bf16", channels_last=True, fused_attention=True, compile=True)

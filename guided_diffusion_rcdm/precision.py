@@ -20,6 +20,19 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def device_problem(device: torch.device, gpu_count: int | None = None) -> str | None:
+    """Why `device` cannot be used on this machine (None: it can); `gpu_count` defaults to the
+    number of GPUs visible."""
+    if device.type != "cuda":
+        return None
+    gpu_count = torch.cuda.device_count() if gpu_count is None else gpu_count
+    if gpu_count == 0:
+        return "no GPU is available here; use --device cpu"
+    if device.index is not None and device.index >= gpu_count:
+        return f"this machine has {gpu_count} GPU(s): cuda:0 to cuda:{gpu_count - 1}"
+    return None
+
+
 def resolve_precision(precision: str | None, use_fp16: bool = False, device=None) -> str:
     """The compute precision: `precision` if given, else fp16 for `use_fp16` on GPU (bf16 on CPU,
     where fp16 autocast is slow), else fp32."""

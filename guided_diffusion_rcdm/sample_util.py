@@ -26,7 +26,7 @@ import torch
 
 from . import fileio, hub
 from .image_datasets import encoder_input, find_images, load_rgb_image, model_input
-from .precision import add_precision_args, default_device, resolve_precision, set_fp32_math
+from .precision import add_precision_args, default_device, device_problem, resolve_precision, set_fp32_math
 from .samplers import SAMPLERS
 from .script_util import (
     add_dict_to_argparser,
@@ -170,8 +170,9 @@ def resolve_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise UsageError(f"--device {name!r} is not a device name (use cpu, cuda or cuda:N): {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no GPU is available here; use --device cpu")
+    problem = device_problem(device)
+    if problem:
+        raise UsageError(f"--device {name}: {problem}")
     return device
 
 

@@ -20,7 +20,7 @@ import torch
 
 from guided_diffusion_rcdm import benchmark as bm
 from guided_diffusion_rcdm.fileio import atomic_write_text
-from guided_diffusion_rcdm.precision import add_tf32_arg, default_device, fp32_math_mode, set_fp32_math
+from guided_diffusion_rcdm.precision import add_tf32_arg, default_device, device_problem, fp32_math_mode, set_fp32_math
 
 
 def parse_args(argv=None):
@@ -61,7 +61,14 @@ def main(argv=None) -> int:
         args.sample_batch, args.train_batch, args.measure_sampling = 2, 2, False
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else default_device()
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+    except RuntimeError:
+        print(f"--device {args.device!r} is not a device name (use cpu, cuda or cuda:N)", file=sys.stderr)
+        return 2
+    if device_problem(device):
+        print(f"--device {args.device}: {device_problem(device)}", file=sys.stderr)
+        return 2
     set_fp32_math(args.tf32, fixed_shapes=True)
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in bm.CONFIGS]
