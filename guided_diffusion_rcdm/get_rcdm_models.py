@@ -82,8 +82,20 @@ def get_dict_rcdm_model(model: str = "dino", use_head: bool = False) -> dict[str
     """The state dict of a published RCDM checkpoint, downloaded (or cached) safely."""
     key = _check_name(model)
     url = rcdm_checkpoint_url(key, _use_head(key, use_head))
-    state_dict, _ = hub.load_checkpoint(hub.download(url))
+    state_dict, _ = hub.load_checkpoint(hub.download(url, verify=check_rcdm_layout))
     return state_dict
+
+
+# Keys every published RCDM checkpoint holds (the 128x128 UNet with its representation input).
+_RCDM_KEYS = ("input_blocks.0.0.weight", "ssl_emb.weight", "out.2.weight", "time_embed.0.weight")
+
+
+def check_rcdm_layout(path) -> None:
+    """Raise CheckpointError unless `path` holds an RCDM UNet state dict (before it is cached)."""
+    state_dict, _ = hub.load_checkpoint(path)
+    missing = [k for k in _RCDM_KEYS if k not in state_dict]
+    if missing:
+        raise hub.CheckpointError(f"not an RCDM checkpoint: no {', '.join(missing)}")
 
 
 def load_rcdm_checkpoint(model_path: str = "", type_model: str = "dino",

@@ -272,7 +272,8 @@ def _published_encoder(name: str, use_head: bool, pretrained: bool, source: str 
     trunk_sd = head_sd = None
     if pretrained:
         if obj is None:
-            source = str(hub.download(SSL_URLS[name]))
+            # the download must split into trunk (and head) before it enters the cache
+            source = str(hub.download(SSL_URLS[name], verify=lambda p: SPLITTERS[name](hub.safe_torch_load(p))))
             obj = hub.safe_torch_load(source)
         try:
             trunk_sd, head_sd = SPLITTERS[name](obj)

@@ -21,7 +21,7 @@ import json
 import os
 import pickle
 import re
-import tempfile
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,6 +36,8 @@ from . import fileio
 CHECKPOINT_FORMAT = "rcdm-checkpoint-v1"
 MIRROR_ENV = "RCDM_MIRROR"
 TIMEOUT_ENV = "RCDM_DOWNLOAD_TIMEOUT"
+SHA256_ENV_PREFIX = "RCDM_SHA256_"  # + the file's name: pins its digest (see `pinned_sha256`)
+SHA256SUMS_ENV = "RCDM_SHA256SUMS"  # digest files in `sha256sum` format
 
 # SHA-256 of every published file the project downloads, keyed by URL. None = not recorded yet
 # (nobody with network access has hashed it); fill in as they are verified, and `download` then
@@ -142,28 +144,128 @@ def _failure_message(url: str, cache_path: Path, reason: str, tried: list[str]) 
     )
 
 
+def sha256_env_name(file_name: str) -> str:
+    """`RCDM_SHA256_<NAME>`: the variable that pins the digest of `file_name` (its stem, upper case,
+    other characters as `_`; e.g. `rcdm_ema_dino_trunk.pt` -> `RCDM_SHA256_RCDM_EMA_DINO_TRUNK`)."""
+    stem = os.path.splitext(os.path.basename(file_name))[0]
+    return SHA256_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", stem).upper()
+
+
+def _digest_files() -> list[Path]:
+    files = [Path(p) for p in os.environ.get(SHA256SUMS_ENV, "").split(os.pathsep) if p.strip()]
+    return files + [hub_cache_dir() / "SHA256SUMS"]
+
+
+def pinned_sha256(file_name: str) -> tuple[str | None, str]:
+    """A digest the user pinned for `file_name`, and where: `RCDM_SHA256_<NAME>`, else a line
+    `<sha256>  <file name>` (the `sha256sum` format) in a file listed in `RCDM_SHA256SUMS` or in
+    `$TORCH_HOME/hub/checkpoints/SHA256SUMS`."""
+    var = sha256_env_name(file_name)
+    if os.environ.get(var, "").strip():
+        return os.environ[var].strip().lower(), var
+    for digest_file in _digest_files():
+        if not digest_file.is_file():
+            continue
+        for line in digest_file.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and os.path.basename(parts[1].lstrip("*")) == file_name:
+                return parts[0].lower(), str(digest_file)
+    return None, ""
+
+
+def _expected(url: str, name: str, sha256: str | None) -> tuple[str | None, str]:
+    if sha256:
+        return sha256.lower(), "the digest given"
+    pinned, where = pinned_sha256(name)
+    if pinned:
+        return pinned, where
+    published = expected_sha256(url)
+    return (published.lower(), "the published digest") if published else (None, "")
+
+
+def _digest_cache_path() -> Path:
+    return hub_cache_dir().parent / "rcdm_sha256_cache.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, remembered by (path, size, mtime) so a large cached file is hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key, stamp = str(path), [st.st_size, st.st_mtime_ns]
+    book_path = _digest_cache_path()
+    try:
+        book = json.loads(book_path.read_text())
+    except (OSError, ValueError):
+        book = {}
+    entry = book.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_of(path)
+    book[key] = {"stamp": stamp, "sha256": digest}
+    try:
+        fileio.atomic_write_text(str(book_path), json.dumps(book))
+    except OSError:
+        pass  # a read-only TORCH_HOME only costs hashing again next time
+    return digest
+
+
+def _say(message: str) -> None:
+    """One line on the console (through the logger when a run configured one)."""
+    from . import logger
+
+    if logger.Logger.CURRENT is not None:
+        logger.log(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _announce(path: Path, name: str, digest: str, expected: str | None, where: str) -> None:
+    size = path.stat().st_size
+    if expected:
+        status = f"matches {where}"
+    else:
+        status = (f"no published digest to check it against; to pin this file, set "
+                  f"{sha256_env_name(name)}={digest}")
+    _say(f"weights {path} (sha256 {digest}, {size} bytes): {status}")
+
+
+def check_loadable(path: Path) -> None:
+    """A downloaded file must load as a checkpoint (safely) before it may enter the cache."""
+    if str(path).endswith(".safetensors") or _looks_like_safetensors(str(path)):
+        _load_safetensors(str(path), "cpu")
+    else:
+        safe_torch_load(path)
+
+
 def download(
     url: str,
     *,
     sha256: str | None = None,
     file_name: str | None = None,
     progress: bool = True,
+    verify=check_loadable,
 ) -> Path:
     """Return a local path to the file at `url`, downloading it into the torch.hub cache if needed.
 
-    `sha256` (full digest or a prefix of at least 8 hex digits; defaults to `expected_sha256(url)`)
-    is verified on every use when known. With `RCDM_MIRROR` set, the URL is never contacted: a
-    directory mirror's file is used in place, a URL mirror's file is downloaded into the cache.
-    A failed or mismatching download leaves nothing in the cache.
+    The expected SHA-256 (full digest or a prefix of at least 8 hex digits) is `sha256`, else the
+    one pinned with `RCDM_SHA256_<NAME>` or a `SHA256SUMS` file (see `pinned_sha256`), else the
+    published one (`expected_sha256`); when known it is verified on every use. A download must also
+    pass `verify(path)` (default: it loads as a checkpoint; callers add the expected layout) before
+    it is renamed into the cache, so a failed or wrong file never lands there. With `RCDM_MIRROR`
+    set, the URL is never contacted: a directory mirror's file is used in place, a URL mirror's
+    file is downloaded into the cache. The console says which file was used and its digest.
     """
-    expected = (sha256 or expected_sha256(url) or "").lower() or None
     name = file_name or os.path.basename(urllib.parse.urlparse(url).path)
+    expected, where = _expected(url, name, sha256)
     cache_path = hub_cache_dir() / name
     if cache_path.is_file():
+        digest = file_sha256(cache_path)
         _check_digest(
-            sha256_of(cache_path), expected, str(cache_path),
-            "Delete it so that it is downloaded again, or replace it with the published file.",
+            digest, expected, str(cache_path),
+            f"It does not match {where}. Delete it so that it is downloaded again, or replace it "
+            "with the published file.",
         )
+        _announce(cache_path, name, digest, expected, where)
         return cache_path
 
     mirror = os.environ.get(MIRROR_ENV, "").strip()
@@ -171,10 +273,12 @@ def download(
     if mirror and "://" not in sources[0]:
         for candidate in sources:
             if os.path.isfile(candidate):
+                digest = file_sha256(candidate)
                 _check_digest(
-                    sha256_of(candidate), expected, candidate,
-                    f"The mirror {mirror} holds another file than the published one.",
+                    digest, expected, candidate,
+                    f"The mirror {mirror} holds another file than the one {where} names.",
                 )
+                _announce(Path(candidate), name, digest, expected, where)
                 return Path(candidate)
         raise DownloadError(
             _failure_message(url, cache_path, f"not found in the {MIRROR_ENV} directory", sources)
@@ -183,7 +287,8 @@ def download(
     errors = []
     for source in sources:
         try:
-            _fetch(source, cache_path, expected, progress)
+            digest = _fetch(source, cache_path, expected, progress, verify)
+            _announce(cache_path, name, digest, expected, where)
             return cache_path
         except ChecksumError:
             raise
@@ -197,12 +302,14 @@ def download(
     raise DownloadError(_failure_message(url, cache_path, "; ".join(errors), []))
 
 
-def _fetch(source: str, dest: Path, expected: str | None, progress: bool) -> None:
-    """Stream `source` to a temporary file next to `dest`; rename it only once it is verified."""
+def _fetch(source: str, dest: Path, expected: str | None, progress: bool, verify=None) -> str:
+    """Stream `source` to a temporary file next to `dest`; rename it only once it is verified
+    (size, digest, `verify`). Returns its SHA-256."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     timeout = float(os.environ.get(TIMEOUT_ENV, "60"))
     request = urllib.request.Request(source, headers={"User-Agent": "guided-diffusion-rcdm"})
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+    tmp = fileio.temp_name(str(dest))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     try:
         digest = hashlib.sha256()
         received = 0
@@ -212,7 +319,12 @@ def _fetch(source: str, dest: Path, expected: str | None, progress: bool) -> Non
             bar = _progress_bar(total, dest.name) if progress else None
             try:
                 while chunk := resp.read(1 << 20):
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as err:
+                        if fileio.is_disk_full(err):
+                            raise fileio.disk_full_error(str(dest), total) from None
+                        raise
                     digest.update(chunk)
                     received += len(chunk)
                     if bar is not None:
@@ -222,13 +334,29 @@ def _fetch(source: str, dest: Path, expected: str | None, progress: bool) -> Non
                     bar.close()
             if total is not None and received != total:
                 raise DownloadError(f"transfer cut short ({received} of {total} bytes)")
+            if received == 0:
+                raise DownloadError("the server sent an empty file")
             out.flush()
             os.fsync(out.fileno())
         _check_digest(
             digest.hexdigest(), expected, source,
             "The download was discarded; if the mirror is right, the recorded checksum is not.",
         )
+        if verify is not None:
+            try:
+                verify(Path(tmp))
+            except UnsafeCheckpointError as err:
+                raise UnsafeCheckpointError(
+                    f"{str(err).replace(tmp, source)} The download was discarded; nothing was cached."
+                ) from None
+            except (CheckpointError, CheckpointMismatchError, ValueError, KeyError) as err:
+                reason = str(err).replace(tmp, dest.name).splitlines()[0]
+                raise DownloadError(
+                    f"{source} is not the expected checkpoint ({reason}); it was discarded and "
+                    "nothing was cached"
+                ) from None
         os.replace(tmp, dest)
+        return digest.hexdigest()
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -302,8 +430,8 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
             raise UnsafeCheckpointError(
                 f"refused to load {path}: besides weights it holds Python code to run while "
                 f"unpickling ({refused}), which could do anything on this machine. Only tensors "
-                "and plain data are loaded (weights_only=True). If you trust the file, re-save "
-                "its state dict: torch.save(torch.load(f, weights_only=False)['state_dict'], g)."
+                "and plain data are loaded (weights_only=True). Use a file that holds only "
+                "weights (a state dict, or the project's own or safetensors checkpoints)."
             ) from None
         raise CheckpointError(_corrupt_message(path, err)) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as err:

@@ -253,3 +253,60 @@ def test_missing_keys_and_strict_false():
     partial["0.weight"] = torch.zeros(3, 2)
     with pytest.raises(hub.CheckpointMismatchError, match="0.weight: checkpoint \\[3, 2\\]"):
         hub.load_state_dict_checked(model, partial, strict=False)
+
+
+# ----------------------------------------------------------------------------- verified downloads
+
+
+def test_a_served_file_that_is_not_a_checkpoint_never_enters_the_cache(cache, served, monkeypatch):
+    directory, base_url, _, _ = served
+    (directory / "random.pt").write_bytes(os.urandom(5000))
+    monkeypatch.setenv(hub.MIRROR_ENV, base_url)
+    with pytest.raises(hub.DownloadError, match="is not the expected checkpoint") as err:
+        hub.download("https://example.org/random.pt", progress=False)
+    assert "nothing was cached" in str(err.value)
+    assert _leftovers(cache) == []
+    # the right format but not the expected layout: refused by the caller's check, not cached
+    from guided_diffusion_rcdm.get_rcdm_models import check_rcdm_layout
+
+    with pytest.raises(hub.DownloadError, match="not an RCDM checkpoint: no input_blocks.0.0.weight"):
+        hub.download(URL, progress=False, verify=check_rcdm_layout)
+    assert _leftovers(cache) == []
+
+
+def test_pinned_digests_from_the_environment_or_a_sha256sums_file(cache, served, monkeypatch, tmp_path, capsys):
+    _, base_url, _, digest = served
+    monkeypatch.setenv(hub.MIRROR_ENV, base_url)
+    assert hub.sha256_env_name("some_model.pt") == "RCDM_SHA256_SOME_MODEL"
+    monkeypatch.setenv("RCDM_SHA256_SOME_MODEL", "a" * 64)
+    with pytest.raises(hub.ChecksumError, match="expected aaaa"):
+        hub.download(URL, progress=False)
+    assert _leftovers(cache) == []
+    monkeypatch.delenv("RCDM_SHA256_SOME_MODEL")
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text(f"{'b' * 64}  other.pt\n{digest}  some_model.pt\n")
+    monkeypatch.setenv(hub.SHA256SUMS_ENV, str(sums))
+    umask = os.umask(0o022)
+    try:
+        path = hub.download(URL, progress=False)
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o644  # readable by the group, like any file made here
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == f"weights {path} (sha256 {digest}, {path.stat().st_size} bytes): matches {sums}"
+    # once cached, a changed pin catches the file on its next use
+    sums.write_text(f"{'c' * 64}  some_model.pt\n")
+    with pytest.raises(hub.ChecksumError, match=f"does not match {sums}"):
+        hub.download(URL, progress=False)
+
+
+def test_the_console_names_the_file_and_digest_and_how_to_pin_it(cache, served, monkeypatch, capsys):
+    directory, base_url, _, digest = served
+    monkeypatch.setenv(hub.MIRROR_ENV, str(directory))  # a directory mirror: used in place
+    path = hub.download(URL, progress=False)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"weights {path} (sha256 {digest}, {path.stat().st_size} bytes): no published digest "
+                    f"to check it against; to pin this file, set RCDM_SHA256_SOME_MODEL={digest}")
+    monkeypatch.setenv("RCDM_SHA256_SOME_MODEL", digest)
+    hub.download(URL, progress=False)
+    assert capsys.readouterr().err.strip().endswith("matches RCDM_SHA256_SOME_MODEL")

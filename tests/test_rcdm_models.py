@@ -121,9 +121,11 @@ def test_a_served_checkpoint_that_runs_code_is_refused(tmp_path, torch_home, mon
     torch.save({"x": RunsCode()}, mirror / "rcdm_ema_simclr_trunk.pt")
     with serve_directory(mirror) as base_url:
         monkeypatch.setenv(hub.MIRROR_ENV, base_url)
-        with pytest.raises(hub.UnsafeCheckpointError, match="weights_only"):
+        with pytest.raises(hub.UnsafeCheckpointError, match="weights_only") as err:
             rcdm.get_dict_rcdm_model("simclr")
     assert not (tmp_path / "pwned").exists()
+    assert "nothing was cached" in str(err.value) and "weights_only=False" not in str(err.value)
+    assert not (torch_home / "rcdm_ema_simclr_trunk.pt").exists()
 
 
 def test_a_corrupt_download_says_to_delete_it(tmp_path, torch_home, monkeypatch):
@@ -132,8 +134,14 @@ def test_a_corrupt_download_says_to_delete_it(tmp_path, torch_home, monkeypatch)
     (mirror / "rcdm_ema_vicreg_trunk.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with serve_directory(mirror) as base_url:
         monkeypatch.setenv(hub.MIRROR_ENV, base_url)
-        with pytest.raises(hub.CheckpointError) as err:
+        with pytest.raises(hub.DownloadError) as err:
             rcdm.get_dict_rcdm_model("vicreg")
-    message = str(err.value)
-    assert str(torch_home / "rcdm_ema_vicreg_trunk.pt") in message
-    assert "truncated or corrupt" in message and "delete it" in message
+    message = str(err.value)  # refused before it could enter the cache: nothing to delete by hand
+    assert "rcdm_ema_vicreg_trunk.pt is not the expected checkpoint" in message
+    assert "truncated or corrupt" in message and "nothing was cached" in message
+    assert not (torch_home / "rcdm_ema_vicreg_trunk.pt").exists()
+    # a corrupt file placed in the cache by hand is named, with what to do
+    torch_home.mkdir(parents=True, exist_ok=True)
+    (torch_home / "rcdm_ema_vicreg_trunk.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(hub.CheckpointError, match="delete it"):
+        rcdm.get_dict_rcdm_model("vicreg")
