@@ -75,7 +75,8 @@ class RCDM(nn.Module):
         if self._runner is None or self._runner[0] != device:
             runner = prepare_model(
                 self.rcdm_model,
-                precision=self.precision,
+                # auto: the measured kernel choices too (the precision is the one already chosen)
+                precision="auto" if self.args.precision == "auto" else self.precision,
                 device=device,
                 channels_last=bool(self.args.channels_last),
                 compile=bool(self.args.compile),

@@ -2,9 +2,10 @@
 
 The cache is a folder holding `features.pt`: for every readable image (path relative to the data
 directory) the representation of its 224x224 centre crop and of the mirrored crop (training flips
-images, so both are needed), plus the encoder that made them. Training with `--feat_cache DIR`
-loads it (memory-mapped) and never builds the encoder; images added to the data directory since
-are encoded and appended; a cache made by another encoder is refused.
+images, so both are needed), plus the encoder that made them and the precision it ran in.
+Training with `--feat_cache DIR` loads it (memory-mapped) and never builds the encoder; images
+added to the data directory since are encoded and appended; a cache made by another encoder or in
+another encoder precision is refused (caches from before the precision was recorded were fp32).
 
 As a separate command (any launcher: torchrun, SLURM, mpiexec share the work by rank):
 
@@ -137,15 +138,26 @@ def prepare_feature_cache(
 
     Encodes only the images not cached yet (shared between ranks; the encoder is built by
     `make_encoder` only then) and returns `(paths, features)`: the readable images, in order, and
-    their features (a `FeatureTable`, N x 2 x D). Every rank must call it.
+    their features (a `FeatureTable`, N x 2 x D). `precision` is the encoder's (`auto`: see
+    `resolve_precision`); it is part of what identifies the cache. Every rank must call it.
     """
+    from .precision import resolve_precision
+
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     encoder_info = dict(encoder_info)
+    precision = resolve_precision(precision, device=dist_util.dev())
     cache = load_cache(cache_dir)
     if cache is not None and cache["encoder"] != encoder_info:
         raise ValueError(
             f"feature cache {cache_path(cache_dir)} was made with encoder {cache['encoder']}, "
             f"not {encoder_info}: pass another --feat_cache folder (or delete this one)"
+        )
+    if cache is not None and cache.get("encoder_precision", "fp32") != precision:
+        cached = cache.get("encoder_precision", "fp32")
+        raise ValueError(
+            f"feature cache {cache_path(cache_dir)} holds {cached} representations, but this run "
+            f"encodes in {precision}: pass --encoder_precision {cached} to reuse it, or another "
+            "--feat_cache folder"
         )
     rel = [_relative(p, data_dir) for p in image_paths]
     known = set() if cache is None else set(cache["paths"]) | set(cache["bad"])
@@ -167,7 +179,7 @@ def prepare_feature_cache(
             "bad": {rel[mine[k]]: r for k, r in bad.items()},
         }
         if world == 1:
-            _merge_and_save(cache_dir, cache, [part], encoder_info)
+            _merge_and_save(cache_dir, cache, [part], encoder_info, precision)
         else:  # every rank writes its share; rank 0 merges them (no rank holds them all twice)
             from .hub import atomic_torch_save, safe_torch_load
 
@@ -175,7 +187,7 @@ def prepare_feature_cache(
             atomic_torch_save(part, names[rank])
             dist_util.barrier()
             if rank == 0:
-                _merge_and_save(cache_dir, cache, [safe_torch_load(n) for n in names], encoder_info)
+                _merge_and_save(cache_dir, cache, [safe_torch_load(n) for n in names], encoder_info, precision)
                 for n in names:
                     bf.remove(n)
         dist_util.barrier()
@@ -213,7 +225,8 @@ class FeatureTable:
         return self.features[int(self.rows[i]), flip]
 
 
-def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_info: dict) -> None:
+def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_info: dict,
+                    precision: str) -> None:
     from .hub import atomic_torch_save
 
     paths = list(old["paths"]) if old else []
@@ -227,7 +240,8 @@ def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_in
     features = torch.cat([c.clone() for c in chunks]) if chunks else torch.zeros(0, 2, 0)
     bf.makedirs(cache_dir)
     atomic_torch_save(
-        {"format": CACHE_FORMAT, "encoder": encoder_info, "paths": paths, "features": features, "bad": bad},
+        {"format": CACHE_FORMAT, "encoder": encoder_info, "encoder_precision": precision, "paths": paths,
+         "features": features, "bad": bad},
         cache_path(cache_dir),
     )
     logger.log(f"feature cache {cache_path(cache_dir)}: {len(paths)} images, {len(bad)} unreadable")
@@ -235,6 +249,7 @@ def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_in
 
 def main(argv=None) -> None:
     from .get_ssl_models import get_model
+    from .precision import PRECISION_CHOICES
     from .script_util import str2bool
 
     parser = argparse.ArgumentParser(description="Encode a folder of images once for training.")
@@ -248,7 +263,9 @@ def main(argv=None) -> None:
                              "published encoders, imagenet for torchvision models)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--encoder_precision", "--precision", default="fp32", choices=PRECISION_CHOICES,
+                        help="the encoder's compute precision (recorded in the cache): fp32 (exact), "
+                             "auto (bf16 only where this machine runs it natively and faster), bf16 or fp16")
     args = parser.parse_args(argv)
     dist_util.setup_dist()
     logger.configure(dir=args.feat_cache, format_strs="stdout")
@@ -260,7 +277,7 @@ def main(argv=None) -> None:
 
     kept, feats = prepare_feature_cache(
         args.feat_cache, args.data_dir, paths, info, make,
-        batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
+        batch_size=args.batch_size, num_workers=args.num_workers, precision=args.encoder_precision,
     )
     logger.log(f"{len(kept)} images cached, representation width {feats.shape[-1]}")
     dist_util.cleanup()

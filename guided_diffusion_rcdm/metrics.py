@@ -215,9 +215,10 @@ def encode_images(
     from tqdm.auto import tqdm
 
     from .image_datasets import ENCODER_IMAGE_SIZE, normalize_for_encoder
-    from .precision import autocast
+    from .precision import autocast, resolve_precision
 
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    precision = resolve_precision(precision, device=device)
     x = torch.as_tensor(images)
     if x.dtype == torch.uint8:
         if x.ndim != 4 or x.shape[-1] != 3:

@@ -3,16 +3,40 @@
 Mixed precision is `torch.autocast` around the model call (bf16 on CPU and GPU, fp16 on GPU); the
 model's output is handed back in float32 so the diffusion's arithmetic stays in full precision.
 fp32 is the original's exact path. Channels-last memory format and `torch.compile` are opt-in.
+
+`auto` picks what is fastest on this device, by measuring rather than assuming: CPUs differ by
+10x both ways (bf16 is several times faster than fp32 with AMX, about 12x *slower* where it is
+emulated on AVX2-only processors). On a CPU, bf16 is chosen only where the processor runs it
+natively and a micro-benchmark of a channels-last 3x3 convolution confirms it is faster; the same
+measurement decides channels-last and the fused attention kernel in fp32. The timings are cached
+per machine (`speed_cache_path`). On CUDA: bf16 where supported, else fp16.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES = ("auto",) + PRECISIONS
+# Overrides where the measured speed choices are cached (a folder).
+SPEED_CACHE_ENV = "RCDM_CACHE_DIR"
+# How much faster a choice must measure before it is taken: bf16 costs accuracy, so it must win
+# clearly; a layout or kernel only needs to beat the timing noise.
+BF16_MIN_SPEEDUP = 1.2
+KERNEL_MIN_SPEEDUP = 1.1
 
 
 def default_device() -> torch.device:
@@ -34,16 +58,337 @@ def device_problem(device: torch.device, gpu_count: int | None = None) -> str | 
 
 
 def resolve_precision(precision: str | None, use_fp16: bool = False, device=None) -> str:
-    """The compute precision: `precision` if given, else fp16 for `use_fp16` on GPU (bf16 on CPU,
-    where fp16 autocast is slow), else fp32."""
+    """The compute precision: `precision` if given (`auto`: see `auto_speed`), else fp16 for
+    `use_fp16` on GPU (bf16 on CPU, where fp16 autocast is slow), else fp32.
+
+    bf16 on a CPU that emulates it runs, with a warning (once) that quotes the measured slowdown.
+    """
     device = torch.device(device) if device is not None else default_device()
+    if precision == "auto":
+        return auto_speed(device).precision
     if precision:
         if precision not in PRECISIONS:
-            raise ValueError(f"unknown --precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-        return precision
-    if use_fp16:
-        return "fp16" if device.type == "cuda" else "bf16"
-    return "fp32"
+            raise ValueError(
+                f"unknown --precision {precision!r}: choose one of {', '.join(PRECISION_CHOICES)}"
+            )
+        chosen = precision
+    elif use_fp16:
+        chosen = "fp16" if device.type == "cuda" else "bf16"
+    else:
+        chosen = "fp32"
+    if chosen == "bf16" and device.type == "cpu":
+        _warn_if_bf16_is_slow()
+    return chosen
+
+
+# ----------------------------------------------------------------------------- auto
+
+
+@dataclass(frozen=True)
+class SpeedChoice:
+    """What to run the UNet with: precision, memory format and attention kernel.
+
+    `fused_attention`: True forces the fused kernel; None keeps the model's default (fused in
+    bf16/fp16, the original's arithmetic in fp32). `reason`: one line saying why.
+    """
+
+    precision: str
+    channels_last: bool = False
+    fused_attention: bool | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What a CPU offers for bf16, as torch sees it.
+
+    `capability` is the instruction set ATen's kernels dispatch to ("AVX2", "AVX512", ...; lowered
+    by `ATEN_CPU_CAPABILITY`); the flags are the processor's.
+    """
+
+    model: str = ""
+    capability: str = ""
+    avx2: bool = False
+    avx512: bool = False
+    avx512_bf16: bool = False
+    amx: bool = False
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 arithmetic in hardware (AVX512-BF16 or AMX) that ATen's kernels may use."""
+        return (self.avx512_bf16 or self.amx) and self.capability not in ("DEFAULT", "AVX2", "")
+
+    def describe(self) -> str:
+        """E.g. "AVX2, AVX512, AVX512-BF16, AMX; ATen kernels AVX512"."""
+        flags = [name for name, on in (("AVX2", self.avx2), ("AVX512", self.avx512),
+                                       ("AVX512-BF16", self.avx512_bf16), ("AMX", self.amx)) if on]
+        return f"{', '.join(flags) or 'no AVX2/AVX512/AVX512-BF16/AMX'}; ATen kernels {self.capability}"
+
+
+def cpu_features() -> CpuFeatures:
+    """This CPU's model name and bf16-relevant features (torch's CPU capability queries)."""
+    cpu = torch.cpu
+
+    def flag(name: str) -> bool:
+        query = getattr(cpu, name, None)
+        return bool(query()) if query is not None else False
+
+    return CpuFeatures(
+        model=_cpu_model_name(),
+        capability=torch.backends.cpu.get_cpu_capability(),
+        avx2=flag("_is_avx2_supported"),
+        avx512=flag("_is_avx512_supported"),
+        avx512_bf16=flag("_is_avx512_bf16_supported"),
+        amx=flag("_is_amx_tile_supported"),
+    )
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# The micro-benchmark: what dominates the UNet, at a size that takes a few milliseconds in fp32.
+# conv_*: one 3x3 convolution, 128 channels at 32x32; block_*: GroupNorm, SiLU, the same
+# convolution (half a ResBlock); attention_*: an attention block (128 channels, 4 heads, 16x16
+# tokens) with the original's einsum arithmetic or the fused kernel.
+KERNEL_TIMINGS = ("conv_fp32_nchw", "conv_fp32_cl", "conv_bf16_cl", "block_fp32_nchw", "block_fp32_cl",
+                  "attention_fp32", "attention_fp32_fused")
+
+
+def measure_cpu_kernels(seconds: float = 0.25, min_rounds: int = 3) -> dict[str, float]:
+    """Seconds per call of each `KERNEL_TIMINGS` operation on this CPU, on one thread: the best of
+    rounds in which every operation runs once, for about `seconds` (at least `min_rounds` rounds).
+
+    One thread and interleaved rounds because the ratios are what decide, they are a property of
+    the core, and a busy machine disturbs a single thread least and all operations alike.
+    """
+    from .unet import AttentionBlock  # the model's own attention code
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 128, 32, 32, generator=gen)
+    w = torch.randn(128, 128, 3, 3, generator=gen) * 0.03
+    bias, gamma, beta = torch.zeros(128), torch.ones(128), torch.zeros(128)
+    x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    x_bf, w_bf, bias_bf = x_cl.bfloat16(), w_cl.bfloat16(), bias.bfloat16()
+    attention = AttentionBlock(128, num_heads=4).eval()
+    tokens = torch.randn(2, 128, 16, 16, generator=gen)
+
+    def block(x, w):
+        return F.conv2d(F.silu(F.group_norm(x, 32, gamma, beta)), w, bias, padding=1)
+
+    def attend(fused: bool):
+        attention.attention.fused = fused
+        return attention(tokens)
+
+    ops: dict[str, Callable[[], torch.Tensor]] = {
+        "conv_fp32_nchw": lambda: F.conv2d(x, w, bias, padding=1),
+        "conv_fp32_cl": lambda: F.conv2d(x_cl, w_cl, bias, padding=1),
+        "conv_bf16_cl": lambda: F.conv2d(x_bf, w_bf, bias_bf, padding=1),
+        "block_fp32_nchw": lambda: block(x, w),
+        "block_fp32_cl": lambda: block(x_cl, w_cl),
+        "attention_fp32": lambda: attend(False),
+        "attention_fp32_fused": lambda: attend(True),
+    }
+    best = dict.fromkeys(ops, float("inf"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for op in ops.values():  # first calls pick and pack kernels
+                op()
+            deadline = time.perf_counter() + seconds
+            rounds = 0
+            while rounds < min_rounds or time.perf_counter() < deadline:
+                for name, op in ops.items():
+                    start = time.perf_counter()
+                    op()
+                    best[name] = min(best[name], time.perf_counter() - start)
+                rounds += 1
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def decide_cpu(features: CpuFeatures, timings: dict[str, float]) -> SpeedChoice:
+    """The CPU choice from its features and `measure_cpu_kernels` timings (pure: no measuring)."""
+    fp32_conv = min(timings["conv_fp32_nchw"], timings["conv_fp32_cl"])
+    bf16_speedup = fp32_conv / timings["conv_bf16_cl"]
+    if features.native_bf16 and bf16_speedup >= BF16_MIN_SPEEDUP:
+        return SpeedChoice(
+            "bf16", channels_last=True,
+            reason=f"native bf16 ({features.describe()}): {bf16_speedup:.1f}x faster than fp32 "
+            "on a channels-last 3x3 convolution; channels-last",
+        )
+    if not features.native_bf16:
+        why = f"bf16 is emulated on this CPU ({features.describe()}): {1 / bf16_speedup:.1f}x slower"
+    else:
+        why = f"bf16 is native but measured only {bf16_speedup:.2f}x fp32 on a 3x3 convolution"
+    cl_speedup = timings["block_fp32_nchw"] / timings["block_fp32_cl"]
+    fused_speedup = timings["attention_fp32"] / timings["attention_fp32_fused"]
+    channels_last = cl_speedup >= KERNEL_MIN_SPEEDUP
+    fused = fused_speedup >= KERNEL_MIN_SPEEDUP
+    kernels = (f"channels-last {'on' if channels_last else 'off'} ({cl_speedup:.2f}x), "
+               f"fused attention {'on' if fused else 'off'} ({fused_speedup:.2f}x)")
+    return SpeedChoice("fp32", channels_last=channels_last, fused_attention=True if fused else None,
+                       reason=f"{why}; {kernels}")
+
+
+def decide_cuda(bf16_supported: bool, name: str = "this GPU") -> SpeedChoice:
+    """bf16 where the GPU supports it, else fp16 (trained with loss scaling). Channels-last stays
+    off: CUDA's GroupNorm has no channels-last kernel in eager mode."""
+    if bf16_supported:
+        return SpeedChoice("bf16", reason=f"{name} supports bf16")
+    return SpeedChoice("fp16", reason=f"{name} has no fast bf16: fp16 (loss scaling in training)")
+
+
+def speed_cache_path() -> Path:
+    """The file caching measured speed choices: in `$RCDM_CACHE_DIR`, else the user's cache
+    folder (`$XDG_CACHE_HOME` or ~/.cache, under guided_diffusion_rcdm/)."""
+    folder = os.environ.get(SPEED_CACHE_ENV)
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(base, "guided_diffusion_rcdm")
+    return Path(folder) / "speed.json"
+
+
+def _machine_key(features: CpuFeatures) -> str:
+    """What the timings depend on: the CPU, torch, the thread count and the instruction-set limits
+    set in the environment (the same CPU measures differently under them)."""
+    limits = ",".join(f"{v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+                      if os.environ.get(v))
+    return (f"{features.model} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+            f"ATen {features.capability}" + (f" | {limits}" if limits else ""))
+
+
+@dataclass
+class _CpuMeasurement:
+    features: CpuFeatures
+    timings: dict[str, float]
+    cached: bool
+    seconds: float = 0.0
+    path: Path = field(default_factory=speed_cache_path)
+
+
+_CPU_MEASUREMENT: dict[str, _CpuMeasurement] = {}
+
+
+def cpu_kernel_timings() -> _CpuMeasurement:
+    """This machine's `measure_cpu_kernels` timings: from the cache file when it has this
+    machine's (`_machine_key`), else measured (well under a second) and saved there. Once per
+    process."""
+    features = cpu_features()
+    key = _machine_key(features)
+    if key in _CPU_MEASUREMENT:
+        return _CPU_MEASUREMENT[key]
+    path = speed_cache_path()
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    entry = saved.get(key) if isinstance(saved, dict) else None
+    if isinstance(entry, dict) and set(KERNEL_TIMINGS) <= set(entry.get("timings", {})):
+        result = _CpuMeasurement(features, {k: float(entry["timings"][k]) for k in KERNEL_TIMINGS}, True,
+                                 path=path)
+    else:
+        start = time.perf_counter()
+        timings = measure_cpu_kernels()
+        result = _CpuMeasurement(features, timings, False, time.perf_counter() - start, path)
+        saved = saved if isinstance(saved, dict) else {}
+        saved[key] = {"timings": timings, "features": asdict(features), "measured": time.strftime("%Y-%m-%d")}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable cache only costs measuring again next time
+    _CPU_MEASUREMENT[key] = result
+    return result
+
+
+_AUTO: dict[str, SpeedChoice] = {}
+
+
+def auto_speed(device=None) -> SpeedChoice:
+    """The fastest safe precision and kernels on `device` (default: `default_device()`), decided
+    once per process and logged in one line with the reason."""
+    device = torch.device(device) if device is not None else default_device()
+    key = str(device)
+    if key in _AUTO:
+        return _AUTO[key]
+    if device.type == "cuda":
+        choice = decide_cuda(torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(device))
+        note = ""
+    elif device.type == "cpu":
+        measured = cpu_kernel_timings()
+        choice = decide_cpu(measured.features, measured.timings)
+        note = (f" [timings cached in {measured.path}]" if measured.cached
+                else f" [measured in {measured.seconds:.2f} s]")
+    else:
+        choice = SpeedChoice("fp32", reason=f"no measured choice for {device.type}")
+        note = ""
+    _AUTO[key] = choice
+    _report(f"precision auto -> {choice.precision} ({choice.reason}){note}")
+    return choice
+
+
+def _report(line: str) -> None:
+    """To the run's log when one is open, else to stderr (a library call opens no log folder)."""
+    from . import logger
+
+    if logger.Logger.CURRENT is not None:
+        logger.log(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+_WARNED_BF16 = False
+
+
+def _warn_if_bf16_is_slow() -> None:
+    """Once per process: warn when bf16 on this CPU is emulated or measured slower than fp32."""
+    global _WARNED_BF16
+    if _WARNED_BF16:
+        return
+    _WARNED_BF16 = True
+    measured = cpu_kernel_timings()
+    timings, features = measured.timings, measured.features
+    slowdown = timings["conv_bf16_cl"] / min(timings["conv_fp32_nchw"], timings["conv_fp32_cl"])
+    if features.native_bf16 and slowdown < 1:
+        return
+    what = "emulated" if not features.native_bf16 else "native but not faster"
+    warnings.warn(
+        f"--precision bf16: bf16 is {what} on this CPU ({features.describe()}); a 3x3 convolution "
+        f"measured {slowdown:.1f}x slower than fp32. --precision auto picks the fastest precision "
+        "for this machine",
+        stacklevel=3,
+    )
+
+
+def resolve_speed(precision: str | None, use_fp16: bool = False, device=None,
+                  channels_last: bool = False) -> SpeedChoice:
+    """Precision and kernels: `auto` -> `auto_speed` (channels-last also on when asked for);
+    otherwise `resolve_precision` with the given channels-last and the model's default attention."""
+    if precision == "auto":
+        choice = auto_speed(device)
+        return replace(choice, channels_last=channels_last or choice.channels_last)
+    return SpeedChoice(resolve_precision(precision, use_fp16, device), channels_last=channels_last)
+
+
+def set_fused_attention(model: nn.Module, fused: bool | None) -> None:
+    """Force the UNet's fused attention kernel on/off (None: its default); through DDP or
+    compile wrappers, and a no-op for models without attention switches."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    if fused is not None and hasattr(inner, "set_fused_attention"):
+        inner.set_fused_attention(fused)
 
 
 def autocast(precision: str, device) -> contextlib.AbstractContextManager:
@@ -94,11 +439,16 @@ def prepare_model(
     """Wrap a model for fast evaluation: optional channels-last weights, `torch.compile`, autocast.
 
     The returned module is called exactly like `model`; with the defaults it is `model` itself.
-    `freeze` (with `compile`) lets the compiler fold the weights into the graph for calls made
-    without gradients (pre-packed convolution weights, no per-call casts): for sampling only,
-    since later changes to the weights are not seen by the compiled graph.
+    `precision="auto"` also applies the measured channels-last and attention-kernel choices
+    (`auto_speed`). `freeze` (with `compile`) lets the compiler fold the weights into the graph for
+    calls made without gradients (pre-packed convolution weights, no per-call casts): for sampling
+    only, since later changes to the weights are not seen by the compiled graph.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if precision == "auto":
+        choice = resolve_speed(precision, device=device, channels_last=channels_last)
+        precision, channels_last = choice.precision, choice.channels_last
+        set_fused_attention(model, choice.fused_attention)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
@@ -142,18 +492,25 @@ def exact_fp32_math():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+PRECISION_HELP = (
+    "compute precision of the UNet: auto (the fastest on this machine, measured: the recommended "
+    "speed flag), fp32 (exact, the original's), bf16 (fast on GPUs and CPUs with AMX or "
+    "AVX512-BF16, emulated and slow elsewhere) or fp16 (GPU)"
+)
+
+
 def add_precision_args(parser, *, default_precision: str = "fp32") -> None:
     """Add `--precision`, `--channels_last`, `--compile` and `--tf32` to an argparse parser."""
     parser.add_argument(
         "--precision",
         default=default_precision,
-        choices=PRECISIONS,
-        help="compute precision of the UNet: fp32 (exact, the original's), bf16 (CPU or GPU) or fp16 (GPU)",
+        choices=PRECISION_CHOICES,
+        help=PRECISION_HELP,
     )
     parser.add_argument(
         "--channels_last",
         action="store_true",
-        help="run convolutions in channels-last memory format (faster with bf16/fp16)",
+        help="run convolutions in channels-last memory format (faster with bf16/fp16; auto decides by measuring)",
     )
     parser.add_argument(
         "--compile", action="store_true", help="compile the UNet with torch.compile (slow first call)"

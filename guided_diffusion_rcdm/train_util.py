@@ -38,7 +38,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, fileio, logger
-from .precision import PRECISIONS, autocast, prepare_model, resolve_precision  # noqa: F401 (re-exported)
+from .precision import (  # noqa: F401 (re-exported)
+    PRECISIONS, autocast, prepare_model, resolve_precision, resolve_speed, set_fused_attention,
+)
 from .resample import LossAwareSampler, UniformSampler
 
 INITIAL_LOG_LOSS_SCALE = 20.0  # the original's starting fp16 loss scale, 2**20
@@ -53,7 +55,12 @@ _STALE_TMP_RE = re.compile(r"^\.(model\d+|opt\d+|ema_[0-9.]+_\d+)\.pt\..+\.tmp$"
 
 @torch.no_grad()
 def encode(encoder: nn.Module, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """Representations of a batch of encoder-view images, in float32, without gradients."""
+    """Representations of a batch of encoder-view images, in float32, without gradients.
+
+    `precision` is the encoder's own (default fp32, whatever the UNet trains in; `auto`: see
+    `resolve_precision`): representations condition every sample, so they are exact unless asked.
+    """
+    precision = resolve_precision(precision, device=images.device)
     with autocast(precision, images.device):
         return encoder(images).float()
 
@@ -290,7 +297,8 @@ class TrainLoop:
     """The training loop. Arguments are the original's, plus:
 
     :param out_dir: where checkpoints go (default: the logger's directory).
-    :param precision: "fp32", "bf16" or "fp16" (None: from `use_fp16`, see `resolve_precision`).
+    :param precision: "auto", "fp32", "bf16" or "fp16" (None: from `use_fp16`, see
+        `resolve_precision`); "auto" also applies the measured channels-last and attention choices.
     :param checkpoint_meta: what model/EMA files record (`model_flags`, `encoder`, ...).
     :param max_steps: stop once this many steps are done (0: never; `lr_anneal_steps` also stops).
     :param progress: show a tqdm bar on rank 0.
@@ -361,7 +369,9 @@ class TrainLoop:
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.progress = progress
         self.device = dist_util.dev()
-        self.precision = resolve_precision(precision, use_fp16, self.device)
+        speed = resolve_speed(precision, use_fp16, self.device, channels_last)
+        self.precision, channels_last = speed.precision, speed.channels_last
+        set_fused_attention(self.model, speed.fused_attention)
         self.world_size = dist_util.get_world_size()
         self.global_batch = batch_size * self.world_size
 

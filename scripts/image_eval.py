@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # `python scripts/image_eval.py` from anywhere
 from guided_diffusion_rcdm import metrics
 from guided_diffusion_rcdm.fileio import atomic_write_text, check_writable
 from guided_diffusion_rcdm import sample_util as su
-from guided_diffusion_rcdm.precision import add_tf32_arg, set_fp32_math
+from guided_diffusion_rcdm.precision import PRECISION_CHOICES, add_tf32_arg, set_fp32_math
 from guided_diffusion_rcdm.script_util import str2bool
 
 
@@ -69,8 +69,9 @@ def create_argparser() -> argparse.ArgumentParser:
     fid.add_argument("--splits", type=int, default=10, help="IS splits")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="", help="cpu, cuda, ... (default: a GPU if there is one)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                        help="encoder precision for the samples' representations (the .npz's are fp32)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
+                        help="encoder precision for the samples' representations (the .npz's are fp32); "
+                             "auto: bf16 only where this machine runs it natively and faster")
     add_tf32_arg(parser)
     parser.add_argument("--progress", type=str2bool, default=True)
     parser.add_argument("--out_json", default="", help="where to write the scores (default: NPZ_eval.json)")

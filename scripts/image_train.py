@@ -26,7 +26,7 @@ import torch
 from guided_diffusion_rcdm import dist_util, logger
 from guided_diffusion_rcdm.feature_cache import encoder_info_from_args, prepare_feature_cache
 from guided_diffusion_rcdm.image_datasets import default_num_workers, find_images, load_data
-from guided_diffusion_rcdm.precision import add_tf32_arg, set_fp32_math
+from guided_diffusion_rcdm.precision import PRECISION_CHOICES, add_tf32_arg, set_fp32_math
 from guided_diffusion_rcdm.resample import create_named_schedule_sampler
 from guided_diffusion_rcdm.script_util import (
     add_dict_to_argparser,
@@ -81,8 +81,13 @@ def create_argparser() -> argparse.ArgumentParser:
                           "published encoders, imagenet for torchvision models); recorded in the checkpoint")
     new.add_argument("--feat_cache", default="",
                      help="folder of cached representations: encode the dataset once, then train from it")
-    new.add_argument("--precision", default="", choices=("", "fp32", "bf16", "fp16"),
-                     help="compute precision (default: fp16 with --use_fp16 True on GPU, bf16 on CPU, else fp32)")
+    new.add_argument("--precision", default="", choices=("",) + PRECISION_CHOICES,
+                     help="UNet compute precision: auto (the fastest on this machine, measured; recommended), "
+                          "fp32, bf16 or fp16 (default: fp32; with --use_fp16 True fp16 on GPU, bf16 on CPU)")
+    new.add_argument("--encoder_precision", default="fp32", choices=PRECISION_CHOICES,
+                     help="the frozen encoder's compute precision, separate from the UNet's: fp32 (exact, "
+                          "default), auto (bf16 only where this machine runs it natively and faster), bf16 "
+                          "or fp16; part of a --feat_cache's identity")
     new.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: never)")
     new.add_argument("--max_minutes", type=float, default=0.0,
                      help="stop after this many minutes of training and save a checkpoint (0: no limit); "
@@ -96,7 +101,8 @@ def create_argparser() -> argparse.ArgumentParser:
                      help="seed of the data order, crops, flips, timesteps and noise (per rank and step, "
                           "so a resumed run continues the same streams)")
     new.add_argument("--progress", type=str2bool, default=True, help="tqdm progress bar")
-    new.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster with bf16)")
+    new.add_argument("--channels_last", action="store_true",
+                     help="channels-last memory format (faster with bf16; --precision auto decides by measuring)")
     new.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first steps)")
     add_tf32_arg(new)
     new.add_argument("--sync_bn", type=str2bool, default=False,
@@ -151,12 +157,13 @@ def main(args) -> None:
     # Cheap checks first: nothing heavy is built if the data or the flags cannot work.
     image_paths = find_images(args.data_dir)
     _model_flag_check(args)
-    precision = resolve_precision(args.precision, args.use_fp16)
+    precision = resolve_precision(args.precision, args.use_fp16, dist_util.dev())
     set_fp32_math(args.tf32, fixed_shapes=True)  # a training batch always has the same shape
     if args.num_workers is None:
         args.num_workers = default_num_workers()
-    logger.log(f"{len(image_paths)} images in {args.data_dir}; precision {precision}; "
-               f"{args.num_workers} data loading process(es) per rank")
+    encoder_precision = resolve_precision(args.encoder_precision, device=dist_util.dev())
+    logger.log(f"{len(image_paths)} images in {args.data_dir}; precision {precision} "
+               f"(encoder {encoder_precision}); {args.num_workers} data loading process(es) per rank")
 
     encoder, features, ssl_dim = None, None, DEFAULT_SSL_DIM
     encoder_info = encoder_info_from_args(args)
@@ -164,7 +171,7 @@ def main(args) -> None:
         if args.feat_cache:
             image_paths, features = prepare_feature_cache(
                 args.feat_cache, args.data_dir, image_paths, encoder_info, lambda: _build_encoder(args),
-                batch_size=max(args.batch_size, 16), num_workers=args.num_workers, precision=precision,
+                batch_size=max(args.batch_size, 16), num_workers=args.num_workers, precision=encoder_precision,
             )
             ssl_dim = features.shape[-1]
         else:
@@ -192,7 +199,7 @@ def main(args) -> None:
         features=features, image_paths=image_paths, seed=args.seed,
         encoder_size=224 if encoder is not None else None,
     )
-    data = conditioned_batches(stream, encoder, dist_util.dev(), precision)
+    data = conditioned_batches(stream, encoder, dist_util.dev(), encoder_precision)
 
     meta = {
         "model_flags": {**model_flags, "feat_cond": bool(args.feat_cond), "ssl_dim": int(ssl_dim)},
@@ -200,7 +207,8 @@ def main(args) -> None:
         "train_flags": {k: getattr(args, k) for k in (
             "lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch", "ema_rate",
             "schedule_sampler", "use_fp16", "fp16_scale_growth", "data_dir", "feat_cache",
-        )} | {"precision": precision, "world_size": dist_util.get_world_size()},
+        )} | {"precision": precision, "encoder_precision": encoder_precision,
+              "world_size": dist_util.get_world_size()},
     }
     logger.log("training...")
     TrainLoop(
@@ -220,7 +228,7 @@ def main(args) -> None:
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
         out_dir=args.out_dir,
-        precision=precision,
+        precision="auto" if args.precision == "auto" else precision,  # auto: also its kernel choices
         checkpoint_meta=meta,
         max_steps=args.max_steps,
         max_seconds=60.0 * args.max_minutes,

@@ -12,6 +12,14 @@ import torch  # noqa: E402
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_speed_cache(tmp_path_factory):
+    """Measured speed choices (`--precision auto`) go to a folder of the test run's, not the
+    user's cache; the processes the tests start inherit it."""
+    os.environ["RCDM_CACHE_DIR"] = str(tmp_path_factory.mktemp("speed_cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

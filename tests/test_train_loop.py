@@ -156,6 +156,10 @@ def test_feature_cache_encodes_once_and_matches_the_encoder(photos, encoder, tmp
     assert len(built) == 2 and len(paths) == len(files) and len(load_cache(str(tmp_path / "cache"))["paths"]) == 6
     with pytest.raises(ValueError, match="was made with encoder"):
         prepare_feature_cache(str(tmp_path / "cache"), photos, files, {**info, "use_head": True}, make)
+    # the encoder's precision is part of the cache's identity: fp32 features are not passed off as bf16
+    with pytest.raises(ValueError, match="holds fp32 representations.*--encoder_precision fp32"):
+        prepare_feature_cache(str(tmp_path / "cache"), photos, files, info, make, precision="bf16")
+    assert load_cache(str(tmp_path / "cache"))["encoder_precision"] == "fp32"
 
     # the cached features reach the model through the loader, flipped with the image
     stream = load_data(data_dir=photos, batch_size=6, image_size=32, features=feats, image_paths=paths,
@@ -207,6 +211,7 @@ def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
     assert meta["model_flags"]["feat_cond"] is True
     assert meta["encoder"] == {"type_model": "resnet18", "use_head": False, "normalize": "imagenet",
                                "pretrained": False}
+    assert meta["train_flags"]["encoder_precision"] == "fp32"  # the encoder's own, exact by default
     model, _ = tiny_model()
     hub.load_state_dict_checked(model, sd, meta=meta)
     rows = list(csv.DictReader(open(out / "progress.csv")))
