@@ -181,11 +181,12 @@ def make_executor(args: argparse.Namespace):
 def submit(args: argparse.Namespace):
     """Submit the training job; returns the submitit job."""
     args.out_dir = check_out_dir(args.out_dir)
-    # Fail now, not in the queue, when the data cannot work.
+    # Fail now, not in the queue, when the data or the model flags cannot work.
     from guided_diffusion_rcdm.image_datasets import find_images
 
     try:
         find_images(args.data_dir)
+        image_train._model_flag_check(args)  # flags that cannot build a model
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     if __name__ != "__main__":  # let the job unpickle Trainer without importing this file

@@ -654,8 +654,9 @@ def _mismatch_message(expected, state_dict, missing, unexpected, mismatched, met
         lines.append(f"  missing {key}: model {_shape(expected[key])}")
     for key in unexpected[:shown]:
         lines.append(f"  unexpected {key}: checkpoint {_shape(state_dict[key])}")
-    if any(k == "ssl_emb.weight" for k, _, _ in mismatched):
-        _, got, want = next(m for m in mismatched if m[0] == "ssl_emb.weight")
+    ssl = next((m for m in mismatched if m[0] == "ssl_emb.weight"), None)
+    if ssl is not None and len(ssl[1]) == 2 and ssl[1][1] != ssl[2][1]:  # the input width differs
+        _, got, want = ssl
         lines.append(
             f"The representation size differs (checkpoint ssl_dim {got[1]}, model {want[1]}): "
             "check --type_model and --use_head."

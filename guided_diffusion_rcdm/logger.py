@@ -66,11 +66,25 @@ class _CSV:
         with fileio.open_append(self.path, newline="") as f:
             csv.writer(f).writerow(["" if kvs.get(k) is None else kvs[k] for k in self.keys])
 
-    def _rewrite_with(self, keys: list[str]) -> None:
-        rows = []
-        if os.path.exists(self.path):
-            with open(self.path, newline="") as f:
-                rows = list(csv.reader(f))[1:]
+    def _rows(self) -> list:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.reader(f))[1:]
+
+    def drop_rows_after(self, key: str, value: int) -> int:
+        """Remove the rows whose `key` exceeds `value` (steps a resumed run will log again)."""
+        if key not in self.keys:
+            return 0
+        i = self.keys.index(key)
+        rows = self._rows()
+        keep = [r for r in rows if not (len(r) > i and r[i].lstrip("-").isdigit() and int(r[i]) > value)]
+        if len(keep) < len(rows):
+            self._rewrite_with(self.keys, keep)
+        return len(rows) - len(keep)
+
+    def _rewrite_with(self, keys: list[str], rows: list | None = None) -> None:
+        rows = self._rows() if rows is None else rows
 
         def write(f) -> None:
             w = csv.writer(f)
@@ -227,6 +241,11 @@ def logkvs(d: dict) -> None:
 def dumpkvs() -> dict:
     """Write this step's terms (averaged over ranks). Every rank must call it."""
     return get_current().dumpkvs()
+
+
+def drop_rows_after(key: str, value: int) -> int:
+    """Remove `progress.csv` rows whose `key` exceeds `value`: a resumed run logs those steps again."""
+    return sum(o.drop_rows_after(key, value) for o in get_current().outputs if isinstance(o, _CSV))
 
 
 def getkvs() -> dict:

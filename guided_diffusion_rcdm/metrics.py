@@ -175,6 +175,13 @@ def representation_fidelity(
             f"sample features must be N x K x D with N={conds.shape[0]} and D={conds.shape[1]} to match "
             f"the conditioning features, got shape {list(samples.shape)}"
         )
+    for what, feats in (("sample", samples), ("conditioning", conds)):
+        bad = int((~torch.isfinite(feats.float())).sum())
+        if bad:  # a NaN similarity ranks in the middle and would pass for "mean rank 0.50"
+            raise ValueError(
+                f"the {what} features hold {bad} non-finite value(s) (NaN or inf): the encoder's output "
+                "is broken (check its weights and --precision), so no fidelity can be computed"
+            )
     n, k, _ = samples.shape
     if n < 2:
         raise ValueError("representation fidelity needs at least 2 conditioning images (a rank among 1 is always 1)")

@@ -492,6 +492,9 @@ class TrainLoop:
             logger.warn("the data iterator cannot skip ahead: the resumed run reads its batches from the start")
         missing = "" if not summary["problems"] else f" (starting afresh: {'; '.join(summary['problems'])})"
         logger.log(f"resumed from checkpoint {choice} at step {self.step}{missing}")
+        log_dir = logger.get_dir()
+        if log_dir and self.out_dir and os.path.abspath(log_dir) == os.path.abspath(self.out_dir):
+            logger.drop_rows_after("step", self.step)  # the steps redone now are logged once
         dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
         for params in self.ema_params:
             dist_util.sync_params(params)

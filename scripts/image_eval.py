@@ -130,6 +130,8 @@ def resolve_encoder(args: argparse.Namespace, meta: dict) -> tuple[dict, str]:
 def main(args: argparse.Namespace) -> dict:
     if args.num_shuffles < 1:
         raise su.UsageError("--num_shuffles must be at least 1")
+    if args.batch_size < 1:
+        raise su.UsageError(f"--batch_size {args.batch_size}: must be at least 1")
     out = args.out_json or os.path.splitext(args.sample_path)[0] + "_eval.json"
     check_writable(os.path.dirname(os.path.abspath(out)), "--out_json folder")
     data = metrics.read_sample_file(args.sample_path)

@@ -243,6 +243,20 @@ def test_mismatch_message_is_short_and_names_the_flags():
     assert len(message.splitlines()) <= 14  # not a wall of 60 keys
 
 
+def test_the_representation_width_is_blamed_only_when_it_differs():
+    def with_ssl_emb(width_in, width_out):
+        module = nn.Module()
+        module.ssl_emb = nn.Linear(width_in, width_out)
+        return module
+
+    with pytest.raises(hub.CheckpointMismatchError) as err:  # another channel count, same ssl_dim
+        hub.load_state_dict_checked(with_ssl_emb(512, 128), with_ssl_emb(512, 256).state_dict())
+    assert "representation size" not in str(err.value)
+    with pytest.raises(hub.CheckpointMismatchError) as err:
+        hub.load_state_dict_checked(with_ssl_emb(2048, 128), with_ssl_emb(512, 128).state_dict())
+    assert "checkpoint ssl_dim 512, model 2048" in str(err.value)
+
+
 def test_missing_keys_and_strict_false():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     partial = {k: v for k, v in model.state_dict().items() if k.startswith("0.")}

@@ -381,3 +381,18 @@ def test_image_eval_bad_input_gets_a_clear_message(tmp_path, sample_npz):
     assert proc.returncode == 2 and "--inception_path" in proc.stderr and "Traceback" not in proc.stderr
     proc = _run(SCRIPTS / "image_eval.py", tmp_path / "missing.npz", env=env)
     assert proc.returncode == 2 and "no such sample file" in proc.stderr
+
+
+def test_non_finite_features_and_a_zero_batch_size_are_clear_errors(sample_npz):
+    feats = torch.randn(3, 2, 16)
+    conds = torch.randn(3, 16)
+    feats[1, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="sample features hold 1 non-finite value"):
+        M.representation_fidelity(feats, conds)
+    conds[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="conditioning features hold 1 non-finite value"):
+        M.representation_fidelity(torch.randn(3, 2, 16), conds)
+    npz, env = sample_npz
+    proc = _run(SCRIPTS / "image_eval.py", npz, "--batch_size", "0", "--device", "cpu", env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--batch_size 0: must be at least 1" in proc.stderr

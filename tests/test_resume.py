@@ -109,6 +109,7 @@ def test_sigkill_mid_run_and_mid_save_then_resume(photos, tmp_path):
     assert not list(out.glob(".*.tmp"))
     steps = [int(r["step"]) for r in csv.DictReader(open(out / "progress.csv"))]
     assert steps[-2:] == [final - 1, final] and steps[0] == 1  # the log kept its history
+    assert steps == list(range(1, final + 1))  # the steps redone after each resume appear once
     _, meta = hub.load_checkpoint(out / f"ema_0.99_{final:06d}.pt")
     assert meta["step"] == final
 

@@ -82,6 +82,12 @@ def test_cli_without_slurm_says_what_to_do_and_keeps_the_original_flags(tmp_path
                           capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
     assert proc.returncode != 0 and "does not exist" in proc.stderr  # checked before anything is queued
     assert "Traceback" not in proc.stderr
+    photos_dir = make_photo_dir(tmp_path / "few", names=("coffee",))
+    proc = subprocess.run([sys.executable, str(REPO / "run_with_submitit.py"), "--data_dir", photos_dir, "--local",
+                           "--image_size", "100", "--out_dir", str(tmp_path / "run2")],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "image_size" in proc.stderr and not (tmp_path / "run2" / "submitit").exists()  # nothing queued
 
 
 def test_the_launcher_needs_a_writable_out_dir_and_makes_it_absolute(tmp_path, monkeypatch):
