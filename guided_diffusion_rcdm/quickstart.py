@@ -25,7 +25,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,7 @@ class Settings:
     type_model: str
     encoder_weights: str
     precision: str
+    encoder_precision: str
     inception_path: str
     download_inception: bool
     retrain: bool
@@ -287,7 +288,11 @@ def create_argparser() -> argparse.ArgumentParser:
                         "barlow, vicreg, supervised, a torchvision name or a checkpoint file")
     p.add_argument("--encoder_weights", default="auto", choices=("auto", "published", "untrained"),
                    help="auto: published weights if on disk (never downloads), else untrained")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="UNet compute precision")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="UNet compute precision: auto measures this machine (bf16 only where it is native "
+                        "and faster)")
+    p.add_argument("--encoder_precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="the frozen encoder's precision: auto is fp32 unless bf16 is native and faster")
     p.add_argument("--inception_path", default="", help="FID Inception weights file (FID/IS are skipped "
                    "without one unless it is in the torch.hub cache or --download_inception)")
     p.add_argument("--download_inception", type=str2bool, default=False)
@@ -322,10 +327,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def training_key(s: Settings, encoder: dict, train_files: Sequence[str]) -> str:
     """What decides the trained weights: a model is reused only when all of it is the same."""
+    from .precision import resolve_precision
+
     decided_by = {
         "version": SETTINGS_VERSION, "model": s.model_flags(), "encoder": encoder,
         "files": [os.path.basename(f) for f in train_files], "budget": [s.minutes, s.train_steps],
-        "train": [s.batch_size, s.lr, s.ema_rate, s.precision, s.seed],
+        "train": [s.batch_size, s.lr, s.ema_rate, resolve_precision(s.precision), s.seed],
     }
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -337,7 +344,7 @@ def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder:
     """Train (or resume) in `run_dir`; returns the marker record naming the EMA checkpoint."""
     from . import logger
     from .image_datasets import load_data
-    from .precision import default_device
+    from .precision import default_device, resolve_speed
     from .script_util import create_model_and_diffusion
     from .train_util import TrainLoop, conditioned_batches
 
@@ -349,15 +356,14 @@ def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder:
     ssl_dim = int(features.shape[-1])
     model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=ssl_dim, G_shared=False)
     device = default_device()
-    if device.type == "cpu" and s.precision == "bf16":
-        model = model.to(memory_format=torch.channels_last)  # faster bf16 convolutions on CPU
+    speed = resolve_speed(s.precision, device=device, channels_last=_bf16_on_cpu(s.precision, device))
     stream = load_data(data_dir=str(Path(train_files[0]).parent), batch_size=s.batch_size,
                        image_size=s.image_size, random_flip=True, num_workers=0, features=features,
                        image_paths=train_files, seed=s.seed)
     meta = {
         "model_flags": {**flags, "feat_cond": True, "ssl_dim": ssl_dim},
         "encoder": encoder,
-        "train_flags": {"lr": s.lr, "batch_size": s.batch_size, "ema_rate": s.ema_rate, "precision": s.precision,
+        "train_flags": {"lr": s.lr, "batch_size": s.batch_size, "ema_rate": s.ema_rate, "precision": speed.precision,
                         "data": "scikit-image photographs (quickstart)"},
     }
     # Every 10 steps, or ~10 points for a short --train_steps run, so the loss curve has points.
@@ -367,7 +373,7 @@ def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder:
         model=model, diffusion=diffusion, data=conditioned_batches(stream, None, device),
         batch_size=s.batch_size, microbatch=-1, lr=s.lr, ema_rate=s.ema_rate, log_interval=log_interval,
         save_interval=500, resume_checkpoint="", out_dir=str(run_dir), precision=s.precision,
-        checkpoint_meta=meta, max_steps=s.train_steps, progress=s.progress,
+        channels_last=speed.channels_last, checkpoint_meta=meta, max_steps=s.train_steps, progress=s.progress,
         max_seconds=0.0 if s.train_steps else 60.0 * s.minutes,
     )
     first = loop.step
@@ -605,15 +611,75 @@ def _fidelity_verdict(fid: dict) -> str:
             f"{fid['num_conditions']}; top-1 {m['top1']:.2f} vs {sh['top1']:.2f}.")
 
 
+def _bf16_on_cpu(precision: str, device: torch.device) -> bool:
+    """An explicit bf16 on a CPU runs channels-last (faster bf16 convolutions); auto decides itself."""
+    return device.type == "cpu" and precision == "bf16"
+
+
+# What each stage may take of the default run (about 9 minutes: 5 of training and these), in
+# seconds. A machine too slow for them gets less work, said on the console, rather than a run of
+# half an hour. --train_steps runs (exact, for comparisons) are never scaled.
+ENCODING_SHARE_S = 75.0
+SAMPLING_SHARE_S = 100.0
+MIN_CROPS_PER_PHOTO = 3
+MIN_SAMPLES_PER_IMAGE = 2
+
+
+def _seconds_per_call(fn: Callable[[], Any], reps: int = 2) -> float:
+    """The best of `reps` timed calls after a first (warm-up) call."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.monotonic()
+        fn()
+        best = min(best, time.monotonic() - start)
+    return best
+
+
+def fit_encoding_budget(s: Settings, train_files: list[str], todo: int, seconds_per_view: float) -> list[str]:
+    """The training views to encode within `ENCODING_SHARE_S`: all of them when they fit, else the
+    first crops of every photo (at least `MIN_CROPS_PER_PHOTO`), said plainly."""
+    estimate = todo * seconds_per_view
+    if s.train_steps or estimate <= ENCODING_SHARE_S:
+        return train_files
+    crops = max(MIN_CROPS_PER_PHOTO, int(s.crops_per_photo * ENCODING_SHARE_S / estimate))
+    if crops >= s.crops_per_photo:
+        return train_files
+    kept = [f for f in train_files if int(Path(f).name.rsplit("_", 4)[-4]) < crops]
+    print(f"  encoding {todo} views would take ~{estimate:.0f} s on this machine, more than its "
+          f"{ENCODING_SHARE_S:.0f} s share of the run: using {crops} crops per photo instead of "
+          f"{s.crops_per_photo} ({len(kept)} views; --crops_per_photo with --train_steps runs them all)",
+          flush=True)
+    return kept
+
+
+def fit_sampling_budget(s: Settings, seconds_per_step: float, num_conditions: int) -> int:
+    """Samples per held-out view within `SAMPLING_SHARE_S` (at least `MIN_SAMPLES_PER_IMAGE`).
+
+    `seconds_per_step`: one UNet forward at the batch of `s.samples_per_image` samples of every view.
+    The interpolation and manipulation grids cost about half as much again.
+    """
+    estimate = 1.5 * seconds_per_step * s.sampling_steps
+    if s.train_steps or estimate <= SAMPLING_SHARE_S:
+        return s.samples_per_image
+    k = max(MIN_SAMPLES_PER_IMAGE, int(s.samples_per_image * SAMPLING_SHARE_S / estimate))
+    if k < s.samples_per_image:
+        print(f"  sampling {s.samples_per_image} images of each of {num_conditions} views would take "
+              f"~{estimate:.0f} s on this machine, more than its {SAMPLING_SHARE_S:.0f} s share of the run: "
+              f"{k} per view instead", flush=True)
+    return min(k, s.samples_per_image)
+
+
 def run(s: Settings, command: str) -> dict:
     """The whole quickstart; returns what the report shows (also written to scores.json)."""
     from . import logger, metrics
     from . import sample_util as su
-    from .feature_cache import prepare_feature_cache
+    from .feature_cache import load_cache, prepare_feature_cache
     from .get_ssl_models import get_model
-    from .image_datasets import model_input
-    from .precision import default_device
+    from .image_datasets import encoder_input, model_input
+    from .precision import default_device, resolve_precision, resolve_speed
     from .representation_ops import INTERPOLATIONS
+    from .train_util import encode
 
     wall = time.monotonic()
     out = Path(s.out_dir)
@@ -633,16 +699,32 @@ def run(s: Settings, command: str) -> dict:
 
     stages.start("features", "features: encoding the training views once (cached for later runs)")
 
-    def make_encoder():
-        return get_model(encoder_info["type_model"], encoder_info["use_head"],
-                         pretrained=encoder_info["pretrained"]).to(device)
+    built = []
 
-    # bf16 here halves the encoding time; its rounding (~0.4% per value) is far below the
-    # differences between the views' representations that the model learns from.
+    def make_encoder():
+        if not built:
+            built.append(get_model(encoder_info["type_model"], encoder_info["use_head"],
+                                   pretrained=encoder_info["pretrained"]).to(device).eval())
+        return built[0]
+
+    # Precision and kernels are measured once for the whole run (`--precision auto`), said in one line.
+    unet_speed = resolve_speed(s.precision, device=device, channels_last=_bf16_on_cpu(s.precision, device))
+    encoder_precision = resolve_precision(s.encoder_precision, device=device)
+    print(f"  precision: UNet {unet_speed.precision}"
+          f"{', channels-last' if unet_speed.channels_last else ''}, encoder {encoder_precision}", flush=True)
+    cached = load_cache(str(out / "features"))
+    known = set(cached["paths"]) | set(cached["bad"]) if cached else set()
+    todo = sum(1 for f in train_files if Path(f).name not in known)
+    if todo and not s.train_steps:
+        # Encoding a couple of views first tells how long all of them would take here.
+        views = torch.stack([encoder_input(f, normalize=encoder_info["normalize"]) for f in train_files[:2]])
+        views = torch.cat([views, views.flip(-1)]).to(device)  # each view is encoded mirrored too
+        per_view = _seconds_per_call(lambda: encode(make_encoder(), views, encoder_precision)) / 2
+        train_files = fit_encoding_budget(s, train_files, todo, per_view)
     logger.configure(dir=str(out / "features"), format_strs="log")
     train_files, features = prepare_feature_cache(
         str(out / "features"), str(out / "data" / "train"), train_files, encoder_info, make_encoder,
-        batch_size=16, num_workers=0, precision=s.precision,
+        batch_size=16, num_workers=0, precision=encoder_precision,
     )
     logger.reset()
 
@@ -665,7 +747,7 @@ def run(s: Settings, command: str) -> dict:
             run_dir.rename(kept)
             print(f"  --retrain: the previous model is kept in {kept}", flush=True)
         budget = f"{s.train_steps} steps" if s.train_steps else f"{s.minutes:g} minute(s)"
-        print(f"  training for {budget} on {device} ({s.precision}), batch {s.batch_size}, "
+        print(f"  training for {budget} on {device} ({unet_speed.precision}), batch {s.batch_size}, "
               f"{s.image_size}x{s.image_size}; checkpoints in {run_dir}", flush=True)
         record = train(s, run_dir, train_files, features, encoder_info)
         record["reused"] = False
@@ -681,12 +763,21 @@ def run(s: Settings, command: str) -> dict:
     rcdm = RCDM({"model_path": str(ckpt), "sampler": s.sampler, "steps": s.sampling_steps, "seed": s.seed,
                  "guidance_scale": s.guidance_scale,
                  "device": str(device), "precision": s.precision, "progress": s.progress,
-                 "channels_last": device.type == "cpu" and s.precision == "bf16", "clip_denoised": True})
+                 "channels_last": _bf16_on_cpu(s.precision, device), "clip_denoised": True})
     su.seed_everything(s.seed)
     held_paths = [h["path"] for h in heldout]
     feats = rcdm.encode(held_paths)
     images = torch.stack([model_input(p, s.image_size) for p in held_paths])
     k = s.samples_per_image
+    if not s.train_steps:
+        unet = rcdm._model_for_sampling()
+        batch = len(held_paths) * k
+        x = torch.randn(batch, 3, s.image_size, s.image_size, device=rcdm.device)
+        t = torch.full((batch,), 500, device=rcdm.device)
+        with torch.no_grad():
+            step_s = _seconds_per_call(lambda: unet(x, t, feat=feats.repeat_interleave(k, dim=0)), reps=1)
+        k = fit_sampling_budget(s, step_s, len(held_paths))
+        su.seed_everything(s.seed)
     flat = rcdm.sample(feats.repeat_interleave(k, dim=0))
     samples = flat.view(len(held_paths), k, *flat.shape[1:]).cpu()
     su.save_grid([su.row(images[i], samples[i]) for i in range(len(held_paths))], str(out / "samples.jpeg"))
