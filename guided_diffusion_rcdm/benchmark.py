@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .precision import prepare_model
+from .precision import auto_speed, prepare_model
 from .samplers import sample_images
 from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -58,12 +58,22 @@ class Variant:
 BASELINE = Variant("baseline")
 
 
+def auto_variant(device: torch.device) -> Variant:
+    """What `--precision auto` picks on this device, named "auto=" + what it is (e.g. auto=fp32+sdpa)."""
+    choice = auto_speed(device)
+    fused = choice.fused_attention if choice.precision == "fp32" else True  # fused by default in bf16/fp16
+    name = "+".join([choice.precision] + ["sdpa"] * bool(fused) + ["cl"] * choice.channels_last)
+    return Variant(f"auto={name}", precision=choice.precision, channels_last=choice.channels_last,
+                   fused_attention=choice.fused_attention)
+
+
 def default_variants(device: torch.device, compile: bool) -> list[Variant]:
     variants = [
         BASELINE,
         Variant("fp32", fused_attention=None),
         Variant("fp32+sdpa+cl", channels_last=True, fused_attention=True),
         Variant("bf16+sdpa+cl", precision="bf16", channels_last=True, fused_attention=True),
+        auto_variant(device),
     ]
     if device.type == "cuda":
         variants.append(Variant("fp16+sdpa+cl", precision="fp16", channels_last=True, fused_attention=True))
@@ -157,23 +167,25 @@ def variant_model(model: torch.nn.Module, variant: Variant, device: torch.device
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def peak_tflops(device: torch.device, precision: str, seconds: float = 2.0) -> float:
+def peak_tflops(device: torch.device, precision: str, seconds: float = 2.0, small: bool = False) -> float:
     """The device's practical peak in `precision`: the better TFLOP/s of a large square matmul
     and of a 3x3 convolution (256 channels, 64x64, batch 8, channels-last), the UNet's main op.
 
     Model FLOP utilisation is a forward's achieved FLOP/s over this figure (a datasheet peak is
-    higher). NaN for fp16 on a CPU, which has no fast fp16 path.
+    higher). NaN for fp16 on a CPU, which has no fast fp16 path. `small`: operations 64x smaller
+    (a quick figure, for smoke runs: emulated bf16 takes a minute on the full-size ones).
     """
     dtype = PEAK_DTYPES[precision]
     if device.type == "cpu" and dtype == torch.float16:
         return float("nan")
-    n = 8192 if device.type == "cuda" else 2048
+    n = (8192 if device.type == "cuda" else 2048) // (4 if small else 1)
+    batch, size = (1, 32) if small else (8, 64)
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    x = torch.randn(8, 256, 64, 64, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 256, size, size, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     ops = [
         (lambda: a @ b, 2 * n**3),
-        (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 8 * 256 * 256 * 9 * 64 * 64),
+        (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * batch * 256 * 256 * 9 * size * size),
     ]
     best = 0.0
     with torch.no_grad():

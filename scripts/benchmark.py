@@ -13,14 +13,21 @@ Prints tables and writes JSON. See docs/speed.md for figures and what the flags 
 
 import argparse
 import json
-import platform
 import sys
+from dataclasses import asdict
 
 import torch
 
 from guided_diffusion_rcdm import benchmark as bm
 from guided_diffusion_rcdm.fileio import atomic_write_text
-from guided_diffusion_rcdm.precision import add_tf32_arg, default_device, device_problem, fp32_math_mode, set_fp32_math
+from guided_diffusion_rcdm.precision import (
+    add_tf32_arg,
+    cpu_features,
+    default_device,
+    device_problem,
+    fp32_math_mode,
+    set_fp32_math,
+)
 
 
 def parse_args(argv=None):
@@ -76,19 +83,25 @@ def main(argv=None) -> int:
         print(f"unknown --configs {unknown}: choose from {', '.join(bm.CONFIGS)}", file=sys.stderr)
         return 2
     skip = set(args.skip.split(",")) - {""}
-    variants = bm.default_variants(device, args.compile)
+    features = cpu_features()
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
+    print(f"CPU: {features.model}: {features.describe()}")
+    variants = bm.default_variants(device, args.compile)  # the auto variant measures its choice first
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     report = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else features.model,
+        "cpu_features": {**asdict(features), "native_bf16": features.native_bf16},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         # on a GPU, what "fp32" means here: exact float32, or TF32 convolutions and matmuls (--tf32)
         "fp32_math": fp32_math_mode() if device.type == "cuda" else "exact",
         "forward": [], "sampling": [], "training": [],
     }
-    peaks = {v.precision: bm.peak_tflops(device, v.precision) for v in variants}
+    peaks = {v.precision: bm.peak_tflops(device, v.precision, **({"seconds": 0.2, "small": True} if args.smoke else {}))
+             for v in variants}
     report["peak_tflops"] = peaks
     print("device peak (best of a large matmul and a 3x3 convolution): "
           + ", ".join(f"{p} {t:.3g} TFLOP/s" for p, t in peaks.items())
