@@ -427,22 +427,44 @@ class AutocastModel(nn.Module):
         return autocast(self.precision, self.device_type)
 
 
+class BatchDynamic(nn.Module):
+    """Calls a compiled model with the batch dimension of every input marked dynamic.
+
+    Without the mark, torch.compile specialises its graph to the first batch size and recompiles
+    at the next one (a training step's last, smaller microbatch; guidance's doubled batch; another
+    sampling batch size), and again when it then turns dynamic. With it, the first call compiles a
+    graph for every batch size above 1 (a batch of 1 is always specialised: a second graph at most).
+    """
+
+    def __init__(self, compiled: nn.Module):
+        super().__init__()
+        self.inner = compiled
+
+    def forward(self, *args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if torch.is_tensor(value) and value.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        return self.inner(*args, **kwargs)
+
+
 def prepare_model(
     model: nn.Module,
     *,
     precision: str = "fp32",
     device=None,
     channels_last: bool = False,
-    compile: bool = False,
+    compile: bool | str | Callable = False,
     freeze: bool = False,
 ) -> nn.Module:
     """Wrap a model for fast evaluation: optional channels-last weights, `torch.compile`, autocast.
 
     The returned module is called exactly like `model`; with the defaults it is `model` itself.
     `precision="auto"` also applies the measured channels-last and attention-kernel choices
-    (`auto_speed`). `freeze` (with `compile`) lets the compiler fold the weights into the graph for
-    calls made without gradients (pre-packed convolution weights, no per-call casts): for sampling
-    only, since later changes to the weights are not seen by the compiled graph.
+    (`auto_speed`). `compile`: True for torch.compile's default backend, or a backend (name or
+    callable); the compiled graph takes any batch size (see `BatchDynamic`). `freeze` (with
+    `compile`) lets the compiler fold the weights into the graph for calls made without gradients
+    (pre-packed convolution weights, no per-call casts): for sampling only, since later changes to
+    the weights are not seen by the compiled graph.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if precision == "auto":
@@ -452,7 +474,9 @@ def prepare_model(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
-        model = torch.compile(model, options={"freezing": True} if freeze else None)
+        backend = "inductor" if compile is True else compile
+        options = {"freezing": True} if freeze and backend == "inductor" else None
+        model = BatchDynamic(torch.compile(model, backend=backend, options=options))
     if precision != "fp32":
         model = AutocastModel(model, precision, device)
     return model

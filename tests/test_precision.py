@@ -228,3 +228,33 @@ def test_a_gpu_that_is_not_there_is_named_in_one_line():
     from scripts import benchmark
 
     assert benchmark.main(["--device", "cuda:9"]) == 2 and benchmark.main(["--device", "gpu"]) == 2
+
+
+def test_a_compiled_model_takes_new_batch_sizes_without_recompiling():
+    # A real torch.compile with a backend that runs each captured graph as it is and counts it.
+    import torch._dynamo
+
+    from guided_diffusion_rcdm.samplers import GuidedModel
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = _random_model(1, feat_drop_prob=0.5)  # guidance needs a learned null representation
+    compiled = prepare_model(model, compile=counting_backend)
+    with torch.no_grad():
+        compiled(torch.randn(3, 3, 32, 32), torch.randint(0, 1000, (3,)), feat=torch.randn(3, 16))
+        per_graph_set = len(graphs)  # the UNet's graphs (more than one where it breaks the trace)
+        # a training run's smaller last microbatch, another batch size, guidance's doubled batch
+        out = compiled(torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,)), feat=torch.randn(2, 16))
+        assert out.shape == (2, 6, 32, 32)
+        GuidedModel(compiled, 2.0)(torch.randn(5, 3, 32, 32), torch.randint(0, 1000, (5,)), feat=torch.randn(5, 16))
+        assert len(graphs) == per_graph_set  # 3, 2 and 10 share the first graphs
+        compiled(torch.randn(1, 3, 32, 32), torch.randint(0, 1000, (1,)), feat=torch.randn(1, 16))
+        assert len(graphs) <= 2 * per_graph_set  # a batch of one is specialised: one more at most
+        reference = model(torch.ones(4, 3, 32, 32), torch.full((4,), 7), feat=torch.ones(4, 16))
+        assert torch.equal(compiled(torch.ones(4, 3, 32, 32), torch.full((4,), 7), feat=torch.ones(4, 16)), reference)
+    torch._dynamo.reset()
