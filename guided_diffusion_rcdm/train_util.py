@@ -310,7 +310,7 @@ class TrainLoop:
         signal) about every `agree_seconds` of training, not every step (a collective each time).
     :param seed: the random streams of step S on rank R (timesteps, noise, representation
         dropout) are seeded from `(seed, R, S)`, so a resumed run draws what an uninterrupted one
-        would; None draws a seed from torch's generator (recorded in the checkpoint). A `data`
+        would; None: rank 0 draws one from torch's generator (recorded in the checkpoint). A `data`
         with `resume_at(step)` (see `conditioned_batches`) also continues where it stopped.
     """
 
@@ -375,8 +375,10 @@ class TrainLoop:
         self.world_size = dist_util.get_world_size()
         self.global_batch = batch_size * self.world_size
 
-        self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
         self._seed_given = seed is not None
+        if seed is None:  # one base seed for all ranks (rank 0's draw), as the checkpoint records it
+            seed = dist_util.broadcast_object(int(torch.randint(0, 2**62, ()).item()))
+        self.seed = int(seed)
         self.rank = dist_util.get_rank()
 
         self.step = 0
