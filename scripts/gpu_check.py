@@ -303,8 +303,8 @@ def check_ddp_gloo(device) -> tuple[bool, str]:
     out = tempfile.mkdtemp(prefix="gpu_check_ddp_")
     env = dict(os.environ, RCDM_DIST_BACKEND="gloo", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
-    if device.type == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = str(torch.cuda.current_device())  # both ranks on this one GPU
+    if device.type == "cuda":  # both ranks on the first GPU this process sees
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
     procs = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, out, str(REPO)],
