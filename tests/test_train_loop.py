@@ -103,7 +103,7 @@ def test_ema_rates_and_bf16_autocast(photos, encoder, tmp_path):
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     logger.configure(dir=str(tmp_path), format_strs="csv")
-    loop = TrainLoop(model=model, diffusion=diffusion, data=conditioned_batches(stream, encoder, "cpu", "bf16"),
+    loop = TrainLoop(model=model, diffusion=diffusion, data=conditioned_batches(stream, encoder, "cpu"),
                      batch_size=2, microbatch=-1, lr=1e-3, ema_rate="0,0.5,0.9999", log_interval=1,
                      save_interval=3, resume_checkpoint="", progress=False, out_dir=str(tmp_path),
                      precision="bf16", max_steps=3,
