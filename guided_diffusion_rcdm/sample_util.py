@@ -18,27 +18,22 @@ import random
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import fileio, hub
+from . import fileio, hub, loading
+from .loading import SAMPLING_TIME_FLAGS, Components, UsageError, check_model_path, resolve_device  # noqa: F401
+from .RCDM import component_kwargs, explicit_settings
 from .image_datasets import encoder_input, find_images, load_rgb_image, model_input
-from .precision import add_precision_args, default_device, device_problem, resolve_precision, set_fp32_math
+from .precision import add_precision_args
 from .samplers import SAMPLERS
 from .script_util import (
     add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
     model_and_diffusion_defaults,
     str2bool,
 )
-
-# Flags chosen at sampling time even when the checkpoint records a value for them: the respacing
-# is a sampling choice, and these two only change speed (precision, gradient checkpointing).
-SAMPLING_TIME_FLAGS = ("timestep_respacing", "use_fp16", "use_checkpoint")
 
 ENCODER_FIELDS = {  # meta["encoder"] key -> command-line flag
     "type_model": "type_model",
@@ -48,10 +43,6 @@ ENCODER_FIELDS = {  # meta["encoder"] key -> command-line flag
 }
 
 DEBUG_ENV = "RCDM_DEBUG"  # set to 1 to get full tracebacks instead of one-line errors
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line naming the flag or path, and what to do."""
 
 
 # ----------------------------------------------------------------------------- flags
@@ -162,20 +153,6 @@ def sampler_name(args: argparse.Namespace) -> str:
     return args.sampler or ("ddim" if args.use_ddim else "ddpm")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """`--device`, or a GPU when there is one."""
-    if not name:
-        return default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device {name!r} is not a device name (use cpu, cuda or cuda:N): {err}") from None
-    problem = device_problem(device)
-    if problem:
-        raise UsageError(f"--device {name}: {problem}")
-    return device
-
-
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and GPUs), numpy and random, so the same seed gives the same samples."""
     torch.manual_seed(seed)
@@ -186,90 +163,11 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- model and encoder
 
 
-@dataclass
-class Components:
-    """Everything sampling needs, built from the flags and the checkpoint."""
-
-    encoder: torch.nn.Module
-    model: torch.nn.Module
-    diffusion: Any
-    device: torch.device
-    precision: str
-    model_flags: dict
-    encoder_info: dict
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def ssl_dim(self) -> int:
-        return int(self.model_flags["ssl_dim"])
-
-
-def _same(a: Any, b: Any) -> bool:
-    return str(a).replace(" ", "") == str(b).replace(" ", "")
-
-
-def resolve_model_flags(args: argparse.Namespace, meta: dict) -> dict:
-    """The model and diffusion flags to build: the checkpoint's when it records them.
-
-    The command line then only chooses `SAMPLING_TIME_FLAGS`; an explicitly given architecture flag
-    that differs from the checkpoint's is reported and ignored, since the weights fix the
-    architecture (using it could only fail to load or load wrongly).
-    """
-    defaults = model_and_diffusion_defaults()
-    cli = args_to_dict(args, defaults.keys())
-    saved = meta.get("model_flags") or {}
-    if not saved:
-        return {**cli, "feat_cond": True, "ssl_dim": None}
-    if saved.get("feat_cond") is False:
-        raise UsageError(
-            "--model_path: this checkpoint was trained without --feat_cond (an unconditional model); "
-            "RCDM sampling needs a representation-conditioned model"
-        )
-    flags = {k: saved.get(k, defaults[k]) for k in defaults}
-    for k in SAMPLING_TIME_FLAGS:
-        flags[k] = cli[k]
-    ignored = [
-        f"--{k} {cli[k]} (checkpoint: {saved[k]})"
-        for k in defaults
-        if k in args.explicit and k in saved and k not in SAMPLING_TIME_FLAGS and not _same(cli[k], saved[k])
-    ]
-    if ignored:
-        warnings.warn(
-            "the checkpoint records its model flags, which are used instead of: " + ", ".join(ignored),
-            stacklevel=2,
-        )
-    flags["feat_cond"] = True
-    flags["ssl_dim"] = saved.get("ssl_dim")
-    return flags
-
-
 def resolve_encoder(args: argparse.Namespace, meta: dict) -> dict:
-    """Which encoder to build: each field from the command line when given, else the checkpoint's.
-
-    An explicit `--type_model` naming another encoder than the checkpoint's discards the rest of
-    the checkpoint's encoder record too (head/trunk, weights, input scaling belong to it).
-    """
-    recorded = dict(meta.get("encoder") or {})
-    if "type_model" in args.explicit and recorded.get("type_model") not in (None, args.type_model):
-        recorded = {}
-    info = {}
-    for key, flag in ENCODER_FIELDS.items():
-        if flag in args.explicit or key not in recorded:
-            info[key] = getattr(args, flag)
-        else:
-            info[key] = recorded[key]
-    if not info["normalize"]:
-        from .get_ssl_models import native_input_normalize
-
-        info["normalize"] = native_input_normalize(info["type_model"])
-    return info
-
-
-def check_model_path(path: str) -> None:
-    """Fail early when `--model_path` names a local file that does not exist."""
-    if path and "://" not in path and not os.path.isfile(path):
-        raise UsageError(f"--model_path {path}: no such file; pass an RCDM checkpoint, or leave it out "
-                         "to download the published model for --type_model")
+    """Which encoder to build: each field from the command line when given, else the checkpoint's."""
+    chosen = {key: getattr(args, flag) if flag in args.explicit else None
+              for key, flag in ENCODER_FIELDS.items()}
+    return loading.resolve_encoder(meta, chosen)
 
 
 def check_image_file(path: str, flag: str) -> str:
@@ -304,50 +202,9 @@ def list_folder_images(folder: str, flag: str) -> list[str]:
 
 
 def load_components(args: argparse.Namespace) -> Components:
-    """Build the frozen encoder, the UNet (weights loaded, eval mode) and the diffusion.
-
-    Without `--model_path` the published checkpoint for `--type_model`/`--use_head` is downloaded
-    (or taken from the cache); its flags are the README's `$MODEL_FLAGS_128`.
-    """
-    # Imported here: torchvision is slow to import, and bad input is reported before it is needed.
-    from .get_rcdm_models import load_rcdm_checkpoint
-    from .get_ssl_models import get_model, representation_dim
-
-    device = resolve_device(getattr(args, "device", ""))
-    set_fp32_math(getattr(args, "tf32", False))
-    precision = resolve_precision(args.precision or None, args.use_fp16, device)
-    check_model_path(args.model_path)
-    state_dict, meta = load_rcdm_checkpoint(args.model_path, args.type_model, args.use_head)
-    flags = resolve_model_flags(args, meta)
-    encoder_info = resolve_encoder(args, meta)
-
-    encoder = get_model(encoder_info["type_model"], encoder_info["use_head"],
-                        pretrained=encoder_info["pretrained"]).to(device).eval()
-    dim = representation_dim(encoder, device)
-    if flags["ssl_dim"] is None:
-        flags["ssl_dim"] = dim
-    elif int(flags["ssl_dim"]) != dim:
-        raise UsageError(
-            f"--type_model {encoder_info['type_model']}"
-            f"{' --use_head' if encoder_info['use_head'] else ''} gives {dim}-d representations, but "
-            f"the checkpoint is conditioned on {flags['ssl_dim']}-d ones"
-            + (f" (it was trained with {_describe_encoder(meta['encoder'])})" if meta.get("encoder") else "")
-            + ": pick the encoder the model was trained with"
-        )
-
-    build = {k: v for k, v in flags.items() if k not in ("feat_cond", "ssl_dim")}
-    # Built on the meta device: no time spent on a random init the checkpoint overwrites.
-    with torch.device("meta"):
-        model, diffusion = create_model_and_diffusion(
-            **build, feat_cond=True, ssl_dim=int(flags["ssl_dim"]), G_shared=args.G_shared
-        )
-    hub.load_state_dict_checked(model, state_dict, meta=meta or None, strict=True, assign=True)
-    model.to(device).eval()
-    return Components(encoder, model, diffusion, device, precision, flags, encoder_info, meta)
-
-
-def _describe_encoder(enc: dict) -> str:
-    return f"--type_model {enc.get('type_model')}" + (" --use_head" if enc.get("use_head") else "")
+    """Build the frozen encoder, the UNet (weights loaded, eval mode) and the diffusion from the
+    flags (`loading.load_components`; without `--model_path`, the published checkpoint)."""
+    return loading.load_components(**component_kwargs(*explicit_settings(args)))
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -145,3 +145,18 @@ def test_a_corrupt_download_says_to_delete_it(tmp_path, torch_home, monkeypatch)
     (torch_home / "rcdm_ema_vicreg_trunk.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(hub.CheckpointError, match="delete it"):
         rcdm.get_dict_rcdm_model("vicreg")
+
+
+def test_from_pretrained_builds_the_published_model_through_the_mirror(tmp_path, torch_home, monkeypatch):
+    from guided_diffusion_rcdm.RCDM import RCDM
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    written = write_rcdm_file(mirror / "rcdm_ema_dino_head.pt", "dino_head")
+    monkeypatch.setenv(hub.MIRROR_ENV, str(mirror))  # a directory mirror: no network at all
+    model = RCDM.from_pretrained("dino", use_head=True, pretrained_encoder=False, sampler="ddim", steps=5,
+                                 device="cpu", progress=False)
+    assert model.image_size == 128 and model.ssl_dim == 256 and model.sampler == "ddim"
+    assert model.encoder_info == {"type_model": "dino", "use_head": True, "normalize": "minus_one_one",
+                                  "pretrained": False}
+    assert torch.equal(model.rcdm_model.ssl_emb.weight, written["ssl_emb.weight"])

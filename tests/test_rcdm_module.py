@@ -190,3 +190,77 @@ def test_guidance_and_new_architectures_come_from_the_checkpoint(files):
     assert torch.isfinite(b).all() and (a - b).abs().mean() > 1e-3
     with pytest.raises(UsageError, match="--guidance_scale 2.0 needs a model trained with --feat_drop_prob"):
         RCDM(model_path=files["ckpt"], guidance_scale=2.0, progress=False)
+
+
+# ----------------------------------------------------------------------------- keyword API
+
+
+def test_from_checkpoint_matches_the_flag_constructor(rcdm, files):
+    kw = RCDM.from_checkpoint(files["ckpt"], timestep_respacing="4", progress=False, device="cpu")
+    assert kw.image_size == rcdm.image_size and kw.encoder_info == rcdm.encoder_info
+    assert kw.sampler == "ddpm" and kw.precision == "fp32" and kw.device.type == "cpu"
+    for (name, a), b in zip(rcdm.rcdm_model.state_dict().items(), kw.rcdm_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    feat = rcdm.encode(files["photos"][0])
+    torch.manual_seed(4)
+    want = rcdm.sample(feat.expand(2, -1))
+    torch.manual_seed(4)
+    torch.testing.assert_close(kw.sample(feat.expand(2, -1)), want)
+    # the sampler and its number of steps are plain keywords
+    fast = RCDM.from_checkpoint(files["ckpt"], sampler="dpm++", steps=3, progress=False)
+    assert fast.sampler == "dpm++" and fast.args.steps == 3 and fast.diffusion.num_timesteps == 100
+    assert fast.sample(feat.expand(2, -1)).shape == (2, 3, 32, 32)
+
+
+def test_images_may_be_paths_pil_images_or_tensors(rcdm, files):
+    from PIL import Image
+
+    path = files["photos"][0]
+    with Image.open(path) as im:
+        pil = im.convert("RGB")
+    from_path = rcdm.encode(path)
+    torch.testing.assert_close(rcdm.encode(pil), from_path)
+    torch.testing.assert_close(rcdm.encode([pil, files["photos"][1]])[0], from_path[0])
+    torch.testing.assert_close(rcdm.encode(encoder_input(path)), from_path)
+    torch.manual_seed(1)
+    out = rcdm([pil, path], num_samples=2)
+    assert out.shape == (4, 3, 32, 32)
+
+
+def test_interpolate_and_manipulate_take_images(rcdm, files):
+    a_path, b_path, c_path = files["photos"]
+    torch.manual_seed(0)
+    out = rcdm.interpolate(a_path, b_path, num_points=3, methods=["linear"])
+    a, b = rcdm.encode([a_path, b_path])
+    torch.testing.assert_close(out["features"][0, 0], a)
+    torch.testing.assert_close(out["features"][0, -1], b)
+    # a folder of neighbours, read and encoded like a list of their paths
+    folder = files["root"] / "photos"
+    by_folder = rcdm.manipulate(a_path, c_path, str(folder), n_neighbors=3, n_common=2, num_samples=1)
+    feats = rcdm.encode(files["photos"])
+    by_feats = rcdm.manipulate(feats[0], feats[2], feats, n_neighbors=3, n_common=2, num_samples=1)
+    assert torch.equal(by_folder["dims"], by_feats["dims"])
+    torch.testing.assert_close(by_folder["features"], by_feats["features"])
+
+
+def test_keyword_mistakes_are_named(files):
+    with pytest.raises(UsageError, match="--sampler 'euler': choose one of"):
+        RCDM.from_checkpoint(files["ckpt"], sampler="euler", progress=False)
+    with pytest.raises(UsageError, match="--steps must be at least 1"):
+        RCDM.from_checkpoint(files["ckpt"], steps=0, progress=False)
+    with pytest.raises(UsageError, match="no such file"):
+        RCDM.from_checkpoint(files["root"] / "missing.pt")
+    with pytest.raises(UsageError, match="from_pretrained"):
+        RCDM.from_checkpoint("")
+
+
+def test_the_library_path_does_not_parse_flags(files, monkeypatch):
+    import argparse as argparse_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("argparse was used")
+
+    monkeypatch.setattr(argparse_module.ArgumentParser, "parse_args", refuse)
+    monkeypatch.setattr(argparse_module.ArgumentParser, "parse_known_args", refuse)
+    RCDM.from_checkpoint(files["ckpt"], timestep_respacing="2", progress=False)
+    RCDM(model_path=files["ckpt"], timestep_respacing="2", progress=False)  # the original's form too

@@ -1,0 +1,196 @@
+"""Building a ready-to-sample RCDM (frozen encoder, UNet, diffusion) from a checkpoint.
+
+`load_components(model_path, ...)` takes plain keyword arguments. A checkpoint that records its
+flags (the project's own, or a published one through `published_meta`) decides the architecture,
+and its recorded encoder is used unless an encoder is named. Without `model_path` the published
+checkpoint for `type_model`/`use_head` comes through the hub cache (or `RCDM_MIRROR`). The
+command-line layer (`sample_util`) maps its flags onto these arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import hub
+from .get_rcdm_models import load_rcdm_checkpoint
+from .get_ssl_models import get_model, native_input_normalize, representation_dim
+from .precision import default_device, device_problem, resolve_precision, set_fp32_math
+from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+# Flags chosen at sampling time even when the checkpoint records a value for them: the respacing
+# is a sampling choice, and these two only change speed (precision, gradient checkpointing).
+SAMPLING_TIME_FLAGS = ("timestep_respacing", "use_fp16", "use_checkpoint")
+
+# The encoder record's fields (meta["encoder"]) and their defaults when neither the caller nor the
+# checkpoint names them; `normalize` None means the encoder's own input scaling.
+ENCODER_DEFAULTS: dict[str, Any] = {"type_model": "dino", "use_head": False, "normalize": None, "pretrained": True}
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line naming the flag or path, and what to do."""
+
+
+@dataclass
+class Components:
+    """Everything sampling needs, built from the checkpoint and the caller's choices."""
+
+    encoder: torch.nn.Module
+    model: torch.nn.Module
+    diffusion: Any
+    device: torch.device
+    precision: str
+    model_flags: dict
+    encoder_info: dict
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def ssl_dim(self) -> int:
+        return int(self.model_flags["ssl_dim"])
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """`name` ("cpu", "cuda", "cuda:1", ...), or a GPU when there is one."""
+    if not name:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r} is not a device name (use cpu, cuda or cuda:N): {err}") from None
+    problem = device_problem(device)
+    if problem:
+        raise UsageError(f"--device {name}: {problem}")
+    return device
+
+
+def _same(a: Any, b: Any) -> bool:
+    return str(a).replace(" ", "") == str(b).replace(" ", "")
+
+
+def resolve_model_flags(meta: dict, given: dict | None = None) -> dict:
+    """The model and diffusion flags to build: the checkpoint's when it records them.
+
+    `given` holds the flags the caller chose (the rest take `model_and_diffusion_defaults`). With
+    a recorded checkpoint they only choose `SAMPLING_TIME_FLAGS`; a given architecture flag that
+    differs from the checkpoint's is reported and ignored, since the weights fix the architecture.
+    """
+    defaults = model_and_diffusion_defaults()
+    given = {k: v for k, v in (given or {}).items() if k in defaults}
+    chosen = {**defaults, **given}
+    saved = meta.get("model_flags") or {}
+    if not saved:
+        return {**chosen, "feat_cond": True, "ssl_dim": None}
+    if saved.get("feat_cond") is False:
+        raise UsageError(
+            "--model_path: this checkpoint was trained without --feat_cond (an unconditional model); "
+            "RCDM sampling needs a representation-conditioned model"
+        )
+    flags = {k: saved.get(k, defaults[k]) for k in defaults}
+    for k in SAMPLING_TIME_FLAGS:
+        flags[k] = chosen[k]
+    ignored = [
+        f"--{k} {given[k]} (checkpoint: {saved[k]})"
+        for k in given
+        if k in saved and k not in SAMPLING_TIME_FLAGS and not _same(given[k], saved[k])
+    ]
+    if ignored:
+        warnings.warn(
+            "the checkpoint records its model flags, which are used instead of: " + ", ".join(ignored),
+            stacklevel=3,
+        )
+    flags["feat_cond"] = True
+    flags["ssl_dim"] = saved.get("ssl_dim")
+    return flags
+
+
+def resolve_encoder(meta: dict, given: dict | None = None) -> dict:
+    """Which encoder to build: each field of `ENCODER_DEFAULTS` from `given` (None: not given),
+    else the checkpoint's record, else the default.
+
+    Naming another encoder than the checkpoint's discards the rest of the checkpoint's encoder
+    record too (head/trunk, weights, input scaling belong to it).
+    """
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    recorded = dict(meta.get("encoder") or {})
+    if "type_model" in given and recorded.get("type_model") not in (None, given["type_model"]):
+        recorded = {}
+    info = {k: given.get(k, recorded.get(k, default)) for k, default in ENCODER_DEFAULTS.items()}
+    if not info["normalize"]:
+        info["normalize"] = native_input_normalize(info["type_model"])
+    return info
+
+
+def check_model_path(path: str) -> None:
+    """Fail early when `model_path` names a local file that does not exist."""
+    if path and "://" not in path and not os.path.isfile(path):
+        raise UsageError(f"--model_path {path}: no such file; pass an RCDM checkpoint, or leave it out "
+                         "to download the published model for --type_model")
+
+
+def _describe_encoder(enc: dict) -> str:
+    return f"--type_model {enc.get('type_model')}" + (" --use_head" if enc.get("use_head") else "")
+
+
+def load_components(
+    model_path: str = "",
+    *,
+    type_model: str | None = None,
+    use_head: bool | None = None,
+    encoder_normalize: str | None = None,
+    pretrained_encoder: bool | None = None,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+    tf32: bool = False,
+    model_flags: dict | None = None,
+    G_shared: bool = False,
+) -> Components:
+    """Build the frozen encoder, the UNet (weights loaded, eval mode) and the diffusion.
+
+    :param model_path: an RCDM checkpoint (the project's, a published-style state dict, or
+        `.safetensors`); empty: the published checkpoint for `type_model`/`use_head` (the README's
+        `$MODEL_FLAGS_128`), downloaded once into the cache.
+    :param type_model, use_head, encoder_normalize, pretrained_encoder: the encoder; None takes the
+        checkpoint's record, else dino's trunk, pretrained, with the encoder's own input scaling.
+    :param model_flags: model/diffusion flags for checkpoints that do not record theirs, and the
+        sampling-time ones (`timestep_respacing`, `use_fp16`, `use_checkpoint`).
+    :param precision: fp32, bf16, fp16 or auto (None: fp16 with `use_fp16` on GPU, else fp32).
+    """
+    device = resolve_device(device)
+    set_fp32_math(tf32)
+    model_flags = dict(model_flags or {})
+    precision = resolve_precision(precision or None, bool(model_flags.get("use_fp16", False)), device)
+    check_model_path(model_path)
+    state_dict, meta = load_rcdm_checkpoint(
+        model_path, type_model or ENCODER_DEFAULTS["type_model"], bool(use_head)
+    )
+    flags = resolve_model_flags(meta, model_flags)
+    encoder_info = resolve_encoder(meta, {"type_model": type_model, "use_head": use_head,
+                                          "normalize": encoder_normalize, "pretrained": pretrained_encoder})
+
+    encoder = get_model(encoder_info["type_model"], encoder_info["use_head"],
+                        pretrained=encoder_info["pretrained"]).to(device).eval()
+    dim = representation_dim(encoder, device)
+    if flags["ssl_dim"] is None:
+        flags["ssl_dim"] = dim
+    elif int(flags["ssl_dim"]) != dim:
+        raise UsageError(
+            f"--type_model {encoder_info['type_model']}"
+            f"{' --use_head' if encoder_info['use_head'] else ''} gives {dim}-d representations, but "
+            f"the checkpoint is conditioned on {flags['ssl_dim']}-d ones"
+            + (f" (it was trained with {_describe_encoder(meta['encoder'])})" if meta.get("encoder") else "")
+            + ": pick the encoder the model was trained with"
+        )
+
+    build = {k: v for k, v in flags.items() if k not in ("feat_cond", "ssl_dim")}
+    # Built on the meta device: no time spent on a random init the checkpoint overwrites.
+    with torch.device("meta"):
+        model, diffusion = create_model_and_diffusion(
+            **build, feat_cond=True, ssl_dim=int(flags["ssl_dim"]), G_shared=G_shared
+        )
+    hub.load_state_dict_checked(model, state_dict, meta=meta or None, strict=True, assign=True)
+    model.to(device).eval()
+    return Components(encoder, model, diffusion, device, precision, flags, encoder_info, meta)
