@@ -224,6 +224,11 @@ class RCDM(nn.Module):
     def device(self) -> torch.device:
         return next(self.rcdm_model.parameters()).device
 
+    def sample_fn(self, model, shape, **kwargs) -> torch.Tensor:
+        """The original's `sample_fn(model, shape, ...)`: the diffusion's DDPM or DDIM loop."""
+        loop = self.diffusion.ddim_sample_loop if self.sampler == "ddim" else self.diffusion.p_sample_loop
+        return loop(model, shape, **kwargs)
+
     def _model_for_sampling(self) -> nn.Module:
         # Rebuilt when the module moved device, since autocast is bound to a device type.
         device = self.device

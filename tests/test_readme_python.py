@@ -49,8 +49,8 @@ def test_the_readme_python_examples_run_as_written(tmp_path):
            "TORCH_HOME": str(tmp_path / "torch_home"), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", str(script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=float(os.environ.get("README_TIMEOUT", 600)))
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     # 2 images x 4 samples of 32x32, in a 4-wide grid (2 px padding)
