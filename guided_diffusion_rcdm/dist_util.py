@@ -65,10 +65,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def get_local_rank() -> int:
-    return _INFO.local_rank
-
-
 def is_main_process() -> bool:
     return get_rank() == 0
 

@@ -426,11 +426,3 @@ def str2bool(v: str | bool) -> bool:
     if v.lower() in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
-
-
-def flags_to_argv(flags: Mapping[str, Any]) -> list[str]:
-    """Render flags as the command-line arguments that would set them (`--key value`)."""
-    argv: list[str] = []
-    for k, v in flags.items():
-        argv += [f"--{k}", str(v)]
-    return argv

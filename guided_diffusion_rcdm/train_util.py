@@ -603,8 +603,6 @@ class TrainLoop:
                 if self.step % self.save_interval == 0:
                     self.save()
                     saved_at = self.step
-                    if os.environ.get("DIFFUSION_TRAINING_TEST"):
-                        break
                 done, signum = self._stop_reason(stop)
             if bar is not None:
                 bar.close()

@@ -449,8 +449,9 @@ class UNetModel(nn.Module):
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
         self.use_fp16 = use_fp16
-        # The torso runs in float32 until `convert_to_fp16()` is called (by the trainer or a
-        # sampling script when `use_fp16` is set), as in the original.
+        # The torso runs in float32 unless the caller converts it with `convert_to_fp16()` (the
+        # original's API, kept for its users); this project's training and sampling use autocast
+        # (`precision.py`) instead and never call it.
         self.dtype = torch.float32
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels

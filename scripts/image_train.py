@@ -25,6 +25,8 @@ import torch
 
 from guided_diffusion_rcdm import dist_util, logger
 from guided_diffusion_rcdm.feature_cache import encoder_info_from_args, prepare_feature_cache
+from guided_diffusion_rcdm.get_ssl_models import representation_dim
+from guided_diffusion_rcdm.loading import UsageError
 from guided_diffusion_rcdm.image_datasets import default_num_workers, find_images, load_data
 from guided_diffusion_rcdm.precision import PRECISION_CHOICES, add_tf32_arg, set_fp32_math
 from guided_diffusion_rcdm.resample import create_named_schedule_sampler
@@ -125,17 +127,24 @@ def _build_encoder(args):
 
 
 def _representation_dim(encoder) -> int:
-    try:
-        from guided_diffusion_rcdm.get_ssl_models import representation_dim
+    return int(representation_dim(encoder))
 
-        return int(representation_dim(encoder))
-    except ImportError:
-        with torch.no_grad():
-            return int(encoder(torch.zeros(1, 3, 224, 224, device=dist_util.dev())).shape[1])
+
+def check_inputs(args) -> list[str]:
+    """The data folder's images, once the folder and the model flags are known to work; else a
+    UsageError naming the flag. Runs before anything is written."""
+    try:
+        image_paths = find_images(args.data_dir)
+        _model_flag_check(args)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    return image_paths
 
 
 def main(args) -> None:
     dist_util.setup_dist()
+    # Cheap checks first: a mistake in the flags or the data writes nothing and builds nothing.
+    image_paths = check_inputs(args)
     # One run per folder, and a folder we can write to, before anything else touches it.
     notes: list[str] = []
     try:
@@ -154,9 +163,6 @@ def main(args) -> None:
         f"this one on {dist_util.dev()}"
     )
 
-    # Cheap checks first: nothing heavy is built if the data or the flags cannot work.
-    image_paths = find_images(args.data_dir)
-    _model_flag_check(args)
     precision = resolve_precision(args.precision, args.use_fp16, dist_util.dev())
     set_fp32_math(args.tf32, fixed_shapes=True)  # a training batch always has the same shape
     if args.num_workers is None:
@@ -246,8 +252,13 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
+    parser = create_argparser()
+    # A bad flag value is one line too: the 40-line usage block would bury it (-h shows it).
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
     try:
-        main(create_argparser().parse_args())
+        main(parser.parse_args())
+    except UsageError as err:  # the user's mistake: one line naming the flag, status 2
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     except KeyboardInterrupt:  # Ctrl-C: training saved first (see TrainLoop); no traceback
         sys.exit(130)
     except (DiskFullError, UnsafePathError, UnwritableFolderError) as err:  # one line, nothing lost
