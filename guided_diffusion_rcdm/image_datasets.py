@@ -8,10 +8,13 @@ a PIL image or a path into the encoder's input, so no script re-implements the c
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing.util  # noqa: F401  (registers its exit hook before ours: see _close_open_streams)
 import os
 import random
 import signal
+import weakref
 from pathlib import Path
 from typing import Union
 
@@ -332,12 +335,26 @@ def default_num_workers(cpus: int | None = None, processes_here: int | None = No
     return max(1, min(8, cpus // max(1, processes_here) - 1))
 
 
+_OPEN_STREAMS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    # Loader workers ignore SIGTERM (see loader_worker_init), so multiprocessing's own exit hook,
+    # which terminates them with SIGTERM and then joins them, would wait forever for a stream
+    # still open at exit (a script's global, a notebook). Exit hooks run last-registered first, so
+    # this one, registered after multiprocessing's, asks the workers to stop before it joins them.
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
+
+
 class ImageStream:
     """Endless batches `(images, encoder_images_or_None, kwargs)` of one rank's shard.
 
     `bad_files` maps each skipped file to the reason; every newly skipped file is reported once
     through the logger (rank 0's log, other ranks' stderr). `resume_at(k)` makes the next batch
-    the k-th (0-based) of the stream, as when training resumes after k steps.
+    the k-th (0-based) of the stream, as when training resumes after k steps. `close()` stops the
+    loading processes (also done at exit); the stream starts them again if read after that.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int):
@@ -345,18 +362,30 @@ class ImageStream:
         self.batch_size = batch_size
         self.bad_files: dict[str, str] = {}
         self.sampler = _InfiniteSampler(len(dataset), shuffle, seed)
-        self.loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
+        self.num_workers = num_workers
+        self.loader = self._make_loader()
+        self._it = None
+        _OPEN_STREAMS.add(self)
+
+    def _make_loader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
             sampler=self.sampler,
-            num_workers=num_workers,
+            num_workers=self.num_workers,
             collate_fn=collate,
             drop_last=True,
-            persistent_workers=num_workers > 0,
+            persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=loader_worker_init,
         )
+
+    def close(self) -> None:
+        """Stop the loading processes now (they would otherwise live as long as the stream)."""
         self._it = None
+        if self.num_workers > 0:
+            # A persistent-worker loader keeps its workers until the loader itself is dropped.
+            self.loader = self._make_loader()
 
     def resume_at(self, batch_index: int) -> None:
         self.sampler.start = batch_index * self.batch_size

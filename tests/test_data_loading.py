@@ -205,6 +205,27 @@ def test_loader_workers_leave_stop_signals_to_the_training_process(tmp_path):
     assert stream.loader.worker_init_fn is loader_worker_init
 
 
+def test_a_script_holding_an_open_stream_exits_and_close_stops_the_workers(tmp_path):
+    # The workers ignore SIGTERM, which is how Python's exit terminates them: an open stream at exit
+    # (a script's global) used to hang the process forever.
+    photos = make_photo_dir(tmp_path)
+    script = (
+        "import multiprocessing as mp\n"
+        "from guided_diffusion_rcdm.image_datasets import load_data\n"
+        f"stream = load_data(data_dir={str(photos)!r}, batch_size=2, image_size=32, num_workers=1,"
+        " rank=0, world_size=1)\n"
+        "next(stream)\n"
+        "assert mp.active_children(), 'the stream reads in a worker process'\n"
+        "stream.close()\n"
+        "assert not mp.active_children(), mp.active_children()\n"
+        "next(stream)  # reading again starts a worker again, left open for the exit\n"
+        "print('read', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "read"
+
+
 def test_default_loader_processes_follow_the_cpus_each_rank_may_use():
     from guided_diffusion_rcdm.image_datasets import default_num_workers
 
