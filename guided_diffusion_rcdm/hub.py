@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import re
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from . import fileio
+from . import fileio, logger
 
 CHECKPOINT_FORMAT = "rcdm-checkpoint-v1"
 MIRROR_ENV = "RCDM_MIRROR"
@@ -209,16 +208,6 @@ def file_sha256(path: str | Path) -> str:
     return digest
 
 
-def _say(message: str) -> None:
-    """One line on the console (through the logger when a run configured one)."""
-    from . import logger
-
-    if logger.Logger.CURRENT is not None:
-        logger.log(message)
-    else:
-        print(message, file=sys.stderr, flush=True)
-
-
 def _announce(path: Path, name: str, digest: str, expected: str | None, where: str) -> None:
     size = path.stat().st_size
     if expected:
@@ -226,7 +215,7 @@ def _announce(path: Path, name: str, digest: str, expected: str | None, where: s
     else:
         status = (f"no published digest to check it against; to pin this file, set "
                   f"{sha256_env_name(name)}={digest}")
-    _say(f"weights {path} (sha256 {digest}, {size} bytes): {status}")
+    logger.console(f"weights {path} (sha256 {digest}, {size} bytes): {status}")
 
 
 def check_loadable(path: Path) -> None:

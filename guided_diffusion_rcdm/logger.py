@@ -256,6 +256,15 @@ def log(*args, level: int = INFO) -> None:
     get_current().log(*args, level=level)
 
 
+def console(message: str) -> None:
+    """One line for the user: into the run's log when one is configured, else on stderr (a library
+    call opens no log folder)."""
+    if Logger.CURRENT is not None:
+        log(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
 def debug(*args) -> None:
     log(*args, level=DEBUG)
 

@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import platform
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import logger
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_CHOICES = ("auto",) + PRECISIONS
@@ -335,18 +336,8 @@ def auto_speed(device=None) -> SpeedChoice:
         choice = SpeedChoice("fp32", reason=f"no measured choice for {device.type}")
         note = ""
     _AUTO[key] = choice
-    _report(f"precision auto -> {choice.precision} ({choice.reason}){note}")
+    logger.console(f"precision auto -> {choice.precision} ({choice.reason}){note}")
     return choice
-
-
-def _report(line: str) -> None:
-    """To the run's log when one is open, else to stderr (a library call opens no log folder)."""
-    from . import logger
-
-    if logger.Logger.CURRENT is not None:
-        logger.log(line)
-    else:
-        print(line, file=sys.stderr, flush=True)
 
 
 _WARNED_BF16 = False
