@@ -16,6 +16,12 @@ from guided_diffusion_rcdm.RCDM import RCDM
 from guided_diffusion_rcdm.sample_util import UsageError
 
 
+# Samples of one representation and one noise in two rows of a batch: equal in exact arithmetic, but
+# a CPU's matrix kernels may round a row differently by its position (AVX2 kernels: 3e-5 after a
+# 4-step chain), far below the 1e-3 that tells other representations apart.
+SAME_UP_TO_ROUNDING = 2e-4
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     # The tiny model's tensors are too small to share between threads: on the shared 2-core
@@ -101,8 +107,9 @@ def test_shared_noise_makes_only_the_representation_differ(files, sampler):
     torch.manual_seed(3)
     out = model.sample_shared_noise(feats, num_samples=2)
     assert out.shape == (4, 2, 3, 32, 32)
-    # same representation + same noise (every step's, for DDPM) = the same samples
-    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=0)
+    # same representation + same noise (every step's, for DDPM) = the same samples, up to the
+    # rounding of a batch row's position, which some CPUs' kernels differ in (SAME_UP_TO_ROUNDING)
+    torch.testing.assert_close(out[0], out[1], atol=SAME_UP_TO_ROUNDING, rtol=0)
     # another representation with the same noise: other samples; other noise (column): other samples
     assert (out[0] - out[2]).abs().mean() > 1e-3
     assert (out[0, 0] - out[0, 1]).abs().mean() > 0.05
@@ -120,8 +127,8 @@ def test_interpolate_uses_exactly_the_two_representations_at_the_ends(rcdm, file
     for m in range(2):
         assert torch.equal(out["features"][m, 0], a) and torch.equal(out["features"][m, -1], b)
     # both methods start and end at the same representation with the same noise
-    torch.testing.assert_close(out["samples"][0, 0], out["samples"][1, 0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out["samples"][0, -1], out["samples"][1, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["samples"][0, 0], out["samples"][1, 0], atol=SAME_UP_TO_ROUNDING, rtol=0)
+    torch.testing.assert_close(out["samples"][0, -1], out["samples"][1, -1], atol=SAME_UP_TO_ROUNDING, rtol=0)
     assert (out["samples"][0, 0] - out["samples"][0, -1]).abs().mean() > 1e-3
 
 
