@@ -13,6 +13,8 @@ setup(
     # its release).
     python_requires=">=3.10",
     packages=find_packages(include=["guided_diffusion_rcdm", "guided_diffusion_rcdm.*"]),
+    # the quickstart's report page is a template file next to its module
+    package_data={"guided_diffusion_rcdm.apps": ["*.html"]},
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",

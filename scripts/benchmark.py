@@ -18,7 +18,7 @@ from dataclasses import asdict
 
 import torch
 
-from guided_diffusion_rcdm import benchmark as bm
+from guided_diffusion_rcdm.apps import benchmark as bm
 from guided_diffusion_rcdm.fileio import atomic_write_text
 from guided_diffusion_rcdm.precision import (
     add_tf32_arg,

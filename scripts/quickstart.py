@@ -17,7 +17,7 @@ import sys
 if __package__ in (None, ""):  # `python scripts/quickstart.py` from anywhere
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_rcdm.quickstart import main
+from guided_diffusion_rcdm.apps.quickstart import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -112,3 +112,36 @@ def test_bad_flags_fail_before_any_work(tmp_path, offline_env):
     proc = _run(["--out_dir", str(tmp_path / "y"), "--encoder_weights", "published", "--type_model", "dino",
                  "--train_steps", "1"], offline_env, cwd=tmp_path)
     assert proc.returncode == 2 and "could not download" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_template_ships_with_the_package(tmp_path):
+    """`pip install .` carries the report page: a wheel built from a copy of the sources holds it."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "guided_diffusion_rcdm", src / "guided_diffusion_rcdm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                           "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+    assert "guided_diffusion_rcdm/apps/quickstart_report.html" in names
+    assert "guided_diffusion_rcdm/apps/quickstart.py" in names
+
+
+def test_report_template_is_found_and_strict():
+    """A missing field raises rather than leaving `$name` in the page (write_report fills them all: the
+    end-to-end tests above), and the page is found through importlib.resources, as when installed."""
+    from guided_diffusion_rcdm.apps import quickstart
+
+    template = quickstart.report_template()
+    fields = set(template.get_identifiers())
+    assert {"score_rows", "fid_is", "command", "credit_rows"} <= fields
+    with pytest.raises(KeyError):
+        template.substitute({})

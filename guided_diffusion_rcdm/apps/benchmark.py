@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .precision import auto_speed, prepare_model
-from .samplers import sample_images
-from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from ..precision import auto_speed, prepare_model
+from ..samplers import sample_images
+from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 # The published 128x128 configuration (MODEL_FLAGS_128), and a small one that trains on a laptop.
 CONFIGS: dict[str, dict] = {

@@ -16,6 +16,7 @@ reuses the trained model.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import html
 import json
@@ -25,18 +26,31 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import fileio
+from .. import fileio, hub, logger, metrics
+from .. import sample_util as su
+from ..feature_cache import load_cache, prepare_feature_cache
+from ..get_ssl_models import ENCODER_NAMES, SSL_URLS, get_model, native_input_normalize, torchvision_names
+from ..image_datasets import encoder_input, load_data, model_input, to_rgb
+from ..precision import default_device, resolve_precision, resolve_speed
+from ..RCDM import RCDM
+from ..representation_ops import INTERPOLATIONS
+from ..sample_util import USER_ERRORS
+from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults, str2bool
+from ..train_util import TrainLoop, conditioned_batches, encode
 
 REPORT = "index.html"
+REPORT_TEMPLATE = "quickstart_report.html"  # shipped as package data
 SETTINGS_VERSION = 1
 MARKER = "quickstart_model.json"  # written once training finished: names the checkpoint to sample from
 
@@ -89,7 +103,6 @@ def load_photo(name: str) -> Image.Image:
             "the quickstart's photographs ship with scikit-image: pip install scikit-image "
             "(or pip install 'guided-diffusion-rcdm[quickstart]')"
         ) from None
-    from .image_datasets import to_rgb
 
     return to_rgb(Image.fromarray(np.asarray(getattr(skimage.data, name)())))
 
@@ -136,7 +149,6 @@ def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list
 
 
 def _published_url(type_model: str) -> str | None:
-    from .get_ssl_models import ENCODER_NAMES, SSL_URLS, torchvision_names
 
     if type_model in ENCODER_NAMES:
         return SSL_URLS[type_model]
@@ -150,7 +162,6 @@ def _published_url(type_model: str) -> str | None:
 def _locally_available(url: str) -> bool:
     """Whether `hub.download(url)` can answer without the internet: cached, or a mirror is set
     (a directory, or a URL the user chose for an offline cluster)."""
-    from . import hub
 
     name = os.path.basename(url)
     return (hub.hub_cache_dir() / name).is_file() or bool(os.environ.get(hub.MIRROR_ENV, "").strip())
@@ -164,8 +175,6 @@ def resolve_encoder(type_model: str, weights: str) -> tuple[dict, str]:
     `RCDM_MIRROR`, never the internet), else the fixed-seed untrained network; "published" insists
     (downloading if need be); "untrained" never looks.
     """
-    from . import hub
-    from .get_ssl_models import ENCODER_NAMES
 
     candidates = list(ENCODER_NAMES) if type_model == "auto" else [type_model]
     fallback = "dino" if type_model == "auto" else type_model
@@ -199,7 +208,6 @@ def resolve_encoder(type_model: str, weights: str) -> tuple[dict, str]:
 
 
 def _info(type_model: str, pretrained: bool) -> dict:
-    from .get_ssl_models import native_input_normalize
 
     return {"type_model": type_model, "use_head": False, "normalize": native_input_normalize(type_model),
             "pretrained": pretrained}
@@ -239,7 +247,6 @@ class Settings:
     guidance_scale: float = 1.0
 
     def model_flags(self) -> dict:
-        from .script_util import model_and_diffusion_defaults
 
         mult = "1,2,2" if self.image_size == 32 else "1,2,2,2" if self.image_size == 64 else ""
         return {**model_and_diffusion_defaults(),
@@ -252,7 +259,6 @@ class Settings:
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    from .script_util import str2bool
 
     p = argparse.ArgumentParser(
         prog="quickstart.py",
@@ -327,7 +333,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def training_key(s: Settings, encoder: dict, train_files: Sequence[str]) -> str:
     """What decides the trained weights: a model is reused only when all of it is the same."""
-    from .precision import resolve_precision
 
     decided_by = {
         "version": SETTINGS_VERSION, "model": s.model_flags(), "encoder": encoder,
@@ -342,11 +347,6 @@ def training_key(s: Settings, encoder: dict, train_files: Sequence[str]) -> str:
 
 def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder: dict) -> dict:
     """Train (or resume) in `run_dir`; returns the marker record naming the EMA checkpoint."""
-    from . import logger
-    from .image_datasets import load_data
-    from .precision import default_device, resolve_speed
-    from .script_util import create_model_and_diffusion
-    from .train_util import TrainLoop, conditioned_batches
 
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
@@ -397,7 +397,6 @@ def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder:
 
 def loss_curve_svg(csv_path: Path, out: Path, width: int = 640, height: int = 260) -> dict:
     """Plot `loss` against `step` from the logger's progress.csv as a small SVG file."""
-    import csv
 
     steps, losses = [], []
     if csv_path.is_file():
@@ -453,125 +452,75 @@ def contact_sheet(files: Sequence[str], out: Path, size: int = 48, per_row: int 
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
-    return f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _table_rows(rows: Iterable[Sequence[Any]], header: bool = False) -> str:
+    """`<tr>` lines of escaped cells; with `header` the first cell of each row is a `<th>`."""
+    lines = []
+    for row in rows:
+        cells = [html.escape(str(c)) for c in row]
+        first = f"<th>{cells[0]}</th>" if header else f"<td>{cells[0]}</td>"
+        lines.append("<tr>" + first + "".join(f"<td>{c}</td>" for c in cells[1:]) + "</tr>")
+    return "\n".join(lines)
+
+
+def report_template() -> Template:
+    """The report's page, `quickstart_report.html` shipped next to this module (`$name` fields)."""
+    return Template(resources.files(__package__).joinpath(REPORT_TEMPLATE).read_text(encoding="utf-8"))
 
 
 def write_report(out_dir: Path, r: dict) -> Path:
     """`index.html`: images are files next to it (referenced by relative name), nothing inlined."""
-    e = html.escape
     fid = r["fidelity"]
     m, sh, ch, ceil = fid["model"], fid["shuffled"], fid["chance"], r["ceiling"]
-    rows = "".join(
-        f"<tr><th>{name}</th><td><b>{_fmt(m[k], d)}</b></td><td>{_fmt(sh[k], d)}</td><td>{_fmt(ch[k], d)}</td>"
-        f"<td>{_fmt(ceil[k], d)}</td></tr>"
-        for name, k, d in (("mean rank (lower is better)", "mean_rank", 2), ("top-1 accuracy", "top1", 3),
-                           ("top-5 accuracy", "top5", 3), ("mean reciprocal rank (MRR)", "mrr", 3))
-    )
-    per_image = "".join(
-        f"<tr><td>{i + 1}</td><td>{e(h['name'])}{' (photo never trained on)' if h['unseen_photo'] else ''}</td>"
-        f"<td>{rank:.2f}</td></tr>"
-        for i, (h, rank) in enumerate(zip(r["heldout"], m["per_condition_rank"]))
-    )
-    if r["fid_is"].get("fid") is not None:
-        f = r["fid_is"]
-        fid_html = (f"<p>FID <b>{f['fid']:.2f}</b> of the {f['num_samples']} held-out samples against the "
-                    f"{f['num_reference']} training views at {r['settings']['image_size']}x"
-                    f"{r['settings']['image_size']}; Inception Score <b>{f['inception_score']:.2f}</b> &plusmn; "
-                    f"{f['inception_score_std']:.2f}. With so few images FID is strongly biased upwards: "
-                    f"compare it only with runs of the same size. Weights: {e(f['inception_weights'])}.</p>")
+    score_rows = [(name, _fmt(m[k], d), _fmt(sh[k], d), _fmt(ch[k], d), _fmt(ceil[k], d))
+                  for name, k, d in (("mean rank (lower is better)", "mean_rank", 2), ("top-1 accuracy", "top1", 3),
+                                     ("top-5 accuracy", "top5", 3), ("mean reciprocal rank (MRR)", "mrr", 3))]
+    per_image_rows = [(i + 1, h["name"] + (" (photo never trained on)" if h["unseen_photo"] else ""), f"{rank:.2f}")
+                      for i, (h, rank) in enumerate(zip(r["heldout"], m["per_condition_rank"]))]
+    f = r["fid_is"]
+    if f.get("fid") is not None:
+        fid_is = (f"FID {f['fid']:.2f} of the {f['num_samples']} held-out samples against the "
+                  f"{f['num_reference']} training views at {r['settings']['image_size']}x"
+                  f"{r['settings']['image_size']}; Inception Score {f['inception_score']:.2f} \u00b1 "
+                  f"{f['inception_score_std']:.2f}. With so few images FID is strongly biased upwards: "
+                  f"compare it only with runs of the same size. Weights: {f['inception_weights']}.")
     else:
-        fid_html = f"<p>FID and IS were not computed: {e(r['fid_is']['skipped'])}</p>"
-    encoder_class = "warn" if not r["encoder"]["pretrained"] else "ok"
-    s = r["settings"]
-    settings_rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in s.items())
-    timing_rows = "".join(f"<tr><th>{e(k)}</th><td>{v:.1f} s</td></tr>" for k, v in r["timings"].items())
-    credits = "".join(
-        f"<tr><td>{e(p.title)}</td><td><code>skimage.data.{e(p.name)}()</code></td><td>{e(p.credit)}</td>"
-        f"<td>{e(p.licence)}</td><td>{'held out entirely' if p.name in UNSEEN_PHOTOS else 'training crops + held-out whole photo'}</td></tr>"
-        for p in PHOTOS
+        fid_is = f"FID and IS were not computed: {f['skipped']}"
+    s, t, manip = r["settings"], r["training"], r["manipulation"]
+    credit_rows = [(p.title, f"skimage.data.{p.name}()", p.credit, p.licence,
+                    "held out entirely" if p.name in UNSEEN_PHOTOS else "training crops + held-out whole photo")
+                   for p in PHOTOS]
+    text = {  # plain text, escaped below
+        "version": r["version"], "finished": r["finished"], "encoder_sentence": r["encoder_sentence"],
+        "verdict": r["verdict"], "samples_per_condition": fid["samples_per_condition"],
+        "num_conditions": fid["num_conditions"], "metric": fid["metric"], "num_shuffles": fid["num_shuffles"],
+        "size": s["image_size"], "fid_is": fid_is, "samples_per_image": s["samples_per_image"],
+        "sampler": s["sampler"], "sampling_steps": s["sampling_steps"], "num_unseen": len(UNSEEN_PHOTOS),
+        "samples_npz": out_dir / "samples.npz", "interpolation_from": INTERPOLATION_PAIR[0],
+        "interpolation_to": INTERPOLATION_PAIR[1], "interpolation_points": s["interpolation_points"],
+        "n_neighbors": manip["n_neighbors"], "manipulation_source": MANIPULATION_PAIR[0],
+        "num_dims": manip["num_dims"], "ssl_dim": manip["ssl_dim"], "n_common": manip["n_common"],
+        "manipulation_target": MANIPULATION_PAIR[1], "train_steps": t["steps"], "batch_size": s["batch_size"],
+        "images_per_second": t["images_per_second"], "this_run": "" if t.get("reused") else ", this run",
+        "train_time": "reused from an earlier run" if t.get("reused") else f"{t['seconds']:.0f} s",
+        "first_loss": _fmt(r["loss"]["first_loss"]), "last_loss": _fmt(r["loss"]["last_loss"]),
+        "checkpoint_path": t["checkpoint_path"], "num_train": r["num_train"], "command": r["command"],
+        "python_version": platform.python_version(), "torch_version": torch.__version__, "device": r["device"],
+        "cpu_count": os.cpu_count(),
+    }
+    fields = {k: html.escape(str(v)) for k, v in text.items()}
+    fields.update(
+        encoder_class="ok" if r["encoder"]["pretrained"] else "warn",
+        score_rows=_table_rows(score_rows, header=True),
+        per_image_rows=_table_rows(per_image_rows),
+        settings_rows=_table_rows(s.items(), header=True),
+        timing_rows=_table_rows(((k, f"{v:.1f} s") for k, v in r["timings"].items()), header=True),
+        credit_rows=_table_rows(credit_rows),
     )
-    t = r["training"]
-    manip = r["manipulation"]
-    size = s["image_size"]
-    body = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>RCDM quickstart report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 24px auto; padding: 0 16px; color: #222; }}
-h1 {{ margin-bottom: 4px; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }}
-table {{ border-collapse: collapse; margin: 8px 0; }} th, td {{ border: 1px solid #ddd; padding: 4px 10px; text-align: left; }}
-td {{ font-variant-numeric: tabular-nums; }}
-img.grid {{ image-rendering: pixelated; width: 100%; max-width: 1000px; border: 1px solid #ccc; }}
-.warn {{ background: #fff4d6; border: 1px solid #e0b300; padding: 10px 14px; }}
-.ok {{ background: #e8f7ea; border: 1px solid #3a9a4a; padding: 10px 14px; }}
-.verdict {{ font-size: 1.1em; }} code, pre {{ background: #f4f4f4; }} pre {{ padding: 8px; white-space: pre-wrap; }}
-.small {{ color: #666; font-size: 0.9em; }}
-</style></head><body>
-<h1>RCDM quickstart report</h1>
-<p class="small">guided-diffusion-rcdm {e(r['version'])}, written {e(r['finished'])}. Representation-Conditioned
-Diffusion Models (Bordes, Balestriero &amp; Vincent, TMLR 2022): a diffusion model generates images from the
-representation a frozen encoder gives an image, so its samples show what the representation keeps.</p>
-<div class="{encoder_class}"><b>Encoder:</b> {e(r['encoder_sentence'])}</div>
-
-<h2>Scores</h2>
-<p class="verdict">{e(r['verdict'])}</p>
-<p>Representation fidelity: each of the {fid['samples_per_condition']} samples drawn from each of the
-{fid['num_conditions']} held-out views is encoded, and its own view is ranked among all
-{fid['num_conditions']} by {e(fid['metric'])} similarity of representations (rank 1 = its own view is the closest).
-<i>Shuffled</i> scores the same samples against randomly permuted views ({fid['num_shuffles']} permutations):
-the chance level, measured. <i>Chance</i> is its analytic value. <i>Ceiling</i> scores the held-out views
-themselves, shrunk to {size}x{size} as the samples are: what a perfect {size}x{size} generator would reach.</p>
-<table><tr><th></th><th>model</th><th>shuffled control</th><th>chance</th><th>ceiling</th></tr>{rows}</table>
-{fid_html}
-
-<h2>Samples from held-out views</h2>
-<p>Each row: a held-out view (first column, the conditioning image), then {s['samples_per_image']} samples
-drawn from its representation ({e(s['sampler'])}, {s['sampling_steps']} steps). The last
-{len(UNSEEN_PHOTOS)} rows are photos that training never saw at all. Images are {size}x{size}, shown enlarged.</p>
-<img class="grid" src="samples.jpeg" alt="sample grid" style="max-width:560px">
-<details><summary>mean rank of each row's samples</summary>
-<table><tr><th>row</th><th>view</th><th>mean rank</th></tr>{per_image}</table></details>
-<p class="small">The samples and representations are in <code>samples.npz</code> (the format of
-<code>scripts/image_sample.py</code>); <code>python scripts/image_eval.py {e(str(out_dir / 'samples.npz'))}</code>
-recomputes the scores.</p>
-
-<h2>Interpolation</h2>
-<p>From the representation of <b>{e(INTERPOLATION_PAIR[0])}</b> (left) to that of <b>{e(INTERPOLATION_PAIR[1])}</b>
-(right) in {s['interpolation_points']} steps, every sample from the same noise so only the representation
-changes. Top row: linear interpolation; bottom row: spherical.</p>
-<img class="grid" src="interpolation.jpeg" alt="interpolation strip">
-
-<h2>Manipulation</h2>
-<p>The paper's edit: the {manip['n_neighbors']} nearest training views of <b>{e(MANIPULATION_PAIR[0])}</b>'s
-representation share {manip['num_dims']} of its {manip['ssl_dim']} dimensions (non-zero in more than
-{manip['n_common']} of them). Rows: samples from the original representation; with those dimensions set to
-zero; with them taken from <b>{e(MANIPULATION_PAIR[1])}</b>'s representation. The first column is the image
-the row comes from; sample j of every row shares its noise.</p>
-<img class="grid" src="manipulation.jpeg" alt="manipulation grid" style="max-width:560px">
-
-<h2>Training</h2>
-<p>{t['steps']} steps of {s['batch_size']} images ({t['images_per_second']} images/s{', this run' if not t.get('reused') else ''}),
-{'reused from an earlier run' if t.get('reused') else f"{t['seconds']:.0f} s"}; loss from
-{_fmt(r['loss']['first_loss'])} to {_fmt(r['loss']['last_loss'])} (from the training log
-<code>progress.csv</code>). Checkpoint: <code>{e(t['checkpoint_path'])}</code>.</p>
-<img src="loss_curve.svg" alt="training loss curve">
-<p>The {r['num_train']} training views (random crops, flipped at random during training):</p>
-<img src="training_views.jpeg" alt="training views" style="max-width:100%">
-
-<h2>Command and settings</h2>
-<pre>{e(r['command'])}</pre>
-<table>{settings_rows}</table>
-<p>Timings (wall clock, this run):</p><table>{timing_rows}</table>
-<p class="small">Python {e(platform.python_version())}, torch {e(torch.__version__)}, device {e(r['device'])},
-{os.cpu_count()} CPU core(s).</p>
-
-<h2>Photographs</h2>
-<p>Real photographs shipped with scikit-image (<code>skimage.data</code>), with the credit and licence stated there.</p>
-<table><tr><th>photo</th><th>source</th><th>credit</th><th>licence</th><th>use</th></tr>{credits}</table>
-</body></html>
-"""
     path = out_dir / REPORT
-    fileio.atomic_write_text(str(path), body)
+    fileio.atomic_write_text(str(path), report_template().substitute(fields))
     return path
 
 
@@ -672,14 +621,6 @@ def fit_sampling_budget(s: Settings, seconds_per_step: float, num_conditions: in
 
 def run(s: Settings, command: str) -> dict:
     """The whole quickstart; returns what the report shows (also written to scores.json)."""
-    from . import logger, metrics
-    from . import sample_util as su
-    from .feature_cache import load_cache, prepare_feature_cache
-    from .get_ssl_models import get_model
-    from .image_datasets import encoder_input, model_input
-    from .precision import default_device, resolve_precision, resolve_speed
-    from .representation_ops import INTERPOLATIONS
-    from .train_util import encode
 
     wall = time.monotonic()
     out = Path(s.out_dir)
@@ -758,7 +699,6 @@ def run(s: Settings, command: str) -> dict:
     record["checkpoint_path"] = str(ckpt)
 
     stages.start("sampling", "sampling: from the representations of the held-out views")
-    from .RCDM import RCDM
 
     rcdm = RCDM({"model_path": str(ckpt), "sampler": s.sampler, "steps": s.sampling_steps, "seed": s.seed,
                  "guidance_scale": s.guidance_scale,
@@ -848,7 +788,6 @@ def run(s: Settings, command: str) -> dict:
 
 
 def _fid_is(s: Settings, samples_u8: np.ndarray, ref: Path, device: torch.device) -> dict:
-    from . import metrics
 
     try:
         net = metrics.load_inception(s.inception_path or None, download=s.download_inception, device=device)
@@ -880,7 +819,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     command = shlex.join(["python", "scripts/quickstart.py", *argv])
-    from .sample_util import USER_ERRORS
 
     try:
         run(s, command)
