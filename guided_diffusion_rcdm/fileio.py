@@ -1,7 +1,8 @@
 """Writing files so that a fault loses nothing: atomic replace, appends that never follow a planted
 link, one training run per folder, and disk-full errors that say which file and how much room.
 
-- `atomic_write(path, write)`: a temporary file in the same folder, fsync, rename. A symbolic link
+- `atomic_write(path, write)`: a temporary file in the same folder, fsync, rename (also
+  `atomic_write_text`, `atomic_write_bytes`, `save_npz`, `save_image`). A symbolic link
   at `path` is replaced, never followed; a crash leaves the old file or the new one, never half.
   Files get the usual permissions (0666 less the umask), like any file the user creates.
 - `open_append(path)`: append to a log without following a symbolic link at `path`.
@@ -22,7 +23,9 @@ import secrets
 import shutil
 import socket
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
+
+import numpy as np
 
 LOCK_NAME = "train.lock"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]*)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
@@ -126,11 +129,15 @@ def refuse_symlink(path: str) -> None:
         )
 
 
-def atomic_write(path: str, write: Callable, *, text: bool = False) -> None:
+def atomic_write(path: str, write: Callable, *, text: bool = False,
+                 check: Callable[[str], None] | None = None) -> None:
     """Write `path` through `write(file)` into a temporary file of the same folder, then rename.
 
-    A symbolic link at `path` is replaced, not followed. A full disk raises `DiskFullError` (one
-    line with the file and the free space) and leaves no temporary file behind.
+    `check(temporary_path)`, when given, runs on the complete, synced file before the rename; if it
+    raises, nothing is written (a download verified before it enters the cache). A symbolic link at
+    `path` is replaced, not followed. A full disk raises `DiskFullError` (one line with the file and
+    the free space) and leaves no temporary file behind. Every file the package writes goes through
+    here.
     """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
@@ -144,10 +151,14 @@ def atomic_write(path: str, write: Callable, *, text: bool = False) -> None:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
+        except DiskFullError:
+            raise  # already names the file (and perhaps the room needed)
         except Exception as exc:
             if is_disk_full(exc):
                 raise disk_full_error(path) from None
             raise
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
@@ -161,6 +172,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_write_text(path: str, data: str) -> None:
     atomic_write(path, lambda f: f.write(data), text=True)
+
+
+def save_npz(path: str, **arrays: Any) -> str:
+    """`np.savez` through `atomic_write`; tensors are moved to the CPU first. Returns `path`."""
+    plain = {k: np.asarray(v.detach().cpu()) if hasattr(v, "detach") else np.asarray(v) for k, v in arrays.items()}
+    atomic_write(path, lambda f: np.savez(f, **plain))
+    return path
 
 
 def _fsync_folder(folder: str) -> None:

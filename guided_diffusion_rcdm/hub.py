@@ -294,15 +294,13 @@ def download(
 def _fetch(source: str, dest: Path, expected: str | None, progress: bool, verify=None) -> str:
     """Stream `source` to a temporary file next to `dest`; rename it only once it is verified
     (size, digest, `verify`). Returns its SHA-256."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     timeout = float(os.environ.get(TIMEOUT_ENV, "60"))
     request = urllib.request.Request(source, headers={"User-Agent": "guided-diffusion-rcdm"})
-    tmp = fileio.temp_name(str(dest))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
-    try:
-        digest = hashlib.sha256()
+    digest = hashlib.sha256()
+
+    def download(out) -> None:
         received = 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             total = resp.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
             bar = _progress_bar(total, dest.name) if progress else None
@@ -321,34 +319,33 @@ def _fetch(source: str, dest: Path, expected: str | None, progress: bool, verify
             finally:
                 if bar is not None:
                     bar.close()
-            if total is not None and received != total:
-                raise DownloadError(f"transfer cut short ({received} of {total} bytes)")
-            if received == 0:
-                raise DownloadError("the server sent an empty file")
-            out.flush()
-            os.fsync(out.fileno())
+        if total is not None and received != total:
+            raise DownloadError(f"transfer cut short ({received} of {total} bytes)")
+        if received == 0:
+            raise DownloadError("the server sent an empty file")
+
+    def check(tmp: str) -> None:
         _check_digest(
             digest.hexdigest(), expected, source,
             "The download was discarded; if the mirror is right, the recorded checksum is not.",
         )
-        if verify is not None:
-            try:
-                verify(Path(tmp))
-            except UnsafeCheckpointError as err:
-                raise UnsafeCheckpointError(
-                    f"{str(err).replace(tmp, source)} The download was discarded; nothing was cached."
-                ) from None
-            except (CheckpointError, CheckpointMismatchError, ValueError, KeyError) as err:
-                reason = str(err).replace(tmp, dest.name).splitlines()[0]
-                raise DownloadError(
-                    f"{source} is not the expected checkpoint ({reason}); it was discarded and "
-                    "nothing was cached"
-                ) from None
-        os.replace(tmp, dest)
-        return digest.hexdigest()
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if verify is None:
+            return
+        try:
+            verify(Path(tmp))
+        except UnsafeCheckpointError as err:
+            raise UnsafeCheckpointError(
+                f"{str(err).replace(tmp, source)} The download was discarded; nothing was cached."
+            ) from None
+        except (CheckpointError, CheckpointMismatchError, ValueError, KeyError) as err:
+            reason = str(err).replace(tmp, dest.name).splitlines()[0]
+            raise DownloadError(
+                f"{source} is not the expected checkpoint ({reason}); it was discarded and "
+                "nothing was cached"
+            ) from None
+
+    fileio.atomic_write(str(dest), download, check=check)
+    return digest.hexdigest()
 
 
 def _progress_bar(total: int | None, name: str):

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import hub
+from . import fileio, hub
 from .precision import exact_fp32_math
 
 # ----------------------------------------------------------------------------- representation fidelity
@@ -689,12 +689,9 @@ def reference_statistics(
     pool, _ = inception_outputs(model, images, batch_size=batch_size, progress=progress, desc="reference features")
     mu, sigma = feature_statistics(pool)
     if path is not None:
-        from .fileio import atomic_write
-
         # atomic: a crash never leaves half a statistics file
-        atomic_write(str(path), lambda f: np.savez(
-            f, mu=mu, sigma=sigma, count=len(pool), source=os.path.abspath(ref), format=STATS_FORMAT,
-            preprocessing=preprocessing))
+        fileio.save_npz(str(path), mu=mu, sigma=sigma, count=len(pool), source=os.path.abspath(ref),
+                        format=STATS_FORMAT, preprocessing=preprocessing)
     return ReferenceStats(mu, sigma, len(pool), None if path is None else str(path), False, preprocessing)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import logger
+from . import fileio, logger
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_CHOICES = ("auto",) + PRECISIONS
@@ -304,10 +304,7 @@ def cpu_kernel_timings() -> _CpuMeasurement:
         saved = saved if isinstance(saved, dict) else {}
         saved[key] = {"timings": timings, "features": asdict(features), "measured": time.strftime("%Y-%m-%d")}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            fileio.atomic_write_text(str(path), json.dumps(saved, indent=1, sort_keys=True))
         except OSError:
             pass  # an unwritable cache only costs measuring again next time
     _CPU_MEASUREMENT[key] = result

@@ -219,3 +219,48 @@ def test_a_full_tmpfs_gives_one_line_and_leaves_no_partial_file(small_tmpfs, tmp
     assert last.startswith(f"error: no space left to write {out / 'model000002.pt'} (") and "MiB free" in last
     assert list_checkpoint_steps(str(out)) == [1] and _no_temporaries(out)
     assert not list(out.glob("*000002*"))
+
+
+# ----------------------------------------------------------------------------- the one atomic writer
+
+
+def test_a_check_that_fails_before_the_rename_writes_nothing(tmp_path):
+    """`atomic_write(check=...)` sees the whole synced file (the hub verifies downloads this way);
+    when it raises, the old file stays and no temporary is left."""
+    target = tmp_path / "weights.pt"
+    target.write_bytes(b"the cached file")
+    seen = []
+
+    def reject(tmp: str) -> None:
+        seen.append(Path(tmp).read_bytes())
+        raise ValueError("digest does not match")
+
+    with pytest.raises(ValueError, match="digest"):
+        fileio.atomic_write(str(target), lambda f: f.write(b"new bytes"), check=reject)
+    assert seen == [b"new bytes"] and target.read_bytes() == b"the cached file" and _no_temporaries(tmp_path)
+    fileio.atomic_write(str(target), lambda f: f.write(b"new bytes"), check=lambda tmp: None)
+    assert target.read_bytes() == b"new bytes" and _no_temporaries(tmp_path)
+
+
+def test_npz_and_speed_cache_writes_replace_a_planted_link(tmp_path, monkeypatch):
+    import numpy as np
+
+    from guided_diffusion_rcdm import precision
+
+    outside = tmp_path / "outside"
+    _plant(tmp_path / "samples.npz", outside)
+    fileio.save_npz(str(tmp_path / "samples.npz"), features=torch.ones(2, 3, requires_grad=True),
+                    labels=np.arange(2))
+    with np.load(tmp_path / "samples.npz") as data:
+        assert data["features"].tolist() == [[1.0] * 3] * 2 and data["labels"].tolist() == [0, 1]
+    assert outside.read_bytes() == b"precious"
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv(precision.SPEED_CACHE_ENV, str(cache))
+    monkeypatch.setattr(precision, "_CPU_MEASUREMENT", {})
+    path = precision.speed_cache_path()
+    _plant(path, tmp_path / "speed-outside")
+    precision.cpu_kernel_timings()  # unreadable cache (the link's target is not JSON): measures, saves
+    assert not path.is_symlink() and json.loads(path.read_text())
+    assert (tmp_path / "speed-outside").read_bytes() == b"precious" and _no_temporaries(cache)
