@@ -10,7 +10,8 @@ setup(
     license="MIT",
     # True floors, checked against the APIs used by tests/test_version_floors.py: X | Y unions
     # evaluated at import (3.10), torch.serialization.safe_globals (torch 2.5; torchvision 0.20 is
-    # its release).
+    # its release); timm 1.0.21 is the first whose ViTs can be built on the meta device (the
+    # encoders take the file's tensors without a random init first).
     python_requires=">=3.10",
     packages=find_packages(include=["guided_diffusion_rcdm", "guided_diffusion_rcdm.*"]),
     # the quickstart's report page is a template file next to its module
@@ -18,6 +19,7 @@ setup(
     install_requires=[
         "torch>=2.5",
         "torchvision>=0.20",
+        "timm>=1.0.21",
         "numpy",
         "blobfile",
         "pillow",

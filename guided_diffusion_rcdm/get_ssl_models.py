@@ -9,6 +9,8 @@ file works too. Encoders come back in eval mode with every parameter frozen. The
 their input: feed 224x224 images as `image_datasets.encoder_input` makes them, with the scaling
 `native_input_normalize(name)` names (the encoder's `input_normalize`): [-1, 1] (`x / 127.5 - 1`)
 for the published encoders, as the original fed them, ImageNet mean/std for torchvision models.
+The Vision Transformers of `vit_encoders` (DINO, DINOv2, MAE, MoCo v3, iBOT) come by their names
+(`vit_encoders.VIT_ENCODERS`) or as local upstream files; they take ImageNet mean/std.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torchvision
 from torch import nn
 
-from . import hub
+from . import hub, vit_encoders
 
 ENCODER_NAMES: tuple[str, ...] = ("dino", "simclr", "barlow", "vicreg", "supervised")
 HEAD_DIMS = {"dino": 256, "simclr": 128, "barlow": 8192, "vicreg": 8192}
@@ -84,12 +86,14 @@ def freeze(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def representation_dim(encoder: nn.Module, device: torch.device | str | None = None) -> int:
-    """The size of the encoder's output, measured with one forward of a zero 1x3x224x224 image."""
+    """The size of the encoder's output, measured with one forward of a zero image of its
+    `input_size` (default 224)."""
     first = next(encoder.parameters(), None)
     if device is None:
         device = first.device if first is not None else "cpu"
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    out = encoder(torch.zeros(1, 3, 224, 224, device=device, dtype=dtype))
+    size = int(getattr(encoder, "input_size", 224))
+    out = encoder(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
     if out.ndim != 2:
         raise ValueError(
             f"an encoder must return B x D features, this one returns {list(out.shape)}"
@@ -348,9 +352,14 @@ def _looks_like_path(model: str) -> bool:
 
 
 def detect_layout(obj) -> str | None:
-    """Which upstream layout a loaded file has: one of ENCODER_NAMES, or None."""
+    """Which upstream layout a loaded file has: one of ENCODER_NAMES, the name of the ViT encoder
+    (`vit_encoders.VIT_ENCODERS`) whose architecture it holds, or None. A ViT layout of no known
+    size is a one-line `hub.CheckpointError`."""
     if not isinstance(obj, Mapping):
         return None
+    vit = vit_encoders.identify(obj)
+    if vit is not None:
+        return vit.name
     if "teacher" in obj:
         return "dino"
     if "classy_state_dict" in obj:
@@ -391,9 +400,19 @@ def _read_local(path: str) -> tuple[object, dict]:
     return obj, {}
 
 
-def _local_encoder(path: str, use_head: bool) -> FrozenEncoder:
+def _local_encoder(path: str, use_head: bool, pooling: str = "",
+                   input_size: int | None = None) -> FrozenEncoder:
     obj, meta = _read_local(path)
-    layout = detect_layout(obj)
+    try:
+        layout = detect_layout(obj)
+    except hub.CheckpointError as err:
+        raise hub.CheckpointError(f"{path}: {err}") from None
+    if layout in vit_encoders.VIT_ENCODERS:
+        trunk, head = vit_encoders.load_vit(layout, obj, pooling=pooling or "cls", use_head=use_head,
+                                            input_size=input_size or vit_encoders.INPUT_SIZE,
+                                            source=path)
+        return _vit_encoder(trunk, head, use_head)
+    _no_pooling_choice(path, pooling)
     if layout is not None:
         return _published_encoder(layout, use_head, True, source=path, obj=obj)
     sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
@@ -430,38 +449,65 @@ def native_input_normalize(model: str) -> str:
     key = model.lower()
     if key in ENCODER_NAMES:
         return "minus_one_one"
-    if key in torchvision_names():
+    if key in torchvision_names() or key in vit_encoders.VIT_ENCODERS:
         return "imagenet"
     if _looks_like_path(model) and os.path.isfile(model):
         obj, meta = _read_local(model)
-        if detect_layout(obj) is not None:
+        layout = detect_layout(obj)
+        if layout in vit_encoders.VIT_ENCODERS:
+            return vit_encoders.INPUT_NORMALIZE
+        if layout is not None:
             return "minus_one_one"
         return str(meta.get("normalize", "imagenet"))
     return "minus_one_one"
 
 
 
-def get_model(model: str = "dino", use_head: bool = False, pretrained: bool = True) -> nn.Module:
-    """A frozen encoder: input Bx3x224x224 (in [-1, 1] for the published ones), output BxD.
+def _vit_encoder(trunk: nn.Module, head: nn.Module | None, use_head: bool) -> FrozenEncoder:
+    encoder = FrozenEncoder(trunk, head, use_head, input_normalize=vit_encoders.INPUT_NORMALIZE)
+    encoder.input_size = trunk.vit.patch_embed.img_size[0]
+    return encoder
 
-    `model`: one of ENCODER_NAMES; a torchvision classification model name (pooled features
-    before its classifier; weights through `hub.download`, so `RCDM_MIRROR` applies); or the path
-    of a local checkpoint (an upstream DINO / VISSL / VICReg file, or a torchvision state dict).
+
+def _no_pooling_choice(model: str, pooling: str) -> None:
+    if pooling:
+        raise ValueError(f"pooling {pooling!r}: {model} is not a Vision Transformer; its features "
+                         "are pooled one way (leave pooling out)")
+
+
+def get_model(model: str = "dino", use_head: bool = False, pretrained: bool = True, *,
+              pooling: str = "", input_size: int | None = None) -> nn.Module:
+    """A frozen encoder: input Bx3x224x224 (in [-1, 1] for the published ResNets), output BxD.
+
+    `model`: one of ENCODER_NAMES; a ViT encoder name (`vit_encoders.VIT_ENCODERS`, e.g.
+    dinov2_vits14); a torchvision classification model name (pooled features before its
+    classifier; weights through `hub.download`, so `RCDM_MIRROR` applies); or the path of a local
+    checkpoint (an upstream DINO / VISSL / VICReg / ViT file, or a torchvision state dict).
     `pretrained=False` builds the same architecture with a fixed-seed random init and no download.
+    ViTs only: `pooling` "cls" (default) or "mean_patch" (see `vit_encoders.ViTTrunk`), and
+    `input_size` (default 224, a multiple of the patch) the side of the crops they are fed.
     """
     key = model.lower()
+    if key in vit_encoders.VIT_ENCODERS:
+        trunk, head = vit_encoders.get_vit(key, pooling=pooling or "cls", use_head=use_head,
+                                           pretrained=pretrained,
+                                           input_size=input_size or vit_encoders.INPUT_SIZE)
+        return _vit_encoder(trunk, head, use_head)
     if key in ENCODER_NAMES:
+        _no_pooling_choice(model, pooling)
         return _published_encoder(key, use_head, pretrained)
     if key in torchvision_names():
+        _no_pooling_choice(model, pooling)
         if use_head:
             warnings.warn(f"{model} has no projector head: use_head is ignored", stacklevel=2)
         return _torchvision_encoder(key, pretrained)
     if _looks_like_path(model):
         if not os.path.isfile(model):
             raise FileNotFoundError(f"--type_model {model}: no such checkpoint file")
-        return _local_encoder(model, use_head)
+        return _local_encoder(model, use_head, pooling, input_size)
     raise ValueError(
         f"unknown --type_model {model!r}. Use one of the published encoders "
-        f"({', '.join(ENCODER_NAMES)}), a torchvision classification model "
-        f"({', '.join(torchvision_names())}), or the path of a local checkpoint file."
+        f"({', '.join(ENCODER_NAMES)}), a Vision Transformer ({', '.join(vit_encoders.VIT_ENCODERS)}), "
+        f"a torchvision classification model ({', '.join(torchvision_names())}), or the path of a "
+        "local checkpoint file."
     )

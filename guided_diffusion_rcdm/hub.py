@@ -51,6 +51,27 @@ PUBLISHED_SHA256: dict[str, str | None] = {
     "https://dl.fbaipublicfiles.com/vissl/model_zoo/barlow_twins/"
     "barlow_twins_32gpus_4node_imagenet1k_1000ep_resnet50.torch": None,
     "https://dl.fbaipublicfiles.com/vicreg/resnet50_fullckpt.pth": None,
+    # The Vision Transformers (vit_encoders.VIT_ENCODERS): backbone files, and the training
+    # checkpoints that also hold the projector heads.
+    **{
+        f"https://dl.fbaipublicfiles.com/dino/{folder}/{folder}{suffix}.pth": None
+        for folder in ("dino_deitsmall16_pretrain", "dino_deitsmall8_pretrain",
+                       "dino_vitbase16_pretrain", "dino_vitbase8_pretrain")
+        for suffix in ("", "_full_checkpoint")
+    },
+    **{
+        f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{size}14/dinov2_vit{size}14{reg}_pretrain.pth":
+        None for size in "sblg" for reg in ("", "_reg4")
+    },
+    **{f"https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{size}.pth": None
+       for size in ("base", "large", "huge")},
+    **{f"https://dl.fbaipublicfiles.com/moco-v3/vit-{size}-300ep/vit-{size}-300ep.pth.tar": None
+       for size in "sb"},
+    **{
+        f"https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/vit{size}_16/"
+        f"{name}.pth": None
+        for size in "sbl" for name in ("checkpoint_teacher", "checkpoint")
+    },
     **{
         f"https://dl.fbaipublicfiles.com/rcdm/rcdm_ema_{name}.pt": None
         for name in (

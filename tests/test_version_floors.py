@@ -33,6 +33,8 @@ APIS = [
     ("torch", (2, 0), r"torch\.compile\(", "torch.compile"),
     ("torch", (2, 0), r"scaled_dot_product_attention", "F.scaled_dot_product_attention"),
     ("torch", (2, 0), r"with torch\.device\(", "torch.device as a context manager"),
+    ("timm", (1, 0, 21), r'with torch\.device\("meta"\).*timm\.create_model|timm\.create_model.*with torch\.device\("meta"\)',
+     "timm models built on the meta device"),
     ("torchvision", (0, 14), r"models\.(?:list_models|get_model_weights|get_model)\(", "torchvision.models.list_models"),
     ("python", (3, 10), r"\bzip\([^)]*\bstrict\s*=", "zip(strict=...)"),
     ("python", (3, 9), r"\.remove(?:prefix|suffix)\(", "str.removeprefix"),
@@ -40,7 +42,7 @@ APIS = [
 
 
 def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
 def setup_floors() -> dict[str, tuple[int, ...]]:
