@@ -19,8 +19,11 @@ from typing import Callable, Optional
 
 import blobfile as bf
 import torch
+from tqdm.auto import tqdm
 
 from . import dist_util, logger
+from .get_ssl_models import get_model, native_input_normalize
+from .hub import atomic_torch_save, safe_torch_load
 from .image_datasets import (
     ENCODER_IMAGE_SIZE,
     arr_to_tensor,
@@ -30,6 +33,9 @@ from .image_datasets import (
     loader_worker_init,
     normalize_for_encoder,
 )
+from .precision import PRECISION_CHOICES, resolve_precision
+from .script_util import str2bool
+from .train_util import encode
 
 CACHE_FORMAT = "rcdm-feature-cache-v1"
 CACHE_FILE = "features.pt"
@@ -81,16 +87,12 @@ def encode_files(
 ) -> tuple[dict, dict]:
     """Representations of `paths` as `({index: [2, D] tensor (plain, mirrored)}, {index: reason})`
     for the files that could not be decoded."""
-    from .train_util import encode
-
     device = device or dist_util.dev()
     loader = torch.utils.data.DataLoader(
         _EncoderViews(paths, normalize), batch_size=batch_size, num_workers=num_workers,
         collate_fn=_collate, pin_memory=torch.cuda.is_available(), worker_init_fn=loader_worker_init,
     )
     if progress and dist_util.is_main_process():
-        from tqdm.auto import tqdm
-
         loader = tqdm(loader, desc="encoding images", unit="batch")
     feats, bad = {}, {}
     for idx, views, failed in loader:
@@ -113,8 +115,6 @@ def load_cache(cache_dir: str) -> Optional[dict]:
     if not bf.exists(path):
         return None
     if "://" in path:
-        from .hub import safe_torch_load
-
         cache = safe_torch_load(path)
     else:
         cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -141,8 +141,6 @@ def prepare_feature_cache(
     their features (a `FeatureTable`, N x 2 x D). `precision` is the encoder's (`auto`: see
     `resolve_precision`); it is part of what identifies the cache. Every rank must call it.
     """
-    from .precision import resolve_precision
-
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     encoder_info = dict(encoder_info)
     precision = resolve_precision(precision, device=dist_util.dev())
@@ -181,7 +179,6 @@ def prepare_feature_cache(
         if world == 1:
             _merge_and_save(cache_dir, cache, [part], encoder_info, precision)
         else:  # every rank writes its share; rank 0 merges them (no rank holds them all twice)
-            from .hub import atomic_torch_save, safe_torch_load
 
             names = [bf.join(cache_dir, f"part-{r:05d}-of-{world:05d}.pt") for r in range(world)]
             atomic_torch_save(part, names[rank])
@@ -227,8 +224,6 @@ class FeatureTable:
 
 def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_info: dict,
                     precision: str) -> None:
-    from .hub import atomic_torch_save
-
     paths = list(old["paths"]) if old else []
     chunks = [old["features"]] if old and len(old["paths"]) else []
     bad = dict(old["bad"]) if old else {}
@@ -248,10 +243,6 @@ def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_in
 
 
 def main(argv=None) -> None:
-    from .get_ssl_models import get_model
-    from .precision import PRECISION_CHOICES
-    from .script_util import str2bool
-
     parser = argparse.ArgumentParser(description="Encode a folder of images once for training.")
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--feat_cache", required=True, help="folder for the cache")
@@ -289,8 +280,6 @@ def encoder_info_from_args(args) -> dict:
     The input scaling is `--encoder_normalize` when given, else the encoder's own
     (`get_ssl_models.native_input_normalize`).
     """
-    from .get_ssl_models import native_input_normalize
-
     return {
         "type_model": args.type_model,
         "use_head": bool(args.use_head),

@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Optional
 
 import numpy as np
+from PIL import Image
 
 LOCK_NAME = "train.lock"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]*)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
@@ -213,8 +214,6 @@ def check_writable(folder: str, flag: str = "") -> None:
 
 def save_image(image, path: str, **options) -> None:
     """`PIL.Image.save` through `atomic_write` (the format from the file name's extension)."""
-    from PIL import Image
-
     ext = os.path.splitext(path)[1].lower()
     fmt = Image.registered_extensions().get(ext)
     if fmt is None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
@@ -444,8 +445,6 @@ class GaussianDiffusion:
         img = noise if noise is not None else torch.randn(*shape, device=device)
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
-            from tqdm.auto import tqdm
-
             indices = tqdm(indices, desc="sampling", unit="step")
         for i in indices:
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)  # no host copy

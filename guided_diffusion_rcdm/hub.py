@@ -28,7 +28,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import blobfile as bf
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import fileio, logger
 
@@ -370,8 +373,6 @@ def _fetch(source: str, dest: Path, expected: str | None, progress: bool, verify
 
 
 def _progress_bar(total: int | None, name: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name)
 
 
@@ -385,10 +386,6 @@ def _upstream_safe_globals() -> list:
     `numpy.dtype` and the dtype classes to rebuild). None of these run code when rebuilt.
     """
     allowed: list = [argparse.Namespace]
-    try:
-        import numpy as np
-    except ImportError:  # numpy is a dependency, but loading plain weights must not need it
-        return allowed
     core = getattr(np, "_core", None) or np.core
     scalar = core.multiarray.scalar
     # Files written with numpy 1.x name the reconstructor numpy.core.multiarray.scalar.
@@ -423,8 +420,6 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         with torch.serialization.safe_globals(_upstream_safe_globals()):
             if _is_remote(path):
-                import blobfile as bf
-
                 with bf.BlobFile(path, "rb") as f:
                     return torch.load(io.BytesIO(f.read()), map_location=map_location,
                                       weights_only=True)
@@ -545,8 +540,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """
     path = str(path)
     if _is_remote(path):
-        import blobfile as bf
-
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         with bf.BlobFile(path, "wb") as f:
@@ -596,8 +589,6 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
     header = {"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta)}
     payload = st_save(tensors, metadata=header)
     if _is_remote(path):
-        import blobfile as bf
-
         with bf.BlobFile(path, "wb") as f:
             f.write(payload)
         return

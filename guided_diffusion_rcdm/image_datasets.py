@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import dist_util, logger
+
 ENCODER_IMAGE_SIZE = 224
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
 
@@ -401,7 +403,6 @@ class ImageStream:
         for path, reason in kwargs.pop("_skipped"):
             if path not in self.bad_files:
                 self.bad_files[path] = reason
-                from . import logger
 
                 logger.warn(
                     f"skipping unreadable image {path} ({reason}); "
@@ -436,8 +437,6 @@ def load_data(
     (cached representations aligned with `image_paths`, see `feature_cache`) the encoder crop is
     not made and `kwargs["feat"]` is filled instead; `encoder_size=None` skips it too (no encoder).
     """
-    from . import dist_util
-
     rank = dist_util.get_rank() if rank is None else rank
     world_size = dist_util.get_world_size() if world_size is None else world_size
     all_files = list(image_paths) if image_paths is not None else find_images(data_dir)

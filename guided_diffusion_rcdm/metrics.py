@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +28,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+from tqdm.auto import tqdm
 
 from . import fileio, hub
-from .precision import exact_fp32_math
+from .image_datasets import ENCODER_IMAGE_SIZE, center_crop_arr, find_images, load_rgb_image, normalize_for_encoder
+from .precision import autocast, exact_fp32_math, resolve_precision
 
 # ----------------------------------------------------------------------------- representation fidelity
 
@@ -219,11 +224,6 @@ def encode_images(
     [-1, 1]. Other sizes than 224 are resized (bilinear, antialiased) to the encoder's 224x224,
     then scaled with `normalize` (the encoder's input convention).
     """
-    from tqdm.auto import tqdm
-
-    from .image_datasets import ENCODER_IMAGE_SIZE, normalize_for_encoder
-    from .precision import autocast, resolve_precision
-
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     precision = resolve_precision(precision, device=device)
     x = torch.as_tensor(images)
@@ -256,15 +256,12 @@ STATS_FORMAT = "rcdm-fid-stats-v1"
 
 
 def _basic(cin: int, cout: int, **kw) -> nn.Module:
-    from torchvision.models.inception import BasicConv2d
-
     return BasicConv2d(cin, cout, **kw)
 
 
 def _inception_blocks():
     # The TF graph's average pools do not count the zero padding (pytorch-fid's FIDInception*),
     # and its last block pools with max instead of average: both change the features.
-    from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
     class FIDInceptionA(InceptionA):
         def _forward(self, x):
@@ -316,7 +313,6 @@ class FIDInceptionV3(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from torchvision.models.inception import InceptionB, InceptionD
 
         block_a, block_c, block_e = _inception_blocks()
         self.Conv2d_1a_3x3 = _basic(3, 32, kernel_size=3, stride=2)
@@ -445,8 +441,6 @@ def inception_outputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(pool B x 2048, logits B x 1008)` in float64 for uint8 B x H x W x 3 images (an array,
     or an iterable of such batches). Runs in float32: FID is sensitive to the features' precision."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     if isinstance(images, np.ndarray):
         arr = images
@@ -576,20 +570,12 @@ def images_from_npz(path: str | Path, keys: Sequence[str] = ("samples", "arr_0",
 
 
 def folder_image_files(folder: str) -> list[str]:
-    from .image_datasets import find_images
-
     return find_images(folder)
 
 
 def load_folder_images(files: Sequence[str], size: int, progress: bool = False) -> tuple[np.ndarray, list[str]]:
     """Decode `files` to uint8 `size` x `size` centre crops (the training crop); unreadable files
     are skipped with a warning and returned."""
-    import warnings
-
-    from tqdm.auto import tqdm
-
-    from .image_datasets import center_crop_arr, load_rgb_image
-
     out, skipped = [], []
     for f in tqdm(files, desc="reading reference images", unit="image", disable=not progress):
         try:
@@ -696,10 +682,6 @@ def reference_statistics(
 
 
 def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    from .image_datasets import center_crop_arr
-
     return np.stack([center_crop_arr(Image.fromarray(im), size) for im in images])
 
 

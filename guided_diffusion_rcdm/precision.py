@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fileio, logger
+from .unet import AttentionBlock  # the model's own attention code, timed by the micro-benchmark
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_CHOICES = ("auto",) + PRECISIONS
@@ -170,8 +171,6 @@ def measure_cpu_kernels(seconds: float = 0.25, min_rounds: int = 3) -> dict[str,
     One thread and interleaved rounds because the ratios are what decide, they are a property of
     the core, and a busy machine disturbs a single thread least and all operations alike.
     """
-    from .unet import AttentionBlock  # the model's own attention code
-
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 128, 32, 32, generator=gen)
     w = torch.randn(128, 128, 3, 3, generator=gen) * 0.03

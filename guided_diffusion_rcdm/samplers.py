@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .gaussian_diffusion import GaussianDiffusion
 from .precision import AutocastModel
@@ -206,8 +207,6 @@ def dpm_solver_pp_sample_loop(
     abar = torch.from_numpy(diffusion.alphas_cumprod).to(device=device, dtype=torch.float64)
     indices = list(range(diffusion.num_timesteps))[::-1]
     if progress:
-        from tqdm.auto import tqdm
-
         indices = tqdm(indices, desc="sampling (dpm++)", unit="step")
 
     def lam(a: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
-from . import dist_util, fileio, logger
+from . import dist_util, fileio, hub, logger
 from .precision import (  # noqa: F401 (re-exported)
     PRECISIONS, autocast, prepare_model, resolve_precision, resolve_speed, set_fused_attention,
 )
@@ -119,8 +120,6 @@ def list_checkpoint_steps(out_dir: str) -> list[int]:
 
 
 def _load_train_state(path: str) -> dict:
-    from . import hub
-
     state = hub.safe_torch_load(path, map_location="cpu")
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold an optimizer state")
@@ -136,8 +135,6 @@ def load_resume_files(model_path: str, ema_rates) -> dict:
     raises if the model file itself cannot be loaded. Missing or damaged companions are listed in
     `problems` (the caller decides).
     """
-    from . import hub
-
     step = parse_resume_step_from_filename(model_path)
     sd, meta = hub.load_checkpoint(model_path, map_location="cpu")
     if meta and isinstance(meta.get("step"), int):
@@ -504,8 +501,6 @@ class TrainLoop:
 
     def _load_found(self, found: dict) -> None:
         """Put the files `load_resume_files` read into the model, EMA, optimizer and samplers."""
-        from . import hub
-
         sd, meta = found["model"]
         hub.load_state_dict_checked(self.model, sd, meta=meta, strict=True)
         self.model.to(self.device)
@@ -577,8 +572,6 @@ class TrainLoop:
         `StopOnSignal`)."""
         bar = None
         if self.progress and dist_util.is_main_process():
-            from tqdm.auto import tqdm
-
             bar = tqdm(
                 total=self._target(), initial=self.step, desc="training", unit="step",
                 dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0,
@@ -774,8 +767,6 @@ class TrainLoop:
         return model * (1 + len(self.ema_rate)) + 2 * params
 
     def _write_checkpoint(self) -> None:
-        from . import hub
-
         paths = checkpoint_paths(self.out_dir, self.step, self.ema_rate)
         bf.makedirs(self.out_dir)
         if not _is_remote(self.out_dir):  # fail before writing anything when it cannot fit

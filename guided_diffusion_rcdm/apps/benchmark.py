@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..precision import auto_speed, prepare_model
 from ..samplers import sample_images
@@ -49,10 +50,6 @@ class Variant:
     channels_last: bool = False
     fused_attention: bool | None = False
     compile: bool = False
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.name == "baseline"
 
 
 BASELINE = Variant("baseline")
@@ -145,8 +142,6 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iters
 
 def forward_flops(model: torch.nn.Module, inputs) -> float:
     """FLOPs of one forward (multiply-adds counted as two), from torch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     x, t, feat = inputs
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

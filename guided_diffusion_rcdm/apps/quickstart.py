@@ -28,13 +28,14 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from string import Template
 from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 
 from .. import fileio, hub, logger, metrics
@@ -149,12 +150,9 @@ def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list
 
 
 def _published_url(type_model: str) -> str | None:
-
     if type_model in ENCODER_NAMES:
         return SSL_URLS[type_model]
     if type_model in torchvision_names():
-        import torchvision
-
         return torchvision.models.get_model_weights(type_model).DEFAULT.url
     return None
 
@@ -208,7 +206,6 @@ def resolve_encoder(type_model: str, weights: str) -> tuple[dict, str]:
 
 
 def _info(type_model: str, pretrained: bool) -> dict:
-
     return {"type_model": type_model, "use_head": False, "normalize": native_input_normalize(type_model),
             "pretrained": pretrained}
 
@@ -247,7 +244,6 @@ class Settings:
     guidance_scale: float = 1.0
 
     def model_flags(self) -> dict:
-
         mult = "1,2,2" if self.image_size == 32 else "1,2,2,2" if self.image_size == 64 else ""
         return {**model_and_diffusion_defaults(),
                 "image_size": self.image_size, "num_channels": self.num_channels,
@@ -259,7 +255,6 @@ class Settings:
 
 
 def create_argparser() -> argparse.ArgumentParser:
-
     p = argparse.ArgumentParser(
         prog="quickstart.py",
         description="Train a small RCDM on real photographs and write a browsable report, offline, on a CPU.",
@@ -788,7 +783,6 @@ def run(s: Settings, command: str) -> dict:
 
 
 def _fid_is(s: Settings, samples_u8: np.ndarray, ref: Path, device: torch.device) -> dict:
-
     try:
         net = metrics.load_inception(s.inception_path or None, download=s.download_inception, device=device)
     except metrics.InceptionWeightsMissing as err:
@@ -803,9 +797,7 @@ def _fid_is(s: Settings, samples_u8: np.ndarray, ref: Path, device: torch.device
 
 def _package_version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("guided-diffusion-rcdm")
+        return metadata.version("guided-diffusion-rcdm")
     except Exception:
         return "unknown"
 
