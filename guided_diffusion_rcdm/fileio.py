@@ -115,6 +115,11 @@ def _hostname() -> str:
     return socket.gethostname().split(".")[0].replace(".", "_") or "host"
 
 
+def is_remote(path) -> bool:
+    """A blobfile URL (gs://, az://, ...), which is written in one upload rather than renamed."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
 def temp_name(path: str) -> str:
     """`.<name>.<host>.<pid>.<random>.tmp` next to `path`: who writes it is in the name."""
     folder, name = os.path.split(os.path.abspath(path))

@@ -399,10 +399,6 @@ def _upstream_safe_globals() -> list:
     return allowed
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def _describe_unpickling_error(err: Exception) -> str | None:
     """The refused global if `err` is weights_only refusing code, else None (a corrupt file)."""
     text = str(err)
@@ -419,7 +415,7 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     path = str(path)
     try:
         with torch.serialization.safe_globals(_upstream_safe_globals()):
-            if _is_remote(path):
+            if fileio.is_remote(path):
                 with bf.BlobFile(path, "rb") as f:
                     return torch.load(io.BytesIO(f.read()), map_location=map_location,
                                       weights_only=True)
@@ -458,7 +454,7 @@ def _corrupt_message(path: str, err: Exception) -> str:
 def _looks_like_safetensors(path: str) -> bool:
     if path.endswith(".safetensors"):
         return True
-    if _is_remote(path) or not os.path.isfile(path):
+    if fileio.is_remote(path) or not os.path.isfile(path):
         return False
     with open(path, "rb") as f:
         head = f.read(9)
@@ -539,7 +535,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     only once complete.
     """
     path = str(path)
-    if _is_remote(path):
+    if fileio.is_remote(path):
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         with bf.BlobFile(path, "wb") as f:
@@ -588,7 +584,7 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
         tensors[key] = value.cpu()
     header = {"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta)}
     payload = st_save(tensors, metadata=header)
-    if _is_remote(path):
+    if fileio.is_remote(path):
         with bf.BlobFile(path, "wb") as f:
             f.write(payload)
         return

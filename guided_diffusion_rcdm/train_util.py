@@ -12,11 +12,9 @@ so a `modelS.pt` on disk means step S is complete. Model and EMA files record th
 encoder they need (`meta`). Resuming takes the newest step whose files all load, skipping damaged
 ones with a warning.
 
-SIGTERM, SIGINT, SIGUSR1 and submitit's preemption signal (`SUBMITIT_PREEMPT_SIGNAL`, default
-USR2) do not kill the run: the current step finishes, every rank agrees on the step, a checkpoint
-is saved, and only then is the signal passed on (submitit requeues the job; otherwise the process
-exits with status 128 + the signal's number, SIGINT raises KeyboardInterrupt). A second signal ends
-the process at once.
+A stop signal (SIGTERM, SIGINT, SIGUSR1, submitit's preemption) does not kill the run: the current
+step finishes, a checkpoint is saved, then the signal is passed on. The run lock, the signals and
+the stop rule every rank agrees on live in `run_control` (their names stay importable from here).
 """
 
 from __future__ import annotations
@@ -25,10 +23,7 @@ import contextlib
 import math
 import os
 import re
-import signal
 import sys
-import threading
-import time
 from typing import Iterator, Optional
 
 import blobfile as bf
@@ -43,6 +38,7 @@ from .precision import (  # noqa: F401 (re-exported)
     PRECISIONS, autocast, prepare_model, resolve_precision, resolve_speed, set_fused_attention,
 )
 from .resample import LossAwareSampler, UniformSampler
+from .run_control import StopOnSignal, StopRule, lock_out_dir, signal_name, stop_signals  # noqa: F401 (re-exported)
 
 INITIAL_LOG_LOSS_SCALE = 20.0  # the original's starting fp16 loss scale, 2**20
 TRAIN_STATE_FORMAT = "rcdm-train-state-v1"
@@ -162,7 +158,7 @@ def load_resume_files(model_path: str, ema_rates) -> dict:
 def remove_stale_temporaries(out_dir: str) -> list:
     """Delete the temporary files of checkpoint saves whose writer is dead (a crash mid-save);
     a save in progress in another process is left alone."""
-    if not out_dir or not bf.exists(out_dir) or _is_remote(out_dir):
+    if not out_dir or not bf.exists(out_dir) or fileio.is_remote(out_dir):
         return []
     stale = [bf.join(out_dir, n) for n in bf.listdir(out_dir)
              if _STALE_TMP_RE.match(n) and fileio.writer_is_dead(n, folder=out_dir)]
@@ -173,27 +169,6 @@ def remove_stale_temporaries(out_dir: str) -> list:
             continue
         logger.log(f"removed {path}, left by a save that was interrupted")
     return stale
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-def lock_out_dir(out_dir: str, warn=None) -> Optional[fileio.RunLock]:
-    """Rank 0 takes the run lock of `out_dir` (see `fileio.acquire_run_lock`); if it cannot,
-    every rank raises the same error (`RunLockedError`, or OSError for an unwritable folder).
-    Remote folders (gs://, az://) are not locked."""
-    lock, error = None, None
-    if dist_util.is_main_process() and out_dir and not _is_remote(out_dir):
-        try:
-            lock = fileio.acquire_run_lock(out_dir, warn=warn or logger.warn)
-        except (fileio.RunLockedError, OSError) as exc:
-            error = (isinstance(exc, fileio.RunLockedError), str(exc))
-    if dist_util.get_world_size() > 1:
-        error = dist_util.broadcast_object(error)
-    if error:
-        raise (fileio.RunLockedError if error[0] else OSError)(error[1])
-    return lock
 
 
 def find_resume_checkpoint(out_dir: str, ema_rates=()) -> Optional[dict]:
@@ -215,76 +190,6 @@ def find_resume_checkpoint(out_dir: str, ema_rates=()) -> Optional[dict]:
         logger.warn(f"checkpoint {path} is incomplete: {'; '.join(found['problems'])}")
         fallback = fallback or found
     return fallback
-
-
-# ------------------------------------------------------------------------------- signals
-
-
-def stop_signals() -> list[int]:
-    """The signals that make training save and stop: SIGTERM, SIGINT, SIGUSR1 and the signal
-    submitit preempts with (`SUBMITIT_PREEMPT_SIGNAL`, default USR2)."""
-    names = ["SIGTERM", "SIGINT", "SIGUSR1", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
-    return list(dict.fromkeys(getattr(signal, n) for n in names if hasattr(signal, n)))
-
-
-class StopOnSignal:
-    """While active (a context manager), the stop signals only record themselves in `received`.
-
-    The loop polls `received` between steps; after saving it calls `pass_on`, which hands the
-    signal to the handler that was installed before (submitit's requeue, Python's
-    KeyboardInterrupt) or exits with status 128 + signum. After the first signal the default
-    action is restored, so a second one ends the process at once, even inside a long C call.
-    Handlers can only be installed from the main thread; elsewhere this does nothing.
-    """
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._previous: dict = {}
-        self._active = False
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in stop_signals():
-            previous = signal.getsignal(sig)
-            if previous is signal.SIG_IGN or previous is None:  # the user asked to ignore it
-                continue
-            self._previous[sig] = previous
-            signal.signal(sig, self._record)
-        self._active = True
-        return self
-
-    def _record(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signum
-            for sig in self._previous:
-                signal.signal(sig, signal.SIG_DFL)
-            return
-        os.kill(os.getpid(), signum)  # the default action is back in place: this ends the process
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        if self._active:
-            for sig, previous in self._previous.items():
-                signal.signal(sig, previous)
-            self._active = False
-
-    def pass_on(self, signum: int) -> None:
-        """Deliver `signum` to the handler that was there before; exit if it does not."""
-        previous = self._previous.get(signum)
-        self._restore()
-        if callable(previous):
-            previous(signum, None)  # submitit requeues and exits; SIGINT raises KeyboardInterrupt
-        raise SystemExit(128 + signum)
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 # ------------------------------------------------------------------------------- loop
@@ -358,10 +263,7 @@ class TrainLoop:
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
         self.max_seconds = float(max_seconds)
-        self._started: Optional[float] = None
         self.agree_seconds = float(agree_seconds)
-        self._next_agreement = 0  # the step at which the ranks next agree on stopping
-        self._agreed_at: tuple[int, float] = (0, 0.0)  # (step, clock) of the last agreement
         self.out_dir = out_dir or logger.get_dir()
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.progress = progress
@@ -531,37 +433,6 @@ class TrainLoop:
                 self.seed = state["seed"]
 
     # -- loop ------------------------------------------------------------------------------
-    def _stop_reason(self, stop: StopOnSignal) -> tuple[bool, int]:
-        """(done, signal), the same on every rank: done when a step target is met or a rank ran
-        out of time; signal is the number of a stop signal any rank received (0: none).
-
-        One process decides every step from its own clock and flags. Several agree in one
-        collective, at steps all of them know in advance: every `agree_seconds` of training, as
-        measured by the slowest rank since the last agreement (at least every step, at most
-        every 1000).
-        """
-        if (self.lr_anneal_steps and self.step >= self.lr_anneal_steps) or (
-            self.max_steps and self.step >= self.max_steps
-        ):
-            return True, stop.received or 0
-        now = time.monotonic()
-        out_of_time = bool(self.max_seconds and self._started is not None
-                           and now - self._started >= self.max_seconds)
-        if self.world_size == 1:
-            return out_of_time, stop.received or 0
-        if self.step < self._next_agreement:
-            return False, 0
-        last_step, last_clock = self._agreed_at
-        per_step = (now - last_clock) / (self.step - last_step) if self.step > last_step else 0.0
-        interval = 1 if per_step <= 0 else int(min(1000, max(1, self.agree_seconds / per_step)))
-        # Clocks differ between ranks: stop everywhere as soon as one rank is out of time; the
-        # next agreement comes after the fewest steps any rank asks for.
-        out_of_time, signum, neg_interval = dist_util.max_over_ranks(
-            [out_of_time, stop.received or 0, -interval])
-        self._agreed_at = (self.step, time.monotonic())
-        self._next_agreement = self.step - neg_interval
-        return bool(out_of_time), signum
-
     def _target(self) -> Optional[int]:
         targets = [t for t in (self.lr_anneal_steps, self.max_steps) if t]
         return min(targets) if targets else None
@@ -577,12 +448,12 @@ class TrainLoop:
                 dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0,
             )
         saved_at = self.step
-        self._started = time.monotonic()
-        self._next_agreement, self._agreed_at = self.step, (self.step, self._started)
+        rule = StopRule(step=self.step, target=self._target(), max_seconds=self.max_seconds,
+                        agree_seconds=self.agree_seconds, world_size=self.world_size)
         self._hold_out_dir()
         with StopOnSignal() as stop, contextlib.ExitStack() as release:
             release.callback(self._release_out_dir)
-            done, signum = self._stop_reason(stop)
+            done, signum = rule.check(self.step, stop.received)
             while not (done or signum):
                 batch, cond = next(self.data)
                 self._seed_step()
@@ -596,7 +467,7 @@ class TrainLoop:
                 if self.step % self.save_interval == 0:
                     self.save()
                     saved_at = self.step
-                done, signum = self._stop_reason(stop)
+                done, signum = rule.check(self.step, stop.received)
             if bar is not None:
                 bar.close()
             if signum:
@@ -769,7 +640,7 @@ class TrainLoop:
     def _write_checkpoint(self) -> None:
         paths = checkpoint_paths(self.out_dir, self.step, self.ema_rate)
         bf.makedirs(self.out_dir)
-        if not _is_remote(self.out_dir):  # fail before writing anything when it cannot fit
+        if not fileio.is_remote(self.out_dir):  # fail before writing anything when it cannot fit
             needed, free = self._checkpoint_bytes(), fileio.free_space(self.out_dir)
             if free is not None and free < needed:
                 raise fileio.disk_full_error(paths["model"], needed)

@@ -140,3 +140,17 @@ def test_two_ranks_agree_on_the_step_they_save_when_one_is_signalled(photos, tmp
     assert "stopped by SIGTERM at step" in outputs[0]  # rank 0 learnt of it from rank 1
     state = torch.load(out / f"opt{step:06d}.pt", weights_only=True)
     assert state["step"] == step
+
+
+def test_the_stop_rule_of_one_process_stops_at_the_target_the_time_limit_or_a_signal():
+    from guided_diffusion_rcdm.run_control import StopRule
+
+    rule = StopRule(step=0, target=3)
+    assert rule.check(2, None) == (False, 0)
+    assert rule.check(2, signal.SIGTERM) == (False, signal.SIGTERM)  # the loop saves, then passes it on
+    assert rule.check(3, None) == (True, 0)
+    assert StopRule(step=5, target=None).check(10**6, None) == (False, 0)  # no target: never done by steps
+    timed = StopRule(step=0, max_seconds=0.2)
+    assert timed.check(1, None) == (False, 0)
+    time.sleep(0.25)
+    assert timed.check(2, None) == (True, 0)
