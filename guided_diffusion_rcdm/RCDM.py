@@ -14,25 +14,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
-from tqdm.auto import tqdm
 
 from . import representation_ops as ops
-from .image_datasets import ENCODER_IMAGE_SIZE, encoder_input, find_images, load_rgb_image, normalize_for_encoder
+from .encoders import Images, check_paths_exist, encode_images
+from .image_datasets import find_images
 from .loading import Components, UsageError, load_components
 from .precision import prepare_model
 from .samplers import SAMPLERS, sample_images
 from .script_util import model_and_diffusion_defaults
 
-ImageInput = str | Path | Image.Image | torch.Tensor | Sequence[str | Path | Image.Image]
+ImageInput = Images
 
 # The sampling settings and their defaults, under the original's flag names (`RCDM(args)`).
 SAMPLING_SETTINGS: dict[str, Any] = dict(
@@ -201,7 +198,8 @@ class RCDM(nn.Module):
         self.diffusion = parts.diffusion
         self.precision = parts.precision
         self.model_flags = parts.model_flags
-        self.encoder_info = parts.encoder_info
+        self.encoder_spec = parts.encoder_spec
+        self.encoder_info = parts.encoder_info  # its record, as a dict
         self.meta = parts.meta
         self.ssl_dim = parts.ssl_dim
         self.image_size = int(parts.model_flags["image_size"])
@@ -246,36 +244,19 @@ class RCDM(nn.Module):
             self._runner = (device, runner)
         return self._runner[1]
 
-    def encoder_view(self, images: ImageInput) -> torch.Tensor:
-        """The encoder's input (B x 3 x 224 x 224, on the module's device) for images given as a
-        path, a PIL image, a list of those, or a tensor.
-
-        Tensors are 3xHxW or Bx3xHxW in [-1, 1] (after the encoder's normalisation); other sizes
-        than 224x224 are resized, since the encoder was trained on 224x224 crops. Paths and PIL
-        images are centre-cropped and scaled as the encoder expects.
-        """
-        if isinstance(images, torch.Tensor):
-            batch = images.unsqueeze(0) if images.ndim == 3 else images
-            if batch.ndim != 4 or batch.shape[1] != 3:
-                raise ValueError(f"expected images as Bx3xHxW, got {list(images.shape)}")
-            if batch.shape[-2:] != (ENCODER_IMAGE_SIZE, ENCODER_IMAGE_SIZE):
-                batch = F.interpolate(batch.float(), size=(ENCODER_IMAGE_SIZE, ENCODER_IMAGE_SIZE),
-                                      mode="bilinear", antialias=True, align_corners=False)
-            return batch.to(self.device, torch.float32)
-        items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
-        if not items:
-            raise ValueError("no images given")
-        for item in items:
-            if isinstance(item, (str, Path)) and not os.path.exists(item) and "://" not in str(item):
-                raise FileNotFoundError(f"no such image file: {item}")
-        normalize = self.encoder_info["normalize"]
-        batch = torch.stack([encoder_input(item, normalize=normalize) for item in items])
-        return batch.to(self.device, torch.float32)
-
     @torch.no_grad()
-    def encode(self, images: ImageInput) -> torch.Tensor:
-        """B x ssl_dim representations (float32; the encoder runs in fp32 so they are exact)."""
-        return self.ssl_model(self.encoder_view(images)).float()
+    def encode(self, images: ImageInput, batch_size: int = 32) -> torch.Tensor:
+        """B x ssl_dim representations (float32, on the module's device; the encoder runs in fp32
+        so they are exact) of images given as a path, a PIL image, a list of those, or a tensor
+        (3xHxW or Bx3xHxW in [-1, 1], resized to the encoder's input size when another size).
+
+        Every image is needed here, so one that cannot be read is an error naming it.
+        """
+        check_paths_exist(images)
+        if isinstance(images, (list, tuple)) and not images:
+            raise ValueError("no images given")
+        return encode_images(self.ssl_model, images, batch_size=batch_size, device=self.device,
+                             out_device=self.device, skip_unreadable=False).features
 
     # ------------------------------------------------------------------ sampling
 
@@ -344,32 +325,15 @@ class RCDM(nn.Module):
                      progress: bool | None = None) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
         """Representations of image files: `(N x D features, paths kept, [(path, reason) skipped])`.
 
-        Files that cannot be decoded are skipped with a warning naming them (and returned), so one
+        Files that cannot be decoded are skipped with a line naming each (and returned), so one
         bad file in a folder of neighbours does not stop the run.
         """
-        normalize = self.encoder_info["normalize"]
-        feats, kept, skipped, pending = [], [], [], []
-
-        def flush() -> None:
-            if pending:
-                feats.append(self.ssl_model(torch.stack([v for _, v in pending]).to(self.device)).float())
-                kept.extend(p for p, _ in pending)
-                pending.clear()
-
+        paths = [str(p) for p in paths]
         show = self.args.progress if progress is None else progress
-        for path in tqdm(paths, desc="encoding", unit="image", disable=not show):
-            try:
-                view = encoder_input(load_rgb_image(path), normalize=normalize)
-            except OSError as err:
-                warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
-                skipped.append((str(path), str(err)))
-                continue
-            pending.append((str(path), view))
-            if len(pending) == batch_size:
-                flush()
-        flush()
-        empty = torch.zeros(0, self.ssl_dim, device=self.device)
-        return (torch.cat(feats) if feats else empty), kept, skipped
+        done = encode_images(self.ssl_model, paths, batch_size=batch_size, device=self.device,
+                             out_device=self.device, progress=show, desc="encoding")
+        skipped = [(paths[i], reason) for i, reason in sorted(done.skipped.items())]
+        return done.features, [paths[i] for i in done.kept], skipped
 
     def features(self, x: ImageInput) -> torch.Tensor:
         """Representations (N x D, float32) of `x`: taken as they are when `x` is a 1-d or 2-d
@@ -393,8 +357,7 @@ class RCDM(nn.Module):
     def representation_distance(self, samples: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         """Squared L2 distance between each sample's representation and `feat` (N x D or D):
         how far the encoder puts the sample from the representation it was drawn from."""
-        views = normalize_for_encoder(samples.to(self.device, torch.float32), self.encoder_info["normalize"])
-        got = self.encode(views)
+        got = self.encode(samples)
         return ((got - feat.to(self.device).reshape(-1, self.ssl_dim)) ** 2).sum(dim=1)
 
     @torch.no_grad()

@@ -15,27 +15,18 @@ As a separate command (any launcher: torchrun, SLURM, mpiexec share the work by 
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Optional
+from collections.abc import Callable, Mapping
+from typing import Optional
 
 import blobfile as bf
 import torch
-from tqdm.auto import tqdm
 
 from . import dist_util, logger
-from .get_ssl_models import get_model, native_input_normalize
+from .encoders import EncoderSpec, encode_images
 from .hub import atomic_torch_save, safe_torch_load
-from .image_datasets import (
-    ENCODER_IMAGE_SIZE,
-    arr_to_tensor,
-    center_crop_arr,
-    find_images,
-    load_rgb_image,
-    loader_worker_init,
-    normalize_for_encoder,
-)
+from .image_datasets import find_images
 from .precision import PRECISION_CHOICES, resolve_precision
 from .script_util import str2bool
-from .train_util import encode
 
 CACHE_FORMAT = "rcdm-feature-cache-v1"
 CACHE_FILE = "features.pt"
@@ -48,65 +39,6 @@ def cache_path(cache_dir: str) -> str:
 def _relative(path: str, root: str) -> str:
     root = root.rstrip("/")
     return path[len(root) + 1 :] if path.startswith(root + "/") else path
-
-
-class _EncoderViews(torch.utils.data.Dataset):
-    def __init__(self, paths: list, normalize: str):
-        self.paths, self.normalize = paths, normalize
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            image = load_rgb_image(self.paths[i])
-        except Exception as exc:
-            return i, None, f"{type(exc).__name__}: {exc}"
-        view = arr_to_tensor(center_crop_arr(image, ENCODER_IMAGE_SIZE))
-        return i, normalize_for_encoder(view, self.normalize), None
-
-
-def _collate(items):
-    good = [(i, v) for i, v, _ in items if v is not None]
-    bad = [(i, r) for i, _, r in items if r is not None]
-    views = torch.stack([v for _, v in good]) if good else None
-    return [i for i, _ in good], views, bad
-
-
-@torch.no_grad()
-def encode_files(
-    paths: list,
-    encoder: torch.nn.Module,
-    *,
-    normalize: str = "minus_one_one",
-    batch_size: int = 32,
-    num_workers: int = 1,
-    precision: str = "fp32",
-    device=None,
-    progress: bool = True,
-) -> tuple[dict, dict]:
-    """Representations of `paths` as `({index: [2, D] tensor (plain, mirrored)}, {index: reason})`
-    for the files that could not be decoded."""
-    device = device or dist_util.dev()
-    loader = torch.utils.data.DataLoader(
-        _EncoderViews(paths, normalize), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=_collate, pin_memory=torch.cuda.is_available(), worker_init_fn=loader_worker_init,
-    )
-    if progress and dist_util.is_main_process():
-        loader = tqdm(loader, desc="encoding images", unit="batch")
-    feats, bad = {}, {}
-    for idx, views, failed in loader:
-        for i, reason in failed:
-            bad[i] = reason
-            logger.warn(f"skipping unreadable image {paths[i]} ({reason})")
-        if views is None:
-            continue
-        views = views.to(device, non_blocking=True)
-        out = encode(encoder, torch.cat([views, views.flip(-1)]), precision).cpu()
-        n = len(idx)
-        for k, i in enumerate(idx):
-            feats[i] = torch.stack([out[k], out[n + k]])
-    return feats, bad
 
 
 def load_cache(cache_dir: str) -> Optional[dict]:
@@ -127,28 +59,32 @@ def prepare_feature_cache(
     cache_dir: str,
     data_dir: str,
     image_paths: list,
-    encoder_info: dict,
-    make_encoder: Callable[[], torch.nn.Module],
+    encoder: EncoderSpec | Mapping,
+    make_encoder: Callable[[], torch.nn.Module] | None = None,
     *,
     batch_size: int = 32,
     num_workers: int = 1,
     precision: str = "fp32",
+    progress: bool = True,
 ) -> tuple[list, torch.Tensor]:
     """Make sure `cache_dir` holds the representations of every image in `image_paths`.
 
-    Encodes only the images not cached yet (shared between ranks; the encoder is built by
-    `make_encoder` only then) and returns `(paths, features)`: the readable images, in order, and
-    their features (a `FeatureTable`, N x 2 x D). `precision` is the encoder's (`auto`: see
-    `resolve_precision`); it is part of what identifies the cache. Every rank must call it.
+    Encodes only the images not cached yet (shared between ranks; the encoder, described by
+    `encoder` (an `EncoderSpec` or its record), is built only then, by `make_encoder` if given) and
+    returns `(paths, features)`: the readable images, in order, and their features (a
+    `FeatureTable`, N x 2 x D). `precision` is the encoder's (`auto`: see `resolve_precision`); it
+    is part of what identifies the cache. Every rank must call it.
     """
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    encoder_info = dict(encoder_info)
+    spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.from_dict(encoder)
+    make_encoder = make_encoder or (lambda: spec.build(dist_util.dev()))
     precision = resolve_precision(precision, device=dist_util.dev())
     cache = load_cache(cache_dir)
-    if cache is not None and cache["encoder"] != encoder_info:
+    if cache is not None and EncoderSpec.from_dict(cache["encoder"]) != spec:
         raise ValueError(
-            f"feature cache {cache_path(cache_dir)} was made with encoder {cache['encoder']}, "
-            f"not {encoder_info}: pass another --feat_cache folder (or delete this one)"
+            f"feature cache {cache_path(cache_dir)} was made with encoder "
+            f"{EncoderSpec.from_dict(cache['encoder']).describe()}, not {spec.describe()}: pass "
+            "another --feat_cache folder (or delete this one)"
         )
     if cache is not None and cache.get("encoder_precision", "fp32") != precision:
         cached = cache.get("encoder_precision", "fp32")
@@ -162,29 +98,32 @@ def prepare_feature_cache(
     todo = [i for i, r in enumerate(rel) if r not in known]
     if todo:
         if rank == 0:
-            logger.log(f"feature cache {cache_dir}: encoding {len(todo)} image(s) with {encoder_info}")
+            logger.log(f"feature cache {cache_dir}: encoding {len(todo)} image(s) with {spec.describe()}")
         mine = todo[rank::world]
-        feats, bad = {}, {}
+        part = {"paths": [], "features": None, "bad": {}}
         if mine:
-            feats, bad = encode_files(
-                [image_paths[i] for i in mine], make_encoder(),
-                normalize=encoder_info.get("normalize", "minus_one_one"),
-                batch_size=batch_size, num_workers=num_workers, precision=precision,
+            # input scaling and size from the spec, whatever make_encoder built
+            done = encode_images(
+                make_encoder(), [image_paths[i] for i in mine], batch_size=batch_size,
+                precision=precision, device=dist_util.dev(), input_normalize=spec.input_normalize,
+                input_size=spec.input_size, mirrored=True, num_workers=num_workers,
+                progress=progress and dist_util.is_main_process(), warn=logger.warn,
             )
-        part = {
-            "paths": [rel[mine[k]] for k in sorted(feats)],
-            "features": torch.stack([feats[k] for k in sorted(feats)]) if feats else None,
-            "bad": {rel[mine[k]]: r for k, r in bad.items()},
-        }
+            part = {
+                "paths": [rel[mine[k]] for k in done.kept],
+                "features": done.features if done.kept else None,
+                "bad": {rel[mine[k]]: r for k, r in done.skipped.items()},
+            }
+        record = spec.to_dict()
         if world == 1:
-            _merge_and_save(cache_dir, cache, [part], encoder_info, precision)
+            _merge_and_save(cache_dir, cache, [part], record, precision)
         else:  # every rank writes its share; rank 0 merges them (no rank holds them all twice)
 
             names = [bf.join(cache_dir, f"part-{r:05d}-of-{world:05d}.pt") for r in range(world)]
             atomic_torch_save(part, names[rank])
             dist_util.barrier()
             if rank == 0:
-                _merge_and_save(cache_dir, cache, [safe_torch_load(n) for n in names], encoder_info, precision)
+                _merge_and_save(cache_dir, cache, [safe_torch_load(n) for n in names], record, precision)
                 for n in names:
                     bf.remove(n)
         dist_util.barrier()
@@ -222,7 +161,7 @@ class FeatureTable:
         return self.features[int(self.rows[i]), flip]
 
 
-def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_info: dict,
+def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_record: dict,
                     precision: str) -> None:
     paths = list(old["paths"]) if old else []
     chunks = [old["features"]] if old and len(old["paths"]) else []
@@ -233,9 +172,11 @@ def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_in
             chunks.append(part["features"])
         bad.update(part["bad"])
     features = torch.cat([c.clone() for c in chunks]) if chunks else torch.zeros(0, 2, 0)
+    if len(features):
+        encoder_record = {**encoder_record, "width": int(features.shape[-1])}
     bf.makedirs(cache_dir)
     atomic_torch_save(
-        {"format": CACHE_FORMAT, "encoder": encoder_info, "encoder_precision": precision, "paths": paths,
+        {"format": CACHE_FORMAT, "encoder": encoder_record, "encoder_precision": precision, "paths": paths,
          "features": features, "bad": bad},
         cache_path(cache_dir),
     )
@@ -261,31 +202,12 @@ def main(argv=None) -> None:
     dist_util.setup_dist()
     logger.configure(dir=args.feat_cache, format_strs="stdout")
     paths = find_images(args.data_dir)
-    info = encoder_info_from_args(args)
-
-    def make():
-        return get_model(args.type_model, args.use_head, pretrained=args.pretrained_encoder).to(dist_util.dev())
-
     kept, feats = prepare_feature_cache(
-        args.feat_cache, args.data_dir, paths, info, make,
+        args.feat_cache, args.data_dir, paths, EncoderSpec.from_flags(args),
         batch_size=args.batch_size, num_workers=args.num_workers, precision=args.encoder_precision,
     )
     logger.log(f"{len(kept)} images cached, representation width {feats.shape[-1]}")
     dist_util.cleanup()
-
-
-def encoder_info_from_args(args) -> dict:
-    """What identifies the encoder (and so the cache): name, head or trunk, input scaling, weights.
-
-    The input scaling is `--encoder_normalize` when given, else the encoder's own
-    (`get_ssl_models.native_input_normalize`).
-    """
-    return {
-        "type_model": args.type_model,
-        "use_head": bool(args.use_head),
-        "normalize": args.encoder_normalize or native_input_normalize(args.type_model),
-        "pretrained": bool(args.pretrained_encoder),
-    }
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from . import hub
+from .encoders import EncoderSpec
 from .get_ssl_models import ENCODER_NAMES, HEAD_DIMS
 
 RCDM_BASE_URL = "https://dl.fbaipublicfiles.com/rcdm/"
@@ -71,10 +72,12 @@ def published_meta(model: str = "dino", use_head: bool = False) -> dict:
     """What a published checkpoint would record if it recorded anything: flags and encoder."""
     model = _check_name(model)
     use_head = use_head and model != "supervised"
+    ssl_dim = published_ssl_dim(model, use_head)
+    # Trained on [-1, 1] inputs, the supervised ResNet-50's included: the original fed them that.
+    encoder = EncoderSpec(model, use_head, input_normalize="minus_one_one", input_size=224, width=ssl_dim)
     return {
-        "model_flags": {**MODEL_FLAGS_128, "feat_cond": True,
-                        "ssl_dim": published_ssl_dim(model, use_head)},
-        "encoder": {"type_model": model, "use_head": use_head, "normalize": "minus_one_one"},
+        "model_flags": {**MODEL_FLAGS_128, "feat_cond": True, "ssl_dim": ssl_dim},
+        "encoder": encoder.to_dict(),
     }
 
 

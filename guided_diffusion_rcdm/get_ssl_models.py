@@ -41,6 +41,7 @@ SSL_URLS = {
     "supervised": torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url,
 }
 RANDOM_INIT_SEED = 0
+DEFAULT_INPUT_SIZE = 224  # the crop every ResNet here was trained on
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".torch", ".ckpt", ".bin", ".safetensors")
 
 
@@ -48,13 +49,13 @@ class FrozenEncoder(nn.Module):
     """trunk -> (global average pool if spatial) -> optional head; always frozen, always eval.
 
     `train()` leaves it in eval mode, so calling `.train()` on a module that holds it can never
-    update its BatchNorm statistics. `input_normalize` says which input scaling it is fed by default
-    ("minus_one_one" for the published RCDM encoders, "imagenet" for torchvision's; see
-    `native_input_normalize`); the module itself does not rescale anything.
+    update its BatchNorm statistics. `input_normalize` and `input_size` say how it is fed by
+    default ("minus_one_one" for the published RCDM encoders, "imagenet" for torchvision's, see
+    `native_input_normalize`; 224x224 crops); the module itself does not rescale anything.
     """
 
     def __init__(self, model: nn.Module, head: nn.Module | None = None, use_head: bool = False,
-                 input_normalize: str = "minus_one_one"):
+                 input_normalize: str = "minus_one_one", input_size: int = DEFAULT_INPUT_SIZE):
         super().__init__()
         if use_head and head is None:
             raise ValueError("use_head=True needs a head module")
@@ -62,6 +63,7 @@ class FrozenEncoder(nn.Module):
         self.head = head if use_head else None
         self.use_head = use_head
         self.input_normalize = input_normalize
+        self.input_size = input_size
         freeze(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,7 @@ def representation_dim(encoder: nn.Module, device: torch.device | str | None = N
     if device is None:
         device = first.device if first is not None else "cpu"
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    size = int(getattr(encoder, "input_size", 224))
+    size = int(getattr(encoder, "input_size", DEFAULT_INPUT_SIZE))
     out = encoder(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
     if out.ndim != 2:
         raise ValueError(
@@ -461,6 +463,21 @@ def native_input_normalize(model: str) -> str:
         return str(meta.get("normalize", "imagenet"))
     return "minus_one_one"
 
+
+def weights_url(model: str) -> str | None:
+    """Where `get_model(model)` downloads its weights from (None for a local file or unknown name)."""
+    key = model.lower()
+    if key in ENCODER_NAMES:
+        return SSL_URLS[key]
+    if key in torchvision_names():
+        return torchvision.models.get_model_weights(key).DEFAULT.url
+    return None
+
+
+def native_input_size(model: str) -> int:
+    """The side of the square crop the encoder `get_model(model)` is fed by default: 224 for the
+    published encoders, torchvision models and local files (their training crop)."""
+    return DEFAULT_INPUT_SIZE
 
 
 def _vit_encoder(trunk: nn.Module, head: nn.Module | None, use_head: bool) -> FrozenEncoder:

@@ -17,18 +17,14 @@ from typing import Any
 import torch
 
 from . import hub
+from .encoders import EncoderSpec
 from .get_rcdm_models import load_rcdm_checkpoint
-from .get_ssl_models import get_model, native_input_normalize, representation_dim
 from .precision import default_device, device_problem, resolve_precision, set_fp32_math
 from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 # Flags chosen at sampling time even when the checkpoint records a value for them: the respacing
 # is a sampling choice, and these two only change speed (precision, gradient checkpointing).
 SAMPLING_TIME_FLAGS = ("timestep_respacing", "use_fp16", "use_checkpoint")
-
-# The encoder record's fields (meta["encoder"]) and their defaults when neither the caller nor the
-# checkpoint names them; `normalize` None means the encoder's own input scaling.
-ENCODER_DEFAULTS: dict[str, Any] = {"type_model": "dino", "use_head": False, "normalize": None, "pretrained": True}
 
 
 class UsageError(ValueError):
@@ -45,12 +41,17 @@ class Components:
     device: torch.device
     precision: str
     model_flags: dict
-    encoder_info: dict
+    encoder_spec: EncoderSpec
     meta: dict = field(default_factory=dict)
 
     @property
     def ssl_dim(self) -> int:
         return int(self.model_flags["ssl_dim"])
+
+    @property
+    def encoder_info(self) -> dict:
+        """The encoder's record (`EncoderSpec.to_dict`)."""
+        return self.encoder_spec.to_dict()
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -107,23 +108,6 @@ def resolve_model_flags(meta: dict, given: dict | None = None) -> dict:
     return flags
 
 
-def resolve_encoder(meta: dict, given: dict | None = None) -> dict:
-    """Which encoder to build: each field of `ENCODER_DEFAULTS` from `given` (None: not given),
-    else the checkpoint's record, else the default.
-
-    Naming another encoder than the checkpoint's discards the rest of the checkpoint's encoder
-    record too (head/trunk, weights, input scaling belong to it).
-    """
-    given = {k: v for k, v in (given or {}).items() if v is not None}
-    recorded = dict(meta.get("encoder") or {})
-    if "type_model" in given and recorded.get("type_model") not in (None, given["type_model"]):
-        recorded = {}
-    info = {k: given.get(k, recorded.get(k, default)) for k, default in ENCODER_DEFAULTS.items()}
-    if not info["normalize"]:
-        info["normalize"] = native_input_normalize(info["type_model"])
-    return info
-
-
 def check_model_path(path: str) -> None:
     """Fail early when `model_path` names a local file that does not exist."""
     if path and "://" not in path and not os.path.isfile(path):
@@ -131,8 +115,8 @@ def check_model_path(path: str) -> None:
                          "to download the published model for --type_model")
 
 
-def _describe_encoder(enc: dict) -> str:
-    return f"--type_model {enc.get('type_model')}" + (" --use_head" if enc.get("use_head") else "")
+def _describe_encoder(spec: EncoderSpec) -> str:
+    return f"--type_model {spec.name}" + (" --use_head" if spec.use_head else "")
 
 
 def load_components(
@@ -147,6 +131,7 @@ def load_components(
     tf32: bool = False,
     model_flags: dict | None = None,
     G_shared: bool = False,
+    encoder: EncoderSpec | None = None,
 ) -> Components:
     """Build the frozen encoder, the UNet (weights loaded, eval mode) and the diffusion.
 
@@ -155,6 +140,7 @@ def load_components(
         `$MODEL_FLAGS_128`), downloaded once into the cache.
     :param type_model, use_head, encoder_normalize, pretrained_encoder: the encoder; None takes the
         checkpoint's record, else dino's trunk, pretrained, with the encoder's own input scaling.
+    :param encoder: the whole encoder at once (an `EncoderSpec`), instead of the four above.
     :param model_flags: model/diffusion flags for checkpoints that do not record theirs, and the
         sampling-time ones (`timestep_respacing`, `use_fp16`, `use_checkpoint`).
     :param precision: fp32, bf16, fp16 or auto (None: fp16 with `use_fp16` on GPU, else fp32).
@@ -165,23 +151,25 @@ def load_components(
     precision = resolve_precision(precision or None, bool(model_flags.get("use_fp16", False)), device)
     check_model_path(model_path)
     state_dict, meta = load_rcdm_checkpoint(
-        model_path, type_model or ENCODER_DEFAULTS["type_model"], bool(use_head)
+        model_path, type_model or (encoder.name if encoder else EncoderSpec.name),
+        bool(encoder.use_head if encoder else use_head)
     )
     flags = resolve_model_flags(meta, model_flags)
-    encoder_info = resolve_encoder(meta, {"type_model": type_model, "use_head": use_head,
-                                          "normalize": encoder_normalize, "pretrained": pretrained_encoder})
+    recorded = meta.get("encoder") or None
+    if encoder is None:
+        given = {"name": type_model, "use_head": use_head, "input_normalize": encoder_normalize,
+                 "pretrained": pretrained_encoder}
+        encoder = EncoderSpec.resolve(given, recorded)
 
-    encoder = get_model(encoder_info["type_model"], encoder_info["use_head"],
-                        pretrained=encoder_info["pretrained"]).to(device).eval()
-    dim = representation_dim(encoder, device)
+    frozen = encoder.build(device)
+    spec = frozen.spec
     if flags["ssl_dim"] is None:
-        flags["ssl_dim"] = dim
-    elif int(flags["ssl_dim"]) != dim:
+        flags["ssl_dim"] = spec.width
+    elif int(flags["ssl_dim"]) != spec.width:
         raise UsageError(
-            f"--type_model {encoder_info['type_model']}"
-            f"{' --use_head' if encoder_info['use_head'] else ''} gives {dim}-d representations, but "
+            f"{_describe_encoder(spec)} gives {spec.width}-d representations, but "
             f"the checkpoint is conditioned on {flags['ssl_dim']}-d ones"
-            + (f" (it was trained with {_describe_encoder(meta['encoder'])})" if meta.get("encoder") else "")
+            + (f" (it was trained with {_describe_encoder(EncoderSpec.from_dict(recorded))})" if recorded else "")
             + ": pick the encoder the model was trained with"
         )
 
@@ -193,4 +181,4 @@ def load_components(
         )
     hub.load_state_dict_checked(model, state_dict, meta=meta or None, strict=True, assign=True)
     model.to(device).eval()
-    return Components(encoder, model, diffusion, device, precision, flags, encoder_info, meta)
+    return Components(frozen, model, diffusion, device, precision, flags, spec, meta)

@@ -33,8 +33,8 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from tqdm.auto import tqdm
 
 from . import fileio, hub
-from .image_datasets import ENCODER_IMAGE_SIZE, center_crop_arr, find_images, load_rgb_image, normalize_for_encoder
-from .precision import autocast, exact_fp32_math, resolve_precision
+from .image_datasets import center_crop_arr, find_images, load_rgb_image
+from .precision import exact_fp32_math
 
 # ----------------------------------------------------------------------------- representation fidelity
 
@@ -204,45 +204,6 @@ def representation_fidelity(
     shuffled = _scores(pooled, n, k)
     mrr_std = float(np.std([r["rr"].mean() for r in runs]))
     return FidelityResult(n, k, metric, model, shuffled, mrr_std, num_shuffles, chance_scores(n))
-
-
-@torch.no_grad()
-def encode_images(
-    encoder: nn.Module,
-    images: np.ndarray | torch.Tensor,
-    *,
-    normalize: str = "minus_one_one",
-    batch_size: int = 32,
-    device: torch.device | str | None = None,
-    precision: str = "fp32",
-    progress: bool = False,
-    desc: str = "encoding samples",
-) -> torch.Tensor:
-    """Representations (B x D, float32, on the CPU) of images as the encoder sees a conditioning image.
-
-    `images` are uint8 B x H x W x 3 (as `image_sample.py` saves samples) or float B x 3 x H x W in
-    [-1, 1]. Other sizes than 224 are resized (bilinear, antialiased) to the encoder's 224x224,
-    then scaled with `normalize` (the encoder's input convention).
-    """
-    device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    precision = resolve_precision(precision, device=device)
-    x = torch.as_tensor(images)
-    if x.dtype == torch.uint8:
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"uint8 images must be B x H x W x 3, got shape {list(x.shape)}")
-        x = x.permute(0, 3, 1, 2)
-    elif x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"float images must be B x 3 x H x W in [-1, 1], got shape {list(x.shape)}")
-    out = []
-    for start in tqdm(range(0, x.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
-        batch = x[start : start + batch_size].to(device)
-        batch = batch.float() / 127.5 - 1.0 if batch.dtype == torch.uint8 else batch.float()
-        if batch.shape[-2:] != (ENCODER_IMAGE_SIZE, ENCODER_IMAGE_SIZE):
-            batch = F.interpolate(batch, size=(ENCODER_IMAGE_SIZE, ENCODER_IMAGE_SIZE), mode="bilinear",
-                                  antialias=True, align_corners=False)
-        with autocast(precision, device):
-            out.append(encoder(normalize_for_encoder(batch, normalize)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 # ----------------------------------------------------------------------------- Inception for FID / IS

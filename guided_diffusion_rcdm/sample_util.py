@@ -26,7 +26,7 @@ import torch
 from . import fileio, hub, loading
 from .loading import SAMPLING_TIME_FLAGS, Components, UsageError, check_model_path, resolve_device  # noqa: F401
 from .RCDM import component_kwargs, explicit_settings
-from .image_datasets import encoder_input, find_images, load_rgb_image, model_input
+from .image_datasets import find_images, load_rgb_image, model_input
 from .precision import add_precision_args
 from .samplers import SAMPLERS
 from .script_util import (
@@ -34,13 +34,6 @@ from .script_util import (
     model_and_diffusion_defaults,
     str2bool,
 )
-
-ENCODER_FIELDS = {  # meta["encoder"] key -> command-line flag
-    "type_model": "type_model",
-    "use_head": "use_head",
-    "normalize": "encoder_normalize",
-    "pretrained": "pretrained_encoder",
-}
 
 DEBUG_ENV = "RCDM_DEBUG"  # set to 1 to get full tracebacks instead of one-line errors
 
@@ -163,13 +156,6 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- model and encoder
 
 
-def resolve_encoder(args: argparse.Namespace, meta: dict) -> dict:
-    """Which encoder to build: each field from the command line when given, else the checkpoint's."""
-    chosen = {key: getattr(args, flag) if flag in args.explicit else None
-              for key, flag in ENCODER_FIELDS.items()}
-    return loading.resolve_encoder(meta, chosen)
-
-
 def check_image_file(path: str, flag: str) -> str:
     """Fail early, naming the flag, when an input image path is unset or missing."""
     if not path or path == ".":
@@ -183,14 +169,15 @@ def check_image_file(path: str, flag: str) -> str:
     return path
 
 
-def load_image_views(path: str, image_size: int, normalize: str, flag: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(model view 3xSxS, encoder view 3x224x224)` of an image file, or an error naming `flag`."""
+def load_image_views(path: str, rcdm, flag: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(model view 3xSxS, encoder view 3xExE)` of an image file, both in [-1, 1] (`rcdm.encode`
+    scales the encoder's), or an error naming `flag`."""
     check_image_file(path, flag)
     try:
         image = load_rgb_image(path)
     except OSError as err:
         raise UsageError(f"{flag} {path}: cannot be read as an image ({err})") from None
-    return model_input(image, image_size), encoder_input(image, normalize=normalize)
+    return model_input(image, rcdm.image_size), model_input(image, rcdm.encoder_spec.input_size)
 
 
 def list_folder_images(folder: str, flag: str) -> list[str]:
@@ -260,10 +247,7 @@ def run_metadata(args: argparse.Namespace, rcdm) -> dict[str, Any]:
         guidance_scale=float(args.guidance_scale),
         steps=-1 if args.steps is None else args.steps,
         timestep_respacing=str(args.timestep_respacing),
-        type_model=str(rcdm.encoder_info["type_model"]),
-        use_head=bool(rcdm.encoder_info["use_head"]),
-        encoder_pretrained=bool(rcdm.encoder_info.get("pretrained", True)),
-        encoder_normalize=str(rcdm.encoder_info.get("normalize", "minus_one_one")),
+        **rcdm.encoder_spec.sample_file_fields(),
         precision=rcdm.precision,
         model_path=args.model_path,
     )
@@ -271,10 +255,8 @@ def run_metadata(args: argparse.Namespace, rcdm) -> dict[str, Any]:
 
 def describe(rcdm) -> str:
     """One log line: what is sampled, how and where."""
-    enc = rcdm.encoder_info
     return (
-        f"RCDM {rcdm.image_size}x{rcdm.image_size}, encoder {enc['type_model']} "
-        f"({'head' if enc['use_head'] else 'trunk'}, {rcdm.ssl_dim}-d), sampler {rcdm.sampler} "
+        f"RCDM {rcdm.image_size}x{rcdm.image_size}, encoder {rcdm.encoder_spec.describe()}, sampler {rcdm.sampler} "
         f"({rcdm.args.steps or rcdm.diffusion.num_timesteps} steps), {rcdm.precision} on {rcdm.device}"
     )
 
@@ -320,11 +302,11 @@ def require_faiss(what: str) -> None:
 
 def load_folder_views(paths: Sequence[str], wanted: int, rcdm, flag: str,
                       folder: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The first `wanted` readable images of `paths`: `(model views, encoder views, their paths)`.
+    """The first `wanted` readable images of `paths`: `(model views, encoder views, their paths)`,
+    views in [-1, 1] (`rcdm.encode` scales the encoder's).
 
     Unreadable files are skipped with a warning naming them; too few readable ones is an error.
     """
-    normalize = rcdm.encoder_info["normalize"]
     model_views, encoder_views, used = [], [], []
     for path in paths:
         if len(used) == wanted:
@@ -335,7 +317,7 @@ def load_folder_views(paths: Sequence[str], wanted: int, rcdm, flag: str,
             warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
             continue
         model_views.append(model_input(image, rcdm.image_size))
-        encoder_views.append(encoder_input(image, normalize=normalize))
+        encoder_views.append(model_input(image, rcdm.encoder_spec.input_size))
         used.append(str(path))
     if len(used) < wanted:
         raise UsageError(

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from . import dist_util, fileio, hub, logger
+from .encoders import encode_views
 from .precision import (  # noqa: F401 (re-exported)
     PRECISIONS, autocast, prepare_model, resolve_precision, resolve_speed, set_fused_attention,
 )
@@ -50,22 +51,12 @@ _STALE_TMP_RE = re.compile(r"^\.(model\d+|opt\d+|ema_[0-9.]+_\d+)\.pt\..+\.tmp$"
 # ------------------------------------------------------------------------------- features
 
 
-@torch.no_grad()
-def encode(encoder: nn.Module, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """Representations of a batch of encoder-view images, in float32, without gradients.
-
-    `precision` is the encoder's own (default fp32, whatever the UNet trains in; `auto`: see
-    `resolve_precision`): representations condition every sample, so they are exact unless asked.
-    """
-    precision = resolve_precision(precision, device=images.device)
-    with autocast(precision, images.device):
-        return encoder(images).float()
-
-
 class ConditionedBatches:
     """Turn `(images, encoder_images, kwargs)` batches into the `(images, cond)` pairs TrainLoop
     eats, with `cond["feat"]` computed by the frozen `encoder` (skipped when `kwargs` already holds
-    cached features or there is no encoder). `resume_at` is passed on to the stream."""
+    cached features or there is no encoder) in the encoder's own `precision` (default fp32, whatever
+    the UNet trains in: representations condition every sample, so they are exact unless asked).
+    `resume_at` is passed on to the stream."""
 
     def __init__(self, stream, encoder: Optional[nn.Module], device, precision: str = "fp32"):
         self.stream, self.encoder, self.device, self.precision = stream, encoder, device, precision
@@ -77,7 +68,7 @@ class ConditionedBatches:
     def __next__(self):
         images, big, kwargs = next(self._batches)
         if self.encoder is not None and "feat" not in kwargs:
-            kwargs["feat"] = encode(self.encoder, big.to(self.device, non_blocking=True), self.precision)
+            kwargs["feat"] = encode_views(self.encoder, big.to(self.device, non_blocking=True), self.precision)
         return images, kwargs
 
     def resume_at(self, batch_index: int) -> None:

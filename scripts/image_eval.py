@@ -27,7 +27,10 @@ import sys
 if __package__ in (None, ""):  # `python scripts/image_eval.py` from anywhere
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_rcdm import metrics
+from guided_diffusion_rcdm import hub, metrics
+from guided_diffusion_rcdm.encoders import EncoderSpec, encode_images, given_fields, sample_file_record
+from guided_diffusion_rcdm.get_rcdm_models import published_meta
+from guided_diffusion_rcdm.get_ssl_models import ENCODER_NAMES
 from guided_diffusion_rcdm.fileio import atomic_write_text, check_writable
 from guided_diffusion_rcdm import sample_util as su
 from guided_diffusion_rcdm.precision import PRECISION_CHOICES, add_tf32_arg, set_fp32_math
@@ -78,11 +81,7 @@ def create_argparser() -> argparse.ArgumentParser:
     return parser
 
 
-ENCODER_FLAGS = {"type_model": "type_model", "use_head": "use_head", "pretrained": "pretrained_encoder",
-                 "normalize": "encoder_normalize"}
-
-
-def resolve_encoder(args: argparse.Namespace, meta: dict) -> tuple[dict, str]:
+def encoder_of_samples(args: argparse.Namespace, meta: dict) -> tuple[EncoderSpec, str]:
     """Which encoder the samples were made with, and where that was read from.
 
     Order: the command line's explicit flags; the .npz's own fields (what sampling used); the
@@ -92,39 +91,25 @@ def resolve_encoder(args: argparse.Namespace, meta: dict) -> tuple[dict, str]:
     source = "defaults"
     model_path = str(meta.get("model_path", "") or "")
     if model_path and os.path.isfile(model_path):
-        from guided_diffusion_rcdm import hub
-
         try:
             recorded = dict(hub.load_checkpoint(model_path)[1].get("encoder") or {})
             source = f"the checkpoint {model_path}"
         except Exception:  # an unreadable checkpoint only costs us its record
             recorded = {}
     elif "type_model" in meta and not model_path:
-        from guided_diffusion_rcdm.get_rcdm_models import published_meta
-        from guided_diffusion_rcdm.get_ssl_models import ENCODER_NAMES
-
         if str(meta["type_model"]) in ENCODER_NAMES:  # sampled from a published checkpoint
             recorded = published_meta(str(meta["type_model"]), bool(meta.get("use_head")))["encoder"]
-            recorded["pretrained"] = True
             source = "the published checkpoint's conventions"
-    for key, field_name in (("type_model", "type_model"), ("use_head", "use_head"),
-                            ("pretrained", "encoder_pretrained"), ("normalize", "encoder_normalize")):
-        if field_name in meta:
-            recorded[key] = meta[field_name]
-            source = "the sample file" if source == "defaults" else source + " and the sample file"
-    if "type_model" in args.explicit and recorded.get("type_model") not in (None, args.type_model):
-        recorded = {}  # another encoder: nothing recorded about this one applies
-    info = {}
-    for key, flag in ENCODER_FLAGS.items():
-        info[key] = getattr(args, flag) if flag in args.explicit or key not in recorded else recorded[key]
-    info["use_head"], info["pretrained"] = bool(info["use_head"]), bool(info["pretrained"])
-    if not info["normalize"]:
-        from guided_diffusion_rcdm.get_ssl_models import native_input_normalize
-
-        info["normalize"] = native_input_normalize(info["type_model"])
-    if any(flag in args.explicit for flag in ENCODER_FLAGS.values()):
+    in_file = sample_file_record(meta)
+    if in_file:
+        if recorded.get("type_model") not in (None, in_file.get("type_model", recorded["type_model"])):
+            recorded = {}
+        recorded.update(in_file)
+        source = "the sample file" if source == "defaults" else source + " and the sample file"
+    given = given_fields(args, args.explicit)
+    if given:
         source += " and the command line"
-    return info, source
+    return EncoderSpec.resolve(given, recorded), source
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -159,17 +144,13 @@ def main(args: argparse.Namespace) -> dict:
         inception = metrics.load_inception(args.inception_path or None, download=args.download, device=device)
 
     if args.fidelity:
-        from guided_diffusion_rcdm.get_ssl_models import get_model
-
-        info, source = resolve_encoder(args, data.meta)
-        print(f"encoder: {info['type_model']} ({'head' if info['use_head'] else 'trunk'}, "
-              f"{'published weights' if info['pretrained'] else 'UNTRAINED fixed-seed weights'}, "
-              f"input {info['normalize']}), from {source}", flush=True)
-        encoder = get_model(info["type_model"], info["use_head"], pretrained=info["pretrained"]).to(device)
+        spec, source = encoder_of_samples(args, data.meta)
+        print(f"encoder: {spec.describe()}, from {source}", flush=True)
+        encoder = spec.build(device)
         n, k = data.samples.shape[:2]
-        feats = metrics.encode_images(encoder, data.samples.reshape(n * k, *data.samples.shape[2:]),
-                                      normalize=info["normalize"], batch_size=args.batch_size, device=device,
-                                      precision=args.precision, progress=args.progress)
+        feats = encode_images(encoder, data.samples.reshape(n * k, *data.samples.shape[2:]),
+                              batch_size=args.batch_size, precision=args.precision, progress=args.progress,
+                              desc="encoding samples").features
         if feats.shape[1] != data.features.shape[1]:
             raise su.UsageError(
                 f"the encoder gives {feats.shape[1]}-d representations but the file's features are "
@@ -178,7 +159,7 @@ def main(args: argparse.Namespace) -> dict:
         fidelity = metrics.representation_fidelity(feats.view(n, k, -1), data.features, metric=args.metric,
                                                    num_shuffles=args.num_shuffles, seed=args.seed)
         print(fidelity.summary())
-        results["encoder"] = info
+        results["encoder"] = encoder.spec.to_dict()
         results["fidelity"] = fidelity.as_dict()
 
     if inception is not None:

@@ -46,11 +46,8 @@ def main(args) -> None:
 
     rcdm = RCDM(args)
     logger.log(su.describe(rcdm))
-    normalize = rcdm.encoder_info["normalize"]
-    first, first_view = su.load_image_views(
-        args.first_image_path, rcdm.image_size, normalize, "--first_image_path")
-    second, second_view = su.load_image_views(
-        args.second_image_path, rcdm.image_size, normalize, "--second_image_path")
+    first, first_view = su.load_image_views(args.first_image_path, rcdm, "--first_image_path")
+    second, second_view = su.load_image_views(args.second_image_path, rcdm, "--second_image_path")
     su.seed_everything(args.seed)
     ends = rcdm.encode(su.stack([first_view, second_view]))
     logger.log(f"interpolating ({', '.join(methods)}) over {args.batch_size} points with shared noise")

@@ -61,10 +61,8 @@ def main(args) -> None:
 
     rcdm = RCDM(args)
     logger.log(su.describe(rcdm))
-    normalize = rcdm.encoder_info["normalize"]
-    source, source_view = su.load_image_views(args.image_path, rcdm.image_size, normalize, "--image_path")
-    target, target_view = su.load_image_views(args.image_target_path, rcdm.image_size, normalize,
-                                              "--image_target_path")
+    source, source_view = su.load_image_views(args.image_path, rcdm, "--image_path")
+    target, target_view = su.load_image_views(args.image_target_path, rcdm, "--image_target_path")
     feats = rcdm.encode(su.stack([source_view, target_view]))
     logger.log(f"encoding the {len(folder)} images of {args.folder_nn_path}")
     hood_feats, hood_paths, skipped = rcdm.encode_files(folder)

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from guided_diffusion_rcdm import dist_util, logger
-from guided_diffusion_rcdm.feature_cache import encoder_info_from_args, prepare_feature_cache
-from guided_diffusion_rcdm.get_ssl_models import representation_dim
+from guided_diffusion_rcdm.encoders import EncoderSpec
+from guided_diffusion_rcdm.feature_cache import prepare_feature_cache
 from guided_diffusion_rcdm.loading import UsageError
 from guided_diffusion_rcdm.image_datasets import default_num_workers, find_images, load_data
 from guided_diffusion_rcdm.precision import PRECISION_CHOICES, add_tf32_arg, set_fp32_math
@@ -118,18 +118,6 @@ def _model_flag_check(args) -> None:
     check_model_flags(**{k: getattr(args, k) for k in names if hasattr(args, k) and k != "ssl_dim"})
 
 
-def _build_encoder(args):
-    from guided_diffusion_rcdm.get_ssl_models import get_model
-
-    encoder = get_model(args.type_model, args.use_head, pretrained=args.pretrained_encoder)
-    encoder.eval().requires_grad_(False)  # frozen: no parameter takes gradients
-    return encoder.to(dist_util.dev())
-
-
-def _representation_dim(encoder) -> int:
-    return int(representation_dim(encoder))
-
-
 def check_inputs(args) -> list[str]:
     """The data folder's images, once the folder and the model flags are known to work; else a
     UsageError naming the flag. Runs before anything is written."""
@@ -172,19 +160,19 @@ def main(args) -> None:
                f"(encoder {encoder_precision}); {args.num_workers} data loading process(es) per rank")
 
     encoder, features, ssl_dim = None, None, DEFAULT_SSL_DIM
-    encoder_info = encoder_info_from_args(args)
+    spec = EncoderSpec.from_flags(args)
     if args.feat_cond:
         if args.feat_cache:
             image_paths, features = prepare_feature_cache(
-                args.feat_cache, args.data_dir, image_paths, encoder_info, lambda: _build_encoder(args),
+                args.feat_cache, args.data_dir, image_paths, spec,
                 batch_size=max(args.batch_size, 16), num_workers=args.num_workers, precision=encoder_precision,
             )
-            ssl_dim = features.shape[-1]
+            spec = spec.with_width(features.shape[-1])
         else:
-            encoder = _build_encoder(args)
-            ssl_dim = _representation_dim(encoder)
-        logger.log(f"encoder {args.type_model} ({'head' if args.use_head else 'trunk'}): {ssl_dim}-d "
-                   f"representation, input scaled {encoder_info['normalize']}")
+            encoder = spec.build(dist_util.dev())  # frozen: no parameter takes gradients
+            spec = encoder.spec
+        ssl_dim = spec.width
+        logger.log(f"encoder {spec.describe()}")
 
     logger.log("creating model and diffusion...")
     model_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
@@ -201,15 +189,15 @@ def main(args) -> None:
     stream = load_data(
         data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
         class_cond=args.class_cond, random_crop=args.random_crop, random_flip=args.random_flip,
-        num_workers=args.num_workers, encoder_normalize=encoder_info["normalize"],
+        num_workers=args.num_workers, encoder_normalize=spec.input_normalize,
         features=features, image_paths=image_paths, seed=args.seed,
-        encoder_size=224 if encoder is not None else None,
+        encoder_size=spec.input_size if encoder is not None else None,
     )
     data = conditioned_batches(stream, encoder, dist_util.dev(), encoder_precision)
 
     meta = {
         "model_flags": {**model_flags, "feat_cond": bool(args.feat_cond), "ssl_dim": int(ssl_dim)},
-        "encoder": encoder_info if args.feat_cond else None,
+        "encoder": spec.to_dict() if args.feat_cond else None,
         "train_flags": {k: getattr(args, k) for k in (
             "lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch", "ema_rate",
             "schedule_sampler", "use_fp16", "fp16_scale_growth", "data_dir", "feat_cache",

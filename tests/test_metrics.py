@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from guided_diffusion_rcdm import metrics as M
+from guided_diffusion_rcdm.encoders import encode_images
 
 from _sampling_helpers import REPO, SCRIPTS, TINY_ARGV, make_tiny_checkpoint, photo, write_photos
 
@@ -97,7 +98,7 @@ def test_real_encoder_on_real_photos_ranks_the_photos_themselves_first():
     encoder = get_model("resnet18", pretrained=False)
     conds = encoder(torch.stack([encoder_input(im) for im in images]))
     samples = np.stack([center_crop_arr(im, 224) for im in images])
-    feats = M.encode_images(encoder, samples, batch_size=2)
+    feats = encode_images(encoder, samples, batch_size=2).features
     res = M.representation_fidelity(feats[:, None], conds)
     assert res.model.mean_rank == 1.0 and res.model.mrr == 1.0
 
@@ -337,7 +338,7 @@ def test_image_eval_perfect_samples_and_fid_with_a_local_inception_file(sample_n
     from guided_diffusion_rcdm.get_ssl_models import get_model
 
     encoder = get_model("resnet18", pretrained=False)
-    fields["features"] = M.encode_images(encoder, crops).numpy()
+    fields["features"] = encode_images(encoder, crops).features.numpy()
     fields["samples"] = crops[:, None]  # one sample per conditioning image: the image itself
     perfect = tmp_path / "perfect.npz"
     np.savez(perfect, **fields)
@@ -364,9 +365,9 @@ def test_image_eval_use_head_is_a_switch_as_in_the_other_scripts():
     parser = image_eval.create_argparser()
     recorded = {"type_model": "dino", "use_head": False}  # the sample file's own fields
     args = su.parse_args(parser, ["samples.npz", "--use_head"])
-    assert args.use_head is True and image_eval.resolve_encoder(args, recorded)[0]["use_head"] is True
+    assert args.use_head is True and image_eval.encoder_of_samples(args, recorded)[0].use_head is True
     args = su.parse_args(parser, ["samples.npz"])
-    assert args.use_head is False and image_eval.resolve_encoder(args, recorded)[0]["use_head"] is False
+    assert args.use_head is False and image_eval.encoder_of_samples(args, recorded)[0].use_head is False
 
 
 def test_image_eval_bad_input_gets_a_clear_message(tmp_path, sample_npz):

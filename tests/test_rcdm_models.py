@@ -11,6 +11,7 @@ import torch
 
 from guided_diffusion_rcdm import get_rcdm_models as rcdm
 from guided_diffusion_rcdm import hub
+from guided_diffusion_rcdm.encoders import EncoderSpec
 from guided_diffusion_rcdm.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -157,6 +158,7 @@ def test_from_pretrained_builds_the_published_model_through_the_mirror(tmp_path,
     model = RCDM.from_pretrained("dino", use_head=True, pretrained_encoder=False, sampler="ddim", steps=5,
                                  device="cpu", progress=False)
     assert model.image_size == 128 and model.ssl_dim == 256 and model.sampler == "ddim"
-    assert model.encoder_info == {"type_model": "dino", "use_head": True, "normalize": "minus_one_one",
-                                  "pretrained": False}
+    assert model.encoder_spec == EncoderSpec("dino", use_head=True, input_normalize="minus_one_one",
+                                             input_size=224, pretrained=False)
+    assert model.encoder_info["type_model"] == "dino" and model.encoder_info["width"] == 256
     assert torch.equal(model.rcdm_model.ssl_emb.weight, written["ssl_emb.weight"])

@@ -10,6 +10,7 @@ import torch
 
 from _sampling_helpers import ENCODER, SSL_DIM, TINY_FLAGS, make_tiny_checkpoint, write_photos
 from guided_diffusion_rcdm import hub
+from guided_diffusion_rcdm.encoders import EncoderSpec
 from guided_diffusion_rcdm.image_datasets import encoder_input
 from guided_diffusion_rcdm.precision import AutocastModel
 from guided_diffusion_rcdm.RCDM import RCDM
@@ -51,7 +52,7 @@ def rcdm(files):
 def test_builds_from_the_checkpoint_meta_alone(rcdm):
     assert rcdm.image_size == TINY_FLAGS["image_size"]  # not the default 64
     assert rcdm.ssl_dim == SSL_DIM and rcdm.model_flags["num_channels"] == TINY_FLAGS["num_channels"]
-    assert rcdm.encoder_info == ENCODER
+    assert rcdm.encoder_spec == EncoderSpec.from_dict(ENCODER) and rcdm.encoder_spec.width == SSL_DIM
     assert rcdm.diffusion.num_timesteps == 4 and rcdm.sampler == "ddpm"
     assert not any(p.requires_grad for p in rcdm.ssl_model.parameters())
     assert not rcdm.rcdm_model.training

@@ -205,12 +205,14 @@ def test_published_checkpoint_is_fetched_through_the_downloader(env, tmp_path, m
 
 def test_encoder_input_scaling_is_the_checkpoints_else_the_encoders_own():
     from guided_diffusion_rcdm import sample_util as su
+    from guided_diffusion_rcdm.encoders import EncoderSpec, given_fields
     from guided_diffusion_rcdm.get_rcdm_models import published_meta
 
     parser = su.create_argparser()
 
     def scaling(argv, meta):
-        return su.resolve_encoder(su.parse_args(parser, argv), meta)["normalize"]
+        args = su.parse_args(parser, argv)
+        return EncoderSpec.resolve(given_fields(args, args.explicit), meta.get("encoder")).input_normalize
 
     # a published RCDM checkpoint: [-1, 1], as its encoder was fed in training
     assert scaling(["--type_model", "supervised"], published_meta("supervised", False)) == "minus_one_one"

@@ -210,7 +210,7 @@ def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
     assert meta["model_flags"]["image_size"] == 32 and meta["model_flags"]["ssl_dim"] == 512
     assert meta["model_flags"]["feat_cond"] is True
     assert meta["encoder"] == {"type_model": "resnet18", "use_head": False, "normalize": "imagenet",
-                               "pretrained": False}
+                               "input_size": 224, "pretrained": False, "pooling": "", "width": 512}
     assert meta["train_flags"]["encoder_precision"] == "fp32"  # the encoder's own, exact by default
     model, _ = tiny_model()
     hub.load_state_dict_checked(model, sd, meta=meta)
@@ -222,7 +222,7 @@ def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
 
 
 def test_encoder_input_scaling_defaults_to_the_encoders_own_and_the_flag_overrides_it():
-    from guided_diffusion_rcdm.feature_cache import encoder_info_from_args
+    from guided_diffusion_rcdm.encoders import EncoderSpec
     from scripts import image_train
 
     parser = image_train.create_argparser()
@@ -230,7 +230,7 @@ def test_encoder_input_scaling_defaults_to_the_encoders_own_and_the_flag_overrid
                            (["--type_model", "resnet18"], "imagenet"),
                            (["--type_model", "resnet18", "--encoder_normalize", "minus_one_one"], "minus_one_one"),
                            (["--encoder_normalize", "imagenet"], "imagenet")):
-        assert encoder_info_from_args(parser.parse_args(argv))["normalize"] == expected, argv
+        assert EncoderSpec.from_flags(parser.parse_args(argv)).input_normalize == expected, argv
 
 
 def test_fp16_loss_scaling_skips_overflowing_steps_and_is_checkpointed(tmp_path):

@@ -35,20 +35,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 
 from .. import fileio, hub, logger, metrics
 from .. import sample_util as su
 from ..feature_cache import load_cache, prepare_feature_cache
-from ..get_ssl_models import ENCODER_NAMES, SSL_URLS, get_model, native_input_normalize, torchvision_names
+from ..encoders import EncoderSpec, encode_images, encode_views
+from ..get_ssl_models import ENCODER_NAMES, weights_url
 from ..image_datasets import encoder_input, load_data, model_input, to_rgb
 from ..precision import default_device, resolve_precision, resolve_speed
 from ..RCDM import RCDM
 from ..representation_ops import INTERPOLATIONS
 from ..sample_util import USER_ERRORS
 from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults, str2bool
-from ..train_util import TrainLoop, conditioned_batches, encode
+from ..train_util import TrainLoop, conditioned_batches
 
 REPORT = "index.html"
 REPORT_TEMPLATE = "quickstart_report.html"  # shipped as package data
@@ -149,14 +149,6 @@ def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list
 # ----------------------------------------------------------------------------- the encoder
 
 
-def _published_url(type_model: str) -> str | None:
-    if type_model in ENCODER_NAMES:
-        return SSL_URLS[type_model]
-    if type_model in torchvision_names():
-        return torchvision.models.get_model_weights(type_model).DEFAULT.url
-    return None
-
-
 def _locally_available(url: str) -> bool:
     """Whether `hub.download(url)` can answer without the internet: cached, or a mirror is set
     (a directory, or a URL the user chose for an offline cluster)."""
@@ -165,8 +157,8 @@ def _locally_available(url: str) -> bool:
     return (hub.hub_cache_dir() / name).is_file() or bool(os.environ.get(hub.MIRROR_ENV, "").strip())
 
 
-def resolve_encoder(type_model: str, weights: str) -> tuple[dict, str]:
-    """`(encoder_info, sentence for the user)`: which encoder the quickstart uses, and why.
+def choose_encoder(type_model: str, weights: str) -> tuple[EncoderSpec, str]:
+    """`(encoder, sentence for the user)`: which encoder the quickstart uses, and why.
 
     `type_model="auto"` tries the published ResNet-50s (dino, simclr, barlow, vicreg, supervised)
     in that order. `weights="auto"` uses published weights only when they are on disk (cache or
@@ -177,10 +169,10 @@ def resolve_encoder(type_model: str, weights: str) -> tuple[dict, str]:
     candidates = list(ENCODER_NAMES) if type_model == "auto" else [type_model]
     fallback = "dino" if type_model == "auto" else type_model
     if os.path.isfile(type_model):
-        return _info(type_model, True), f"the encoder in the local file {type_model}"
+        return EncoderSpec(type_model), f"the encoder in the local file {type_model}"
     if weights != "untrained":
         for name in candidates:
-            url = _published_url(name)
+            url = weights_url(name)
             if url is None:
                 raise ValueError(f"--type_model {name}: not a published encoder, torchvision model or file")
             if weights == "auto" and not _locally_available(url):
@@ -192,22 +184,17 @@ def resolve_encoder(type_model: str, weights: str) -> tuple[dict, str]:
                     raise
                 print(f"  (published {name} weights not usable: {str(err).splitlines()[0]})", flush=True)
                 continue
-            return _info(name, True), f"a ResNet-50 trained with {name} (published weights, {path})"
+            return EncoderSpec(name), f"a ResNet-50 trained with {name} (published weights, {path})"
     where = f"{hub.hub_cache_dir()}" + (f" or {hub.MIRROR_ENV}" if os.environ.get(hub.MIRROR_ENV) else "")
     reason = ("--encoder_weights untrained" if weights == "untrained"
               else f"no published weights were found in {where}")
-    url = _published_url(fallback)
+    url = weights_url(fallback)
     hint = f" Put {os.path.basename(url)} there (from {url}) to use the trained one." if url else ""
-    return _info(fallback, False), (
+    return EncoderSpec(fallback, pretrained=False), (
         f"an UNTRAINED {fallback} network (fixed-seed random weights) because {reason}. The samples and "
         f"scores show how much of this random representation RCDM keeps, not what a self-supervised "
         f"representation knows.{hint}"
     )
-
-
-def _info(type_model: str, pretrained: bool) -> dict:
-    return {"type_model": type_model, "use_head": False, "normalize": native_input_normalize(type_model),
-            "pretrained": pretrained}
 
 
 # ----------------------------------------------------------------------------- settings
@@ -624,7 +611,7 @@ def run(s: Settings, command: str) -> dict:
 
     # The encoder is chosen first: with --encoder_weights published and no file, nothing else is done.
     stages.start("encoder", "encoder: choosing the frozen encoder")
-    encoder_info, sentence = resolve_encoder(s.type_model, s.encoder_weights)
+    encoder_spec, sentence = choose_encoder(s.type_model, s.encoder_weights)
     print(f"  encoder: {sentence}", flush=True)
 
     stages.start("photos", "photographs: cutting training crops and held-out views from scikit-image's photos")
@@ -639,8 +626,7 @@ def run(s: Settings, command: str) -> dict:
 
     def make_encoder():
         if not built:
-            built.append(get_model(encoder_info["type_model"], encoder_info["use_head"],
-                                   pretrained=encoder_info["pretrained"]).to(device).eval())
+            built.append(encoder_spec.build(device))
         return built[0]
 
     # Precision and kernels are measured once for the whole run (`--precision auto`), said in one line.
@@ -653,18 +639,20 @@ def run(s: Settings, command: str) -> dict:
     todo = sum(1 for f in train_files if Path(f).name not in known)
     if todo and not s.train_steps:
         # Encoding a couple of views first tells how long all of them would take here.
-        views = torch.stack([encoder_input(f, normalize=encoder_info["normalize"]) for f in train_files[:2]])
+        views = torch.stack([encoder_input(f, size=encoder_spec.input_size, normalize=encoder_spec.input_normalize)
+                             for f in train_files[:2]])
         views = torch.cat([views, views.flip(-1)]).to(device)  # each view is encoded mirrored too
-        per_view = _seconds_per_call(lambda: encode(make_encoder(), views, encoder_precision)) / 2
+        per_view = _seconds_per_call(lambda: encode_views(make_encoder(), views, encoder_precision)) / 2
         train_files = fit_encoding_budget(s, train_files, todo, per_view)
     logger.configure(dir=str(out / "features"), format_strs="log")
     train_files, features = prepare_feature_cache(
-        str(out / "features"), str(out / "data" / "train"), train_files, encoder_info, make_encoder,
+        str(out / "features"), str(out / "data" / "train"), train_files, encoder_spec, make_encoder,
         batch_size=16, num_workers=0, precision=encoder_precision,
     )
     logger.reset()
 
     stages.start("training", "training: a small RCDM on the cached representations")
+    encoder_info = encoder_spec.with_width(features.shape[-1]).to_dict()
     key = training_key(s, encoder_info, train_files)
     run_dir = out / f"model_{key}"
     marker = run_dir / MARKER
@@ -740,14 +728,11 @@ def run(s: Settings, command: str) -> dict:
                     "ssl_dim": int(rcdm.ssl_dim)}
 
     stages.start("scoring", "scoring: representation fidelity vs a shuffled control; FID/IS if possible")
-    enc = rcdm.ssl_model
-    sample_feats = metrics.encode_images(enc, samples_u8.reshape(-1, *samples_u8.shape[2:]),
-                                         normalize=encoder_info["normalize"], device=rcdm.device,
-                                         progress=s.progress)
+    sample_feats = encode_images(rcdm.ssl_model, samples_u8.reshape(-1, *samples_u8.shape[2:]),
+                                 progress=s.progress, desc="encoding samples").features
     fidelity = metrics.representation_fidelity(sample_feats.view(len(held_paths), k, -1), feats.cpu(),
                                                num_shuffles=100, seed=s.seed)
-    ceiling_feats = metrics.encode_images(enc, su.to_uint8(images), normalize=encoder_info["normalize"],
-                                          device=rcdm.device)
+    ceiling_feats = encode_images(rcdm.ssl_model, su.to_uint8(images)).features
     ceiling = metrics.representation_fidelity(ceiling_feats, feats.cpu(), num_shuffles=1).model
     print(fidelity.summary(), flush=True)
     fid_is = _fid_is(s, samples_u8, out / "data" / "train", device)

@@ -1,0 +1,412 @@
+"""The frozen encoder, described once, and the one loop that runs it over images.
+
+`EncoderSpec` says which encoder gives the representations: its name (a published encoder, a
+torchvision model or a local file), trunk or projector head, the input scaling and resolution it is
+fed, whether it has its trained weights, and the width of what it returns. Its `to_dict()` is what
+checkpoints (`meta["encoder"]`), feature caches and sample files record; `from_dict()` reads those
+records, old ones included; `from_flags()` reads the command line's flags; `build()` gives the frozen
+encoder (`get_ssl_models.get_model`).
+
+`encode_images(encoder, images, ...)` is the one batched encode: file paths, PIL images, image
+tensors in [-1, 1] or uint8 arrays in, B x D float32 representations out, computed in eval mode
+without gradients under the chosen precision. Files that cannot be decoded are skipped with one
+line naming each, and returned, so callers keep their rows aligned. `encode_views` is its core for
+batches already cropped and scaled (the training loader's).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from . import logger
+from .get_ssl_models import get_model, native_input_normalize, native_input_size, representation_dim
+from .image_datasets import (
+    arr_to_tensor,
+    center_crop_arr,
+    load_rgb_image,
+    loader_worker_init,
+    normalize_for_encoder,
+    to_rgb,
+)
+from .precision import autocast, resolve_precision
+
+INPUT_NORMALIZATIONS = ("minus_one_one", "imagenet")
+# "": the architecture's own (global average pool for CNNs); "cls" and "mean_patch" are the
+# choices a Vision Transformer offers (its class token, or the mean of its patch tokens).
+POOLINGS = ("", "cls", "mean_patch")
+
+# Field -> key of the record (`to_dict`), as checkpoints and feature caches have always named them.
+RECORD_KEYS = {
+    "name": "type_model",
+    "use_head": "use_head",
+    "input_normalize": "normalize",
+    "input_size": "input_size",
+    "pretrained": "pretrained",
+    "pooling": "pooling",
+    "width": "width",
+}
+# Field -> command-line flag (`from_flags`, `given_fields`). Flags a parser does not declare are
+# taken as not given.
+FLAGS = {
+    "name": "type_model",
+    "use_head": "use_head",
+    "input_normalize": "encoder_normalize",
+    "input_size": "encoder_input_size",
+    "pretrained": "pretrained_encoder",
+    "pooling": "encoder_pooling",
+}
+# Field -> scalar saved in a sample file (.npz) by the sampling scripts.
+SAMPLE_FILE_KEYS = {
+    "name": "type_model",
+    "use_head": "use_head",
+    "input_normalize": "encoder_normalize",
+    "input_size": "encoder_input_size",
+    "pretrained": "encoder_pretrained",
+    "pooling": "encoder_pooling",
+}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which frozen encoder gives the representations, and how it is fed.
+
+    :param name: a published encoder (dino, simclr, barlow, vicreg, supervised), a torchvision
+        classification model name, or the path of a local checkpoint file (layout detected).
+    :param use_head: the projector head's output instead of the trunk's (where the method has one).
+    :param input_normalize: "minus_one_one" (`x / 127.5 - 1`) or "imagenet" (mean/std); "" (the
+        default) becomes the encoder's own (`get_ssl_models.native_input_normalize`).
+    :param input_size: side of the square centre crop the encoder sees; 0 (the default) becomes the
+        encoder's own (224 for every ResNet).
+    :param pretrained: the published (or the local file's) weights; False: a fixed-seed random init,
+        no download.
+    :param pooling: which of the trunk's outputs is the representation; "" the architecture's own.
+    :param width: the representation's size, once known (`build` measures it); not part of the
+        encoder's identity, so two specs that differ only in it are equal.
+    """
+
+    name: str = "dino"
+    use_head: bool = False
+    input_normalize: str = ""
+    input_size: int = 0
+    pretrained: bool = True
+    pooling: str = ""
+    width: int | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        name = str(self.name)
+        if not name:
+            raise ValueError("--type_model is empty: name an encoder (e.g. dino) or a checkpoint file")
+        set_ = object.__setattr__  # frozen: fill the native choices once, here
+        set_(self, "name", name)
+        set_(self, "use_head", bool(self.use_head))
+        set_(self, "pretrained", bool(self.pretrained))
+        set_(self, "pooling", str(self.pooling or ""))
+        set_(self, "input_normalize", str(self.input_normalize or native_input_normalize(name)))
+        set_(self, "input_size", int(self.input_size or native_input_size(name)))
+        if self.width is not None:
+            set_(self, "width", int(self.width))
+        if self.input_normalize not in INPUT_NORMALIZATIONS:
+            raise ValueError(f"--encoder_normalize {self.input_normalize!r}: choose one of "
+                             f"{', '.join(INPUT_NORMALIZATIONS)}")
+        if self.input_size < 1:
+            raise ValueError(f"--encoder_input_size {self.input_size}: must be a positive number of pixels")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"--encoder_pooling {self.pooling!r}: choose one of "
+                             f"{', '.join(p for p in POOLINGS if p)} (or leave it out)")
+
+    # ------------------------------------------------------------------ records
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record checkpoints, feature caches and reports keep (`RECORD_KEYS`); `width` only
+        when known."""
+        record = {RECORD_KEYS[f.name]: getattr(self, f.name) for f in fields(self)}
+        if record["width"] is None:
+            del record["width"]
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> EncoderSpec:
+        """The spec a record describes. Fields a record lacks (older records hold only some of
+        type_model, use_head, normalize, pretrained) take their defaults: trained weights, and the
+        encoder's own input scaling and size, which is what made them."""
+        return cls(**record_fields(record))
+
+    @classmethod
+    def from_flags(cls, args: Any) -> EncoderSpec:
+        """The spec the flags name (`FLAGS`; an argparse namespace or a mapping of flag -> value).
+        An unset flag (absent or None) takes the default."""
+        get = args.get if isinstance(args, Mapping) else (lambda k, d=None: getattr(args, k, d))
+        given = {f: get(flag) for f, flag in FLAGS.items()}
+        return cls(**{f: v for f, v in given.items() if v is not None})
+
+    @classmethod
+    def resolve(cls, given: Mapping[str, Any] | None = None,
+                recorded: Mapping[str, Any] | None = None) -> EncoderSpec:
+        """Each field from `given` (field -> value, None: not given), else from the `recorded`
+        record, else its default.
+
+        Naming another encoder than the record's discards the whole record: trunk or head, weights,
+        input scaling and width belong to the encoder it describes.
+        """
+        chosen = {k: v for k, v in (given or {}).items() if v is not None}
+        unknown = set(chosen) - set(FLAGS)
+        if unknown:
+            raise TypeError(f"not encoder fields: {', '.join(sorted(unknown))}")
+        kept = record_fields(recorded or {})
+        if "name" in chosen and kept.get("name") not in (None, chosen["name"]):
+            kept = {}
+        if any(kept.get(k) != v for k, v in chosen.items()):
+            kept.pop("width", None)  # measured on the recorded encoder, not this one
+        return cls(**{**kept, **chosen})
+
+    def with_width(self, width: int) -> EncoderSpec:
+        return replace(self, width=int(width))
+
+    # ------------------------------------------------------------------ use
+
+    def build(self, device: torch.device | str | None = None) -> nn.Module:
+        """The frozen encoder (eval mode, no parameter takes gradients) on `device` (default CPU).
+
+        It carries `input_normalize`, `input_size` and `spec` (this spec with `width` measured), so
+        `encode_images(encoder, ...)` feeds it as described.
+        """
+        if self.pooling:  # the ResNets and torchvision models have one way to pool
+            raise ValueError(f"--encoder_pooling {self.pooling}: {self.name} has no choice of pooling")
+        encoder = get_model(self.name, self.use_head, pretrained=self.pretrained)
+        encoder = encoder.to(device or "cpu").eval().requires_grad_(False)
+        encoder.input_normalize = self.input_normalize
+        encoder.input_size = self.input_size
+        encoder.spec = self.with_width(representation_dim(encoder))
+        return encoder
+
+    def describe(self) -> str:
+        """One phrase for logs, e.g. `dino (trunk, trained weights, input minus_one_one 224x224)`."""
+        part = "head" if self.use_head else "trunk"
+        if self.pooling:
+            part += f", {self.pooling}"
+        weights = "trained weights" if self.pretrained else "UNTRAINED fixed-seed weights"
+        width = f", {self.width}-d" if self.width else ""
+        return (f"{self.name} ({part}{width}, {weights}, input {self.input_normalize} "
+                f"{self.input_size}x{self.input_size})")
+
+    def sample_file_fields(self) -> dict[str, Any]:
+        """The scalars a sample file (.npz) saves about its encoder (`SAMPLE_FILE_KEYS`)."""
+        return {key: getattr(self, f) for f, key in SAMPLE_FILE_KEYS.items()}
+
+
+def record_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Field -> value for what a record (`to_dict`'s keys) holds; None values count as absent."""
+    by_key = {key: f for f, key in RECORD_KEYS.items()}
+    unknown = [k for k in record if k not in by_key]
+    if unknown:
+        raise ValueError(f"the encoder record {dict(record)} has unknown field(s) {unknown}: it was "
+                         "written by a newer version, or is not an encoder record")
+    return {by_key[k]: v for k, v in record.items() if v is not None}
+
+
+def sample_file_record(fields_: Mapping[str, Any]) -> dict[str, Any]:
+    """The encoder record in a sample file's scalars (`SAMPLE_FILE_KEYS`), as far as it goes."""
+    out = {}
+    for f, key in SAMPLE_FILE_KEYS.items():
+        if key in fields_:
+            value = fields_[key]
+            out[RECORD_KEYS[f]] = value.item() if isinstance(value, np.ndarray) else value
+    return out
+
+
+def given_fields(values: Mapping[str, Any] | Any, given: Sequence[str] | frozenset[str] | None = None) -> dict[str, Any]:
+    """Field -> value for the encoder flags (`FLAGS`) the command line gave: those in `given`
+    (flag names), or every one that is set (not None) when `given` is None."""
+    get = values.get if isinstance(values, Mapping) else (lambda k, d=None: getattr(values, k, d))
+    return {f: get(flag) for f, flag in FLAGS.items() if (given is None or flag in given)}
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+class Encoded(NamedTuple):
+    """What `encode_images` returns.
+
+    `features`: K x D float32 (K x 2 x D with `mirrored`: plain, then horizontally flipped), one row
+    per readable input, in input order; `kept`: the K input indices they belong to; `skipped`:
+    input index -> why it could not be read.
+    """
+
+    features: torch.Tensor
+    kept: list[int]
+    skipped: dict[int, str]
+
+
+class UnreadableImageError(OSError):
+    """An input image that cannot be decoded, where every image is needed."""
+
+
+ImageItem = str | Path | Image.Image
+Images = ImageItem | Sequence[ImageItem] | torch.Tensor | np.ndarray
+
+
+@torch.no_grad()
+def encode_views(encoder: nn.Module, views: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Representations (B x D float32) of encoder views (B x 3 x S x S, already cropped and scaled
+    as the encoder takes them), without gradients, under `precision` (fp32 default: exact; `auto`:
+    see `precision.resolve_precision`)."""
+    precision = resolve_precision(precision, device=views.device)
+    with autocast(precision, views.device):
+        return encoder(views).float()
+
+
+class _FileViews(torch.utils.data.Dataset):
+    """Decoded, centre-cropped views in [-1, 1] of paths / PIL images; an unreadable file gives its
+    reason instead, so one bad file never stops a batch."""
+
+    def __init__(self, items: Sequence[ImageItem], size: int, normalize: str):
+        self.items, self.size, self.normalize = items, size, normalize
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            image = to_rgb(item) if isinstance(item, Image.Image) else load_rgb_image(item)
+        except Exception as exc:  # the decoder's error, whatever its type: the file is skipped
+            return i, None, f"{type(exc).__name__}: {exc}"
+        view = arr_to_tensor(center_crop_arr(image, self.size))
+        return i, normalize_for_encoder(view, self.normalize), None
+
+
+def _collate(items):
+    good = [(i, v) for i, v, _ in items if v is not None]
+    views = torch.stack([v for _, v in good]) if good else None
+    return [i for i, _ in good], views, [(i, r) for i, _, r in items if r is not None]
+
+
+def _tensor_batches(images: torch.Tensor | np.ndarray, size: int, normalize: str, batch_size: int,
+                    device: torch.device):
+    x = torch.as_tensor(images)
+    if x.dtype == torch.uint8:  # B x H x W x 3, as sample files store images
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be B x H x W x 3, got shape {list(x.shape)}")
+        x = x.permute(0, 3, 1, 2)
+    else:
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"images must be B x 3 x H x W in [-1, 1], got shape {list(x.shape)}")
+    for start in range(0, x.shape[0], batch_size):
+        batch = x[start : start + batch_size].to(device)
+        batch = batch.float() / 127.5 - 1.0 if batch.dtype == torch.uint8 else batch.float()
+        if batch.shape[-2:] != (size, size):  # the encoder was trained on size x size crops
+            batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        yield list(range(start, start + batch.shape[0])), normalize_for_encoder(batch, normalize), []
+
+
+def _describe_item(item: Any) -> str:
+    return str(item) if isinstance(item, (str, Path)) else f"image {type(item).__name__}"
+
+
+@torch.no_grad()
+def encode_images(
+    encoder: nn.Module,
+    images: Images,
+    *,
+    batch_size: int = 32,
+    precision: str = "fp32",
+    device: torch.device | str | None = None,
+    out_device: torch.device | str = "cpu",
+    input_normalize: str | None = None,
+    input_size: int | None = None,
+    mirrored: bool = False,
+    skip_unreadable: bool = True,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "encoding images",
+    warn: Callable[[str], None] | None = None,
+) -> Encoded:
+    """Representations of images, `batch_size` at a time (see `Encoded`).
+
+    :param images: a path or PIL image, a list of those (decoded, centre-cropped to `input_size`),
+        a float tensor 3 x H x W / B x 3 x H x W in [-1, 1] or uint8 B x H x W x 3 (resized to
+        `input_size` when another size, bilinear antialiased). Either way scaled with
+        `input_normalize` before the encoder sees it.
+    :param input_normalize, input_size: default: the encoder's own (`EncoderSpec.build` sets them),
+        else minus_one_one and 224.
+    :param precision: the encoder's compute precision (fp32 default: exact; bf16, fp16, auto).
+    :param device: where the encoder runs (default: its parameters' device); `out_device` where
+        the features are returned (default: the CPU, so a whole dataset fits).
+    :param mirrored: also encode each view flipped horizontally (features K x 2 x D).
+    :param skip_unreadable: skip undecodable files with one line each (`warn`, default the run's
+        log else stderr); False: raise `UnreadableImageError` naming the first.
+    :param num_workers: decoding processes for paths (0: in this process).
+    """
+    normalize = input_normalize or getattr(encoder, "input_normalize", "minus_one_one")
+    size = int(input_size or getattr(encoder, "input_size", 224))
+    if device is None:
+        first = next(encoder.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    warn = warn or logger.console
+    is_array = isinstance(images, (torch.Tensor, np.ndarray))
+    items = None if is_array else ([images] if isinstance(images, (str, Path, Image.Image)) else list(images))
+    if is_array:
+        batches = _tensor_batches(images, size, normalize, batch_size, device)
+        total = -(-len(images) // batch_size)
+    else:
+        loader = torch.utils.data.DataLoader(
+            _FileViews(items, size, normalize), batch_size=batch_size, num_workers=num_workers,
+            collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=loader_worker_init,
+            generator=torch.Generator(),  # its seed draw must not move the global RNG (sampling noise)
+        )
+        batches, total = loader, len(loader)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch", total=total)
+    was_training = encoder.training
+    encoder.eval()
+    chunks, kept, skipped = [], [], {}
+    try:
+        for idx, views, failed in batches:
+            for i, reason in failed:
+                if not skip_unreadable:
+                    raise UnreadableImageError(f"{_describe_item(items[i])}: cannot be read as an image ({reason})")
+                skipped[i] = reason
+                warn(f"skipping unreadable image {_describe_item(items[i])} ({reason})")
+            if views is None:
+                continue
+            views = views.to(device, non_blocking=True)
+            if mirrored:
+                out = encode_views(encoder, torch.cat([views, views.flip(-1)]), precision)
+                out = torch.stack([out[: len(idx)], out[len(idx):]], dim=1)
+            else:
+                out = encode_views(encoder, views, precision)
+            chunks.append(out.to(out_device))
+            kept.extend(idx)
+    finally:
+        encoder.train(was_training)
+    if chunks:
+        features = torch.cat(chunks)
+    else:
+        width = getattr(getattr(encoder, "spec", None), "width", None) or 0
+        features = torch.zeros((0, 2, width) if mirrored else (0, width), device=out_device)
+    return Encoded(features, kept, skipped)
+
+
+def check_paths_exist(images: Images) -> None:
+    """FileNotFoundError naming the first local path in `images` that does not exist."""
+    items = [images] if isinstance(images, (str, Path)) else images if isinstance(images, (list, tuple)) else []
+    for item in items:
+        if isinstance(item, (str, Path)) and "://" not in str(item) and not os.path.exists(item):
+            raise FileNotFoundError(f"no such image file: {item}")
