@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import logger
-from .get_ssl_models import get_model, native_input_normalize, native_input_size, representation_dim
+from . import logger, vit_encoders
+from .get_ssl_models import get_model, native_input_normalize, native_input_size, native_pooling, representation_dim
 from .image_datasets import (
     arr_to_tensor,
     center_crop_arr,
@@ -41,9 +41,9 @@ from .image_datasets import (
 from .precision import autocast, resolve_precision
 
 INPUT_NORMALIZATIONS = ("minus_one_one", "imagenet")
-# "": the architecture's own (global average pool for CNNs); "cls" and "mean_patch" are the
+# "": the architecture's one way (global average pool for CNNs); "cls" and "mean_patch" are the
 # choices a Vision Transformer offers (its class token, or the mean of its patch tokens).
-POOLINGS = ("", "cls", "mean_patch")
+POOLINGS = ("", *vit_encoders.POOLINGS)
 
 # Field -> key of the record (`to_dict`), as checkpoints and feature caches have always named them.
 RECORD_KEYS = {
@@ -89,7 +89,8 @@ class EncoderSpec:
         encoder's own (224 for every ResNet).
     :param pretrained: the published (or the local file's) weights; False: a fixed-seed random init,
         no download.
-    :param pooling: which of the trunk's outputs is the representation; "" the architecture's own.
+    :param pooling: which of the trunk's outputs is the representation: "cls" (the default for the
+        Vision Transformers) or "mean_patch"; "" for architectures that pool one way (ResNets).
     :param width: the representation's size, once known (`build` measures it); not part of the
         encoder's identity, so two specs that differ only in it are equal.
     """
@@ -110,7 +111,7 @@ class EncoderSpec:
         set_(self, "name", name)
         set_(self, "use_head", bool(self.use_head))
         set_(self, "pretrained", bool(self.pretrained))
-        set_(self, "pooling", str(self.pooling or ""))
+        set_(self, "pooling", str(self.pooling or native_pooling(name)))
         set_(self, "input_normalize", str(self.input_normalize or native_input_normalize(name)))
         set_(self, "input_size", int(self.input_size or native_input_size(name)))
         if self.width is not None:
@@ -180,9 +181,8 @@ class EncoderSpec:
         It carries `input_normalize`, `input_size` and `spec` (this spec with `width` measured), so
         `encode_images(encoder, ...)` feeds it as described.
         """
-        if self.pooling:  # the ResNets and torchvision models have one way to pool
-            raise ValueError(f"--encoder_pooling {self.pooling}: {self.name} has no choice of pooling")
-        encoder = get_model(self.name, self.use_head, pretrained=self.pretrained)
+        encoder = get_model(self.name, self.use_head, pretrained=self.pretrained, pooling=self.pooling,
+                            input_size=self.input_size)
         encoder = encoder.to(device or "cpu").eval().requires_grad_(False)
         encoder.input_normalize = self.input_normalize
         encoder.input_size = self.input_size

@@ -464,20 +464,33 @@ def native_input_normalize(model: str) -> str:
     return "minus_one_one"
 
 
-def weights_url(model: str) -> str | None:
-    """Where `get_model(model)` downloads its weights from (None for a local file or unknown name)."""
+def weights_file(model: str) -> tuple[str, str] | None:
+    """`(URL, name in the download cache)` of the trunk weights `get_model(model)` downloads; None
+    for a local file or an unknown name."""
     key = model.lower()
     if key in ENCODER_NAMES:
-        return SSL_URLS[key]
-    if key in torchvision_names():
-        return torchvision.models.get_model_weights(key).DEFAULT.url
-    return None
+        url = SSL_URLS[key]
+    elif key in vit_encoders.VIT_ENCODERS:
+        spec = vit_encoders.vit_spec(key)
+        return spec.url, spec.file_name or os.path.basename(spec.url)
+    elif key in torchvision_names():
+        url = torchvision.models.get_model_weights(key).DEFAULT.url
+    else:
+        return None
+    return url, os.path.basename(url)
 
 
 def native_input_size(model: str) -> int:
     """The side of the square crop the encoder `get_model(model)` is fed by default: 224 for the
-    published encoders, torchvision models and local files (their training crop)."""
-    return DEFAULT_INPUT_SIZE
+    published ResNets, torchvision models and local files (their training crop) and
+    `vit_encoders.INPUT_SIZE` for the Vision Transformers."""
+    return vit_encoders.INPUT_SIZE if model.lower() in vit_encoders.VIT_ENCODERS else DEFAULT_INPUT_SIZE
+
+
+def native_pooling(model: str) -> str:
+    """The representation `get_model(model)` pools by default: "cls" for the Vision Transformers
+    named in `vit_encoders.VIT_ENCODERS`; "" (the architecture's one way) otherwise."""
+    return "cls" if model.lower() in vit_encoders.VIT_ENCODERS else ""
 
 
 def _vit_encoder(trunk: nn.Module, head: nn.Module | None, use_head: bool) -> FrozenEncoder:

@@ -44,7 +44,7 @@ def test_a_spec_fills_the_encoders_own_input_and_builds_a_frozen_encoder(encoder
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
     with pytest.raises(ValueError, match="--encoder_normalize 'centered'"):
         EncoderSpec("dino", input_normalize="centered")
-    with pytest.raises(ValueError, match="--encoder_pooling cls: resnet18 has no choice of pooling"):
+    with pytest.raises(ValueError, match="pooling 'cls': resnet18 is not a Vision Transformer"):
         EncoderSpec("resnet18", pooling="cls", pretrained=False).build()
 
 
@@ -163,3 +163,17 @@ def test_the_feature_cache_records_the_spec_keeps_rows_aligned_and_reads_old_cac
     again, old_feats = feature_cache.prepare_feature_cache(str(old_dir), root, paths, SPEC, make, num_workers=0)
     assert again == kept and built == [1]
     torch.testing.assert_close(old_feats[0, 0], feats[0, 0])
+
+
+def test_a_vision_transformer_is_described_and_encoded_the_same_way(folder):
+    paths, broken = folder
+    cls = EncoderSpec("dino_vits16", pretrained=False)
+    assert (cls.pooling, cls.input_normalize, cls.input_size) == ("cls", "imagenet", 224)  # its own
+    mean = EncoderSpec("dino_vits16", pretrained=False, pooling="mean_patch", input_size=112)
+    assert mean != cls and EncoderSpec.from_dict(mean.to_dict()) == mean
+    encoder = mean.build("cpu")
+    assert encoder.spec.width == 384 and encoder.input_size == 112
+    done = encode_images(encoder, paths)  # cropped at the encoder's own 112, the bad file skipped
+    assert done.features.shape == (3, 384) and list(done.skipped) == [paths.index(broken)]
+    tensor = torch.stack([model_input(paths[i], 112) for i in done.kept])
+    torch.testing.assert_close(encode_images(encoder, tensor).features, done.features)

@@ -41,7 +41,7 @@ from .. import fileio, hub, logger, metrics
 from .. import sample_util as su
 from ..feature_cache import load_cache, prepare_feature_cache
 from ..encoders import EncoderSpec, encode_images, encode_views
-from ..get_ssl_models import ENCODER_NAMES, weights_url
+from ..get_ssl_models import ENCODER_NAMES, weights_file
 from ..image_datasets import encoder_input, load_data, model_input, to_rgb
 from ..precision import default_device, resolve_precision, resolve_speed
 from ..RCDM import RCDM
@@ -149,12 +149,10 @@ def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list
 # ----------------------------------------------------------------------------- the encoder
 
 
-def _locally_available(url: str) -> bool:
-    """Whether `hub.download(url)` can answer without the internet: cached, or a mirror is set
-    (a directory, or a URL the user chose for an offline cluster)."""
-
-    name = os.path.basename(url)
-    return (hub.hub_cache_dir() / name).is_file() or bool(os.environ.get(hub.MIRROR_ENV, "").strip())
+def _locally_available(cache_name: str) -> bool:
+    """Whether a download of the file cached as `cache_name` can answer without the internet:
+    cached, or a mirror is set (a directory, or a URL the user chose for an offline cluster)."""
+    return (hub.hub_cache_dir() / cache_name).is_file() or bool(os.environ.get(hub.MIRROR_ENV, "").strip())
 
 
 def choose_encoder(type_model: str, weights: str) -> tuple[EncoderSpec, str]:
@@ -172,24 +170,26 @@ def choose_encoder(type_model: str, weights: str) -> tuple[EncoderSpec, str]:
         return EncoderSpec(type_model), f"the encoder in the local file {type_model}"
     if weights != "untrained":
         for name in candidates:
-            url = weights_url(name)
-            if url is None:
+            source = weights_file(name)
+            if source is None:
                 raise ValueError(f"--type_model {name}: not a published encoder, torchvision model or file")
-            if weights == "auto" and not _locally_available(url):
+            url, cache_name = source
+            if weights == "auto" and not _locally_available(cache_name):
                 continue
             try:
-                path = hub.download(url)
+                path = hub.download(url, file_name=cache_name)
             except hub.DownloadError as err:
                 if weights == "published":
                     raise
                 print(f"  (published {name} weights not usable: {str(err).splitlines()[0]})", flush=True)
                 continue
-            return EncoderSpec(name), f"a ResNet-50 trained with {name} (published weights, {path})"
+            what = f"a ResNet-50 trained with {name}" if name in ENCODER_NAMES else f"the {name} encoder"
+            return EncoderSpec(name), f"{what} (published weights, {path})"
     where = f"{hub.hub_cache_dir()}" + (f" or {hub.MIRROR_ENV}" if os.environ.get(hub.MIRROR_ENV) else "")
     reason = ("--encoder_weights untrained" if weights == "untrained"
               else f"no published weights were found in {where}")
-    url = weights_url(fallback)
-    hint = f" Put {os.path.basename(url)} there (from {url}) to use the trained one." if url else ""
+    source = weights_file(fallback)
+    hint = f" Put {source[1]} there (from {source[0]}) to use the trained one." if source else ""
     return EncoderSpec(fallback, pretrained=False), (
         f"an UNTRAINED {fallback} network (fixed-seed random weights) because {reason}. The samples and "
         f"scores show how much of this random representation RCDM keeps, not what a self-supervised "
