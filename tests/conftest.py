@@ -5,6 +5,11 @@ from pathlib import Path
 # are the CPU's); the processes it starts inherit this. scripts/gpu_check.sh runs the GPU checks.
 if not os.environ.get("RCDM_TEST_GPU"):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# One CPU thread per process, here and in the processes the tests start (set before torch loads its
+# OpenMP runtime, which reads it once). The tests' tensors are too small to share between threads,
+# and OpenMP's waiting threads spin: on a machine whose cores are busy with other work, a second
+# thread made a training step ~20x slower (10 s instead of 0.5 s). OMP_NUM_THREADS set by the caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

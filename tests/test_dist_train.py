@@ -104,53 +104,138 @@ def test_detect_reads_each_launchers_environment(monkeypatch):
     assert dist_util._first_slurm_host("a1,b[3-4]") == "a1"
 
 
-TIME_LIMIT_WORKER = r"""
+# Three scenarios of TrainLoop under DDP, run one after the other by the same two processes (one
+# process group: starting two interpreters and a rendezvous costs more than the scenarios do). Each
+# writes its results under OUT/<scenario>/ for the tests below.
+SCENARIOS_WORKER = r"""
+import os
 import sys
+import warnings
 import torch
 from guided_diffusion_rcdm import dist_util, logger
 from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion_rcdm.train_util import TrainLoop
 
-out = sys.argv[1]
+root = sys.argv[1]
+warnings.simplefilter("always")  # DDP warns when a gradient's layout differs from its bucket's
 dist_util.setup_dist()
 rank = dist_util.get_rank()
-logger.configure(dir=out, format_strs="log")
-torch.manual_seed(0)
-flags = {**model_and_diffusion_defaults(), **dict(image_size=16, num_channels=32, num_res_blocks=1,
+FLAGS = {**model_and_diffusion_defaults(), **dict(image_size=16, num_channels=32, num_res_blocks=1,
          channel_mult="1,2", attention_resolutions="", diffusion_steps=50)}
-model, diffusion = create_model_and_diffusion(**flags)
 
-def batches():
+
+def rank_batches(batch_size=2):
     g = torch.Generator().manual_seed(rank)
     while True:
-        yield torch.randn(2, 3, 16, 16, generator=g), {}
+        yield torch.randn(batch_size, 3, 16, 16, generator=g), {}
 
-# Rank 1 runs out of time after a second; rank 0's own limit is far away, as if its clock were slow.
-loop = TrainLoop(model=model, diffusion=diffusion, data=batches(), batch_size=2, microbatch=-1, lr=1e-4,
-                 ema_rate="0.9", log_interval=1000, save_interval=100000, resume_checkpoint="",
-                 max_steps=100000, max_seconds=1.0 if rank == 1 else 1e6, progress=False, out_dir=out)
-loop.run_loop()
-torch.save({"step": loop.step, "params": [p.detach().clone() for p in model.parameters()]},
-           f"{out}/rank{rank}.pt")
+
+def loop(model, diffusion, out, **kwargs):
+    options = dict(batch_size=2, microbatch=-1, lr=1e-4, ema_rate="0.9", log_interval=1000,
+                   save_interval=100000, resume_checkpoint="", progress=False, out_dir=out)
+    options.update(kwargs)
+    return TrainLoop(model=model, diffusion=diffusion, **options)
+
+
+def time_limit(out):
+    # Rank 1 runs out of time after a second; rank 0's own limit is far away, as if its clock were slow.
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**FLAGS)
+    train = loop(model, diffusion, out, data=rank_batches(), max_steps=100000,
+                 max_seconds=1.0 if rank == 1 else 1e6)
+    train.run_loop()
+    torch.save({"step": train.step, "params": [p.detach().clone() for p in model.parameters()]},
+               f"{out}/rank{rank}.pt")
+
+
+def collectives(out, steps=30):
+    counted = []
+    agree = dist_util.max_over_ranks
+
+    def counting(values):  # the real collective, counted
+        counted.append(list(values))
+        return agree(values)
+
+    dist_util.max_over_ranks = counting
+    try:
+        torch.manual_seed(0)
+        model, diffusion = create_model_and_diffusion(**FLAGS)
+        train = loop(model, diffusion, out, data=rank_batches(), max_steps=steps, max_seconds=3600.0)
+        train.run_loop()
+    finally:
+        dist_util.max_over_ranks = agree
+    torch.save({"step": train.step, "collectives": len(counted),
+                "params": [p.detach().clone() for p in model.parameters()]}, f"{out}/rank{rank}.pt")
+
+
+def channels_last(out):
+    flags = {**FLAGS, "attention_resolutions": "8", "learn_sigma": True}
+    batch = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(rank))  # each rank its own
+    result = {}
+    for layout in ("contiguous", "channels_last"):
+        torch.manual_seed(0)
+        model, diffusion = create_model_and_diffusion(**flags)
+        os.makedirs(f"{out}/{layout}", exist_ok=True)
+
+        def batches():
+            while True:
+                yield batch, {}
+
+        train = loop(model, diffusion, f"{out}/{layout}", data=batches(), batch_size=4, microbatch=2, lr=1e-3,
+                     save_interval=1000, max_steps=1, precision="fp32", seed=0,
+                     channels_last=layout == "channels_last")
+        train.run_loop()  # one step of two microbatches (DDP's no_sync, then the all-reduce), then a save
+
+        def is_channels_last(tensors):
+            return [t.is_contiguous(memory_format=torch.channels_last) for t in tensors if t.dim() == 4]
+
+        result[layout] = {"grads": [p.grad.detach().contiguous() for p in train.params],
+                          "params_cl": is_channels_last(train.params),
+                          "grads_cl": is_channels_last(p.grad for p in train.params),
+                          "ema_cl": is_channels_last(train.ema_params[0]),
+                          "ema": [p.detach().contiguous() for p in train.ema_params[0]]}
+    torch.save(result, f"{out}/rank{rank}.pt")
+
+
+for scenario in (time_limit, collectives, channels_last):
+    out = os.path.join(root, scenario.__name__)
+    os.makedirs(out, exist_ok=True)
+    logger.configure(dir=out, format_strs="log")
+    scenario(out)
+    logger.reset()
+    print(f"=== {scenario.__name__} done", flush=True)
+dist_util.cleanup()
 """
 
 
-def test_a_time_limit_stops_every_rank_at_the_same_step_and_saves(tmp_path):
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    """The two ranks' outputs (text) and results folder of SCENARIOS_WORKER."""
+    root = tmp_path_factory.mktemp("ddp_scenarios")
     port = _free_port()
     procs = []
     for rank in (0, 1):
         env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", TIME_LIMIT_WORKER, str(tmp_path)], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", SCENARIOS_WORKER, str(root)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    return root, outputs
+
+
+def _ranks(folder: Path):
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_a_time_limit_stops_every_rank_at_the_same_step_and_saves(scenarios):
+    out = scenarios[0] / "time_limit"
+    r0, r1 = _ranks(out)
     assert 0 < r0["step"] == r1["step"] < 100000
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
     step = r0["step"]
-    assert (tmp_path / f"model{step:06d}.pt").is_file() and (tmp_path / f"ema_0.9_{step:06d}.pt").is_file()
+    assert (out / f"model{step:06d}.pt").is_file() and (out / f"ema_0.9_{step:06d}.pt").is_file()
 
 
 def test_each_rank_takes_its_own_gpu_and_a_shared_one_is_a_clear_error():
@@ -220,66 +305,14 @@ def test_the_rendezvous_address_is_never_loopback_for_other_hosts():
         assert dist_util.rendezvous_address([own[0]], own=[]) == own[0]
 
 
-CHANNELS_LAST_WORKER = r"""
-import os
-import sys
-import warnings
-import torch
-from guided_diffusion_rcdm import dist_util, logger
-from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion_rcdm.train_util import TrainLoop
-
-out = sys.argv[1]
-warnings.simplefilter("always")  # DDP warns when a gradient's layout differs from its bucket's
-dist_util.setup_dist()
-rank = dist_util.get_rank()
-logger.configure(dir=out, format_strs="log")
-flags = {**model_and_diffusion_defaults(), **dict(image_size=16, num_channels=32, num_res_blocks=1,
-         channel_mult="1,2", attention_resolutions="8", learn_sigma=True, diffusion_steps=50)}
-batch = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(rank))  # each rank its own
-result = {}
-for layout in ("contiguous", "channels_last"):
-    torch.manual_seed(0)
-    model, diffusion = create_model_and_diffusion(**flags)
-    os.makedirs(f"{out}/{layout}", exist_ok=True)
-
-    def batches():
-        while True:
-            yield batch, {}
-
-    loop = TrainLoop(model=model, diffusion=diffusion, data=batches(), batch_size=4, microbatch=2, lr=1e-3,
-                     ema_rate="0.9", log_interval=1000, save_interval=1000, resume_checkpoint="",
-                     max_steps=1, progress=False, out_dir=f"{out}/{layout}", precision="fp32", seed=0,
-                     channels_last=layout == "channels_last")
-    loop.run_loop()  # one step of two microbatches (DDP's no_sync, then the all-reduce), then a save
-
-    def channels_last(tensors):
-        return [t.is_contiguous(memory_format=torch.channels_last) for t in tensors if t.dim() == 4]
-
-    result[layout] = {"grads": [p.grad.detach().contiguous() for p in loop.params],
-                      "params_cl": channels_last(loop.params), "grads_cl": channels_last(p.grad for p in loop.params),
-                      "ema_cl": channels_last(loop.ema_params[0]),
-                      "ema": [p.detach().contiguous() for p in loop.ema_params[0]]}
-torch.save(result, f"{out}/rank{rank}.pt")
-dist_util.cleanup()
-"""
-
-
-def test_channels_last_ddp_gradients_match_the_contiguous_ones(tmp_path):
+def test_channels_last_ddp_gradients_match_the_contiguous_ones(scenarios):
     # Channels-last is set before DDP lays out its gradient buckets and before the EMA copies are
     # made: the two ranks' averaged gradients equal the contiguous model's, with no layout copies.
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", CHANNELS_LAST_WORKER, str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    root, outputs = scenarios
     for output in outputs:
         assert "strides do not match bucket view strides" not in output, output[-2000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    out = root / "channels_last"
+    r0, r1 = _ranks(out)
     for rank in (r0, r1):
         cl = rank["channels_last"]
         assert cl["params_cl"] and all(cl["params_cl"]) and all(cl["grads_cl"]) and all(cl["ema_cl"])
@@ -291,61 +324,15 @@ def test_channels_last_ddp_gradients_match_the_contiguous_ones(tmp_path):
     # the checkpoints are written in the standard layout whatever the training layout
     from guided_diffusion_rcdm import hub
 
-    saved, _ = hub.load_checkpoint(tmp_path / "channels_last" / "ema_0.9_000001.pt")
+    saved, _ = hub.load_checkpoint(out / "channels_last" / "ema_0.9_000001.pt")
     assert all(t.is_contiguous() for t in saved.values())
 
 
-AGREEMENT_WORKER = r"""
-import sys
-import torch
-from guided_diffusion_rcdm import dist_util, logger
-from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion_rcdm.train_util import TrainLoop
-
-out, steps = sys.argv[1], int(sys.argv[2])
-collectives = []
-agree = dist_util.max_over_ranks
-
-def counted(values):  # the real collective, counted
-    collectives.append(list(values))
-    return agree(values)
-
-dist_util.max_over_ranks = counted
-dist_util.setup_dist()
-rank = dist_util.get_rank()
-logger.configure(dir=out, format_strs="log")
-torch.manual_seed(0)
-flags = {**model_and_diffusion_defaults(), **dict(image_size=16, num_channels=32, num_res_blocks=1,
-         channel_mult="1,2", attention_resolutions="", diffusion_steps=50)}
-model, diffusion = create_model_and_diffusion(**flags)
-
-def batches():
-    g = torch.Generator().manual_seed(rank)
-    while True:
-        yield torch.randn(2, 3, 16, 16, generator=g), {}
-
-loop = TrainLoop(model=model, diffusion=diffusion, data=batches(), batch_size=2, microbatch=-1, lr=1e-4,
-                 ema_rate="0.9", log_interval=1000, save_interval=100000, resume_checkpoint="",
-                 max_steps=steps, max_seconds=3600.0, progress=False, out_dir=out)
-loop.run_loop()
-torch.save({"step": loop.step, "collectives": len(collectives),
-            "params": [p.detach().clone() for p in model.parameters()]}, f"{out}/rank{rank}.pt")
-"""
-
-
-def test_a_time_limit_costs_no_collective_per_step(tmp_path):
+def test_a_time_limit_costs_no_collective_per_step(scenarios):
     # --max_minutes: each rank reads its clock every step, but the ranks agree (a collective and a
     # host sync) only every couple of seconds, not every step.
-    port, steps = _free_port(), 30
-    procs = []
-    for rank in (0, 1):
-        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", AGREEMENT_WORKER, str(tmp_path), str(steps)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = _ranks(scenarios[0] / "collectives")
+    steps = 30
     assert r0["step"] == r1["step"] == steps
     assert r0["collectives"] == r1["collectives"]
     assert 1 <= r0["collectives"] < steps / 3, r0["collectives"]

@@ -23,16 +23,6 @@ from guided_diffusion_rcdm.sample_util import UsageError
 SAME_UP_TO_ROUNDING = 2e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny model's tensors are too small to share between threads: on the shared 2-core
-    # machine, a second thread mostly waits (and is ~10x slower under load). Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("rcdm")
