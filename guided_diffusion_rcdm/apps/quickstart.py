@@ -33,9 +33,14 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
+# Set before torch loads its OpenMP runtime, which reads it once: waiting OpenMP threads sleep
+# instead of spinning. On a 2-core machine busy with other work, the spinning threads took the CPU
+# from the working one and a training step took 10-25x longer. A value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from .. import fileio, hub, logger, metrics
 from .. import sample_util as su
