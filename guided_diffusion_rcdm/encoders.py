@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import logger, vit_encoders
 from .get_ssl_models import get_model, native_input_normalize, native_input_size, native_pooling, representation_dim
@@ -371,8 +372,6 @@ def encode_images(
         )
         batches, total = loader, len(loader)
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc=desc, unit="batch", total=total)
     was_training = encoder.training
     encoder.eval()
