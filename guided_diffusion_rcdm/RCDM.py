@@ -38,6 +38,8 @@ SAMPLING_SETTINGS: dict[str, Any] = dict(
     use_head=False,
     pretrained_encoder=True,
     encoder_normalize=None,
+    encoder_pooling=None,
+    encoder_input_size=None,
     device="",
     precision="",
     tf32=False,
@@ -90,6 +92,8 @@ def component_kwargs(settings: Mapping[str, Any], explicit: frozenset[str] | set
         use_head=chosen("use_head") if settings["model_path"] else bool(settings["use_head"]),
         encoder_normalize=chosen("encoder_normalize"),
         pretrained_encoder=chosen("pretrained_encoder"),
+        encoder_pooling=chosen("encoder_pooling"),
+        encoder_input_size=chosen("encoder_input_size"),
         device=settings["device"] or None,
         precision=settings["precision"] or None,
         tf32=bool(settings["tf32"]),
@@ -131,6 +135,8 @@ class RCDM(nn.Module):
         use_head: bool | None = None,
         encoder_normalize: str | None = None,
         pretrained_encoder: bool | None = None,
+        encoder_pooling: str | None = None,
+        encoder_input_size: int | None = None,
         channels_last: bool = False,
         compile: bool = False,
         progress: bool = True,
@@ -140,7 +146,8 @@ class RCDM(nn.Module):
         `.safetensors`).
 
         The architecture and the encoder come from the checkpoint's record; `type_model`,
-        `use_head`, `encoder_normalize` and `pretrained_encoder` override the encoder, and
+        `use_head`, `encoder_normalize`, `pretrained_encoder`, `encoder_pooling` ("cls" or
+        "mean_patch" for a Vision Transformer) and `encoder_input_size` override the encoder, and
         `model_flags` gives the architecture of a checkpoint that records none.
         `sampler` is ddpm, ddim or dpm++; `steps` its number of model calls (default: every step
         of the diffusion, or of `timestep_respacing`); `precision` fp32, bf16, fp16 or auto (default
@@ -151,7 +158,8 @@ class RCDM(nn.Module):
                              "RCDM.from_pretrained(type_model, use_head=...)")
         return cls._from_keywords(
             str(path), type_model=type_model, use_head=use_head, encoder_normalize=encoder_normalize,
-            pretrained_encoder=pretrained_encoder, model_flags=model_flags,
+            pretrained_encoder=pretrained_encoder, encoder_pooling=encoder_pooling,
+            encoder_input_size=encoder_input_size, model_flags=model_flags,
             timestep_respacing=timestep_respacing, device=device, precision=precision, sampler=sampler,
             steps=steps, guidance_scale=guidance_scale, eta=eta, clip_denoised=clip_denoised,
             channels_last=channels_last, compile=compile, progress=progress,
@@ -171,13 +179,14 @@ class RCDM(nn.Module):
 
     @classmethod
     def _from_keywords(cls, model_path: str, *, type_model, use_head, encoder_normalize=None,
-                       pretrained_encoder=None, model_flags=None, timestep_respacing: str = "",
-                       device=None, precision=None, sampler: str = "ddpm", steps=None,
+                       pretrained_encoder=None, encoder_pooling=None, encoder_input_size=None,
+                       model_flags=None, timestep_respacing: str = "", device=None, precision=None, sampler: str = "ddpm", steps=None,
                        guidance_scale: float = 1.0, eta: float = 0.0, clip_denoised: bool = True,
                        channels_last: bool = False, compile: bool = False, progress: bool = True) -> "RCDM":
         flags = {**(model_flags or {}), "timestep_respacing": timestep_respacing}
         parts = load_components(model_path, type_model=type_model, use_head=use_head,
                                 encoder_normalize=encoder_normalize, pretrained_encoder=pretrained_encoder,
+                                encoder_pooling=encoder_pooling, encoder_input_size=encoder_input_size,
                                 device=device, precision=precision, model_flags=flags)
         settings = {
             **SAMPLING_SETTINGS, **flags, "model_path": model_path, "type_model": parts.encoder_info["type_model"],

@@ -1,8 +1,9 @@
 """Encode a dataset once with the frozen encoder, then train from the cached representations.
 
 The cache is a folder holding `features.pt`: for every readable image (path relative to the data
-directory) the representation of its 224x224 centre crop and of the mirrored crop (training flips
-images, so both are needed), plus the encoder that made them and the precision it ran in.
+directory) the representation of its centre crop at the encoder's input size and of the mirrored
+crop (training flips images, so both are needed), plus the encoder that made them (its
+`EncoderSpec` record) and the precision it ran in.
 Training with `--feat_cache DIR` loads it (memory-mapped) and never builds the encoder; images
 added to the data directory since are encoded and appended; a cache made by another encoder or in
 another encoder precision is refused (caches from before the precision was recorded were fp32).

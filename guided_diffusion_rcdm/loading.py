@@ -126,6 +126,8 @@ def load_components(
     use_head: bool | None = None,
     encoder_normalize: str | None = None,
     pretrained_encoder: bool | None = None,
+    encoder_pooling: str | None = None,
+    encoder_input_size: int | None = None,
     device: str | torch.device | None = None,
     precision: str | None = None,
     tf32: bool = False,
@@ -138,8 +140,9 @@ def load_components(
     :param model_path: an RCDM checkpoint (the project's, a published-style state dict, or
         `.safetensors`); empty: the published checkpoint for `type_model`/`use_head` (the README's
         `$MODEL_FLAGS_128`), downloaded once into the cache.
-    :param type_model, use_head, encoder_normalize, pretrained_encoder: the encoder; None takes the
-        checkpoint's record, else dino's trunk, pretrained, with the encoder's own input scaling.
+    :param type_model, use_head, encoder_normalize, pretrained_encoder, encoder_pooling,
+        encoder_input_size: the encoder (`EncoderSpec`'s fields); None takes the checkpoint's
+        record, else dino's trunk, pretrained, with the encoder's own input scaling and size.
     :param encoder: the whole encoder at once (an `EncoderSpec`), instead of the four above.
     :param model_flags: model/diffusion flags for checkpoints that do not record theirs, and the
         sampling-time ones (`timestep_respacing`, `use_fp16`, `use_checkpoint`).
@@ -158,7 +161,8 @@ def load_components(
     recorded = meta.get("encoder") or None
     if encoder is None:
         given = {"name": type_model, "use_head": use_head, "input_normalize": encoder_normalize,
-                 "pretrained": pretrained_encoder}
+                 "pretrained": pretrained_encoder, "pooling": encoder_pooling or None,
+                 "input_size": encoder_input_size or None}
         encoder = EncoderSpec.resolve(given, recorded)
 
     frozen = encoder.build(device)

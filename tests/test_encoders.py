@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _sampling_helpers import write_photos
+from _sampling_helpers import TINY_FLAGS, write_photos
 from guided_diffusion_rcdm import feature_cache, hub
 from guided_diffusion_rcdm.encoders import (
     EncoderSpec,
@@ -177,3 +177,24 @@ def test_a_vision_transformer_is_described_and_encoded_the_same_way(folder):
     assert done.features.shape == (3, 384) and list(done.skipped) == [paths.index(broken)]
     tensor = torch.stack([model_input(paths[i], 112) for i in done.kept])
     torch.testing.assert_close(encode_images(encoder, tensor).features, done.features)
+
+
+def test_a_checkpoint_that_records_a_vit_rebuilds_it_pooling_and_input_size_included(folder, tmp_path):
+    from guided_diffusion_rcdm.RCDM import RCDM
+    from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+    paths, broken = folder
+    spec = EncoderSpec("dino_vits16", pretrained=False, pooling="mean_patch", input_size=112, width=384)
+    flags = {**model_and_diffusion_defaults(), **TINY_FLAGS}
+    model, _ = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=384)
+    ckpt = tmp_path / "vit.pt"
+    hub.save_checkpoint(str(ckpt), model.state_dict(), meta={
+        "model_flags": {**flags, "feat_cond": True, "ssl_dim": 384}, "encoder": spec.to_dict()})
+    rcdm = RCDM.from_checkpoint(ckpt, device="cpu", progress=False)
+    assert rcdm.encoder_spec == spec and rcdm.ssl_model.input_size == 112
+    good = [p for p in paths if p != broken]
+    want = encode_images(spec.build(), good).features
+    torch.testing.assert_close(rcdm.encode(good), want)
+    # the pooling is an override like the other encoder fields
+    cls = RCDM.from_checkpoint(ckpt, device="cpu", progress=False, encoder_pooling="cls")
+    assert cls.encoder_spec == EncoderSpec("dino_vits16", pretrained=False, input_size=112)
