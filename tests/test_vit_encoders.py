@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -400,3 +402,29 @@ def test_smaller_inputs_resize_the_table_the_method_s_way(image):
     assert encoder.input_size == 64
     small = F.interpolate(image, size=(64, 64), mode="bilinear", antialias=True)
     assert encoder(small).shape == (1, 384) and math.isfinite(encoder(small).abs().sum().item())
+
+
+def test_the_readme_table_lists_every_encoder_with_its_widths():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, spec in vit.VIT_ENCODERS.items():
+        head = str(spec.head_width) if spec.has_head else "-"
+        row = re.search(rf"^\| `{name}` \| [^|]+ \| (\d+) / (\d+) / ([\d-]+) \| (.+) \|$", readme, re.M)
+        assert row, f"README's encoder table has no row for {name}"
+        assert row.groups()[:3] == (str(spec.width), str(spec.width), head), name
+        assert spec.url in row.group(4) and (not spec.has_head or spec.head_url in row.group(4)), name
+
+
+def test_bf16_autocast_runs_the_vit_in_bf16_and_stays_close():
+    """What --encoder_precision bf16 (or auto, where the CPU runs bf16 natively and faster) does."""
+    spec = vit.VIT_ENCODERS["dino_vits16"]
+    obj, _, _ = upstream_file(spec, seed=2)
+    encoder = _encoder(spec, obj, size=64)
+    seen = []
+    encoder.model.vit.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        exact = encoder(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = encoder(x).float()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert ((fast - exact).norm() / exact.norm()).item() < 3e-2
