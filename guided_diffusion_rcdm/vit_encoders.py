@@ -93,8 +93,11 @@ def _dino(name: str, arch: str, width: int, folder: str, patch: int) -> ViTSpec:
 def _dinov2(size: str, arch: str, width: int, depth: int, registers: int = 0) -> ViTSpec:
     stem = f"dinov2_vit{size}14"
     suffix = "_reg4" if registers else ""
+    # init_values=1.0: the layer scale DINOv2's own builder starts from (timm's 1e-5 would make an
+    # untrained network's representation nearly the same for every image).
     return ViTSpec(f"{stem}{'_reg' if registers else ''}", "dinov2", arch, width, depth, 14,
-                   f"{_DINOV2}/{stem}/{stem}{suffix}_pretrain.pth", registers=registers)
+                   f"{_DINOV2}/{stem}/{stem}{suffix}_pretrain.pth", registers=registers,
+                   timm_kwargs={"init_values": 1.0})
 
 
 def _ibot(size: str, arch: str, width: int, depth: int) -> ViTSpec:
