@@ -21,36 +21,42 @@ import os
 import random
 import sys
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from guided_diffusion_rcdm.cli import train as image_train
+from guided_diffusion_rcdm.cli.flags import Flag, Parser
+from guided_diffusion_rcdm.cli.policy import run_main
+from guided_diffusion_rcdm.errors import UsageError
 
-from scripts import image_train  # noqa: E402
+
+# The launcher's own flags (the training flags are the `train` command's).
+JOB_FLAGS = (
+    Flag("ngpus", 8, int, "GPUs (= training processes) per node"),
+    Flag("nodes", 2, int, "number of nodes"),
+    Flag("timeout", 2800, int, "job duration, in minutes"),
+    Flag("partition", "", str, "SLURM partition"),
+    Flag("use_volta32", False, bool, "ask for 32 GB V100s (constraint volta32gb)"),
+    Flag("comment", "", str, "comment for the scheduler"),
+    Flag("cpus_per_task", 10, int, "CPU cores per process"),
+    Flag("mem_per_gpu_gb", 40, int, "memory per GPU, in GB"),
+    Flag("job_name", "rcdm", str, "the job's name in the queue"),
+    Flag("max_num_timeout", 30, int, "how many times a job that runs out of time is requeued"),
+    Flag("local", False, bool, "run the job here with submitit's local executor and wait for it"),
+)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[image_train.create_argparser()], add_help=False,
-    )
+def create_argparser() -> argparse.ArgumentParser:
+    """Every training flag, and the job's."""
+    parser = Parser(description=__doc__, parents=[image_train.create_argparser()], add_help=False)
     job = parser.add_argument_group("job")
-    job.add_argument("--ngpus", default=8, type=int, help="GPUs (= training processes) per node")
-    job.add_argument("--nodes", default=2, type=int, help="number of nodes")
-    job.add_argument("--timeout", default=2800, type=int, help="job duration, in minutes")
-    job.add_argument("--partition", default="", type=str, help="SLURM partition")
-    job.add_argument("--use_volta32", action="store_true", help="ask for 32 GB V100s (constraint volta32gb)")
-    job.add_argument("--comment", default="", type=str, help="comment for the scheduler")
-    job.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per process")
-    job.add_argument("--mem_per_gpu_gb", default=40, type=int, help="memory per GPU, in GB")
-    job.add_argument("--job_name", default="rcdm", type=str)
-    job.add_argument("--max_num_timeout", default=30, type=int,
-                     help="how many times a job that runs out of time is requeued")
-    job.add_argument("--local", action="store_true",
-                     help="run the job here with submitit's local executor and wait for it")
+    for flag in JOB_FLAGS:
+        flag.add_to(job)
     # image_train.py writes to the current folder by default; a job has no useful one: it must
     # be named (see `check_out_dir`).
     parser.set_defaults(out_dir=None)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return create_argparser().parse_args(argv)
 
 
 def check_out_dir(out_dir: str | None) -> str:
@@ -61,7 +67,7 @@ def check_out_dir(out_dir: str | None) -> str:
     it must be creatable (on a file system the nodes share) before the job waits in the queue.
     """
     if not out_dir:
-        raise SystemExit("error: --out_dir is required: the folder (on a file system every node "
+        raise UsageError("--out_dir is required: the folder (on a file system every node "
                          "shares) where checkpoints, logs and submitit's files go; '%j' in it "
                          "becomes the job id")
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
@@ -70,7 +76,7 @@ def check_out_dir(out_dir: str | None) -> str:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: --out_dir {out_dir}: cannot create it ({existing} is not a writable "
+        raise UsageError(f"--out_dir {out_dir}: cannot create it ({existing} is not a writable "
                          "folder); pass a folder you can write to")
     return out_dir
 
@@ -94,18 +100,15 @@ class Trainer:
         self.port = port or _fresh_port()
 
     def __call__(self) -> None:
-        if REPO not in sys.path:
-            sys.path.insert(0, REPO)
         import submitit
 
-        from scripts import image_train as train
 
         os.environ["MASTER_PORT"] = str(self.port)
         env = submitit.JobEnvironment()
         args = copy.copy(self.args)
         args.out_dir = args.out_dir.replace("%j", str(env.job_id))
         args.submitit = True
-        train.main(args)
+        image_train.train(args)
 
     def checkpoint(self):
         """Called by submitit when the job is preempted or times out: requeue a fresh copy.
@@ -150,7 +153,7 @@ def make_executor(args: argparse.Namespace):
 
         problem = local_gpu_problem(args.ngpus, torch.cuda.device_count())
         if problem:
-            raise SystemExit(f"error: {problem}")
+            raise UsageError(problem)
         executor = submitit.AutoExecutor(folder=folder, cluster="local")
         executor.update_parameters(
             timeout_min=args.timeout, tasks_per_node=args.ngpus, nodes=1,
@@ -158,7 +161,7 @@ def make_executor(args: argparse.Namespace):
         )
     else:
         if submitit.AutoExecutor.which() != "slurm":
-            raise SystemExit("SLURM is not available here (no sbatch): use --local to run the job on "
+            raise UsageError("SLURM is not available here (no sbatch): use --local to run the job on "
                              "this machine, or torchrun (see docs/training.md)")
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
                                          slurm_max_num_timeout=args.max_num_timeout)
@@ -182,13 +185,7 @@ def submit(args: argparse.Namespace):
     """Submit the training job; returns the submitit job."""
     args.out_dir = check_out_dir(args.out_dir)
     # Fail now, not in the queue, when the data or the model flags cannot work.
-    from guided_diffusion_rcdm.image_datasets import find_images
-
-    try:
-        find_images(args.data_dir)
-        image_train._model_flag_check(args)  # flags that cannot build a model
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    image_train.check_inputs(args)  # a data folder and flags that can build a model
     if __name__ != "__main__":  # let the job unpickle Trainer without importing this file
         import cloudpickle
 
@@ -201,13 +198,18 @@ def submit(args: argparse.Namespace):
     return job
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def launch(args: argparse.Namespace) -> None:
     job = submit(args)
     if args.local:
         job.results()  # waits; raises with the job's error if training failed
         print(f"job {job.job_id} finished")
 
 
+def main(argv=None) -> int:
+    """Parse the flags and submit the job (one line and exit status 2 for a mistake); the exit status."""
+    args = parse_args(argv)
+    return run_main(lambda: launch(args), "run_with_submitit.py")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,6 +25,8 @@ setup(
         "pillow",
         "tqdm",
     ],
+    # `rcdm train|sample|interpolate|manipulate|eval|cache|quickstart|benchmark`: the scripts' commands
+    entry_points={"console_scripts": ["rcdm = guided_diffusion_rcdm.__main__:main"]},
     extras_require={
         "mpi": ["mpi4py"],
         "slurm": ["submitit"],

@@ -26,7 +26,7 @@ from .encoders import Images, check_paths_exist, encode_images
 from .image_datasets import find_images
 from .loading import Components, UsageError, load_components
 from .precision import prepare_model
-from .samplers import SAMPLERS, sample_images
+from .samplers import SAMPLERS, respace_for_sampler, sample_images
 from .script_util import model_and_diffusion_defaults
 
 ImageInput = Images
@@ -218,6 +218,8 @@ class RCDM(nn.Module):
             raise UsageError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if args.steps is not None and int(args.steps) < 1:
             raise UsageError(f"--steps must be at least 1, got {args.steps}")
+        if args.steps is not None:  # steps the diffusion cannot give fail now, not after the first writes
+            respace_for_sampler(self.diffusion, self.sampler, int(args.steps))
         if float(args.guidance_scale) != 1.0 and not getattr(self.rcdm_model, "supports_guidance", False):
             raise UsageError(
                 f"--guidance_scale {args.guidance_scale} needs a model trained with --feat_drop_prob > 0 "

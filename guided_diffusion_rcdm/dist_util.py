@@ -33,6 +33,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 DEFAULT_PORT = 29500
 
 
@@ -91,7 +93,7 @@ def local_device_index(local_rank: int, device_count: int) -> int:
     which `check_distinct_devices` reports.
     """
     if device_count < 1:
-        raise ValueError("no GPU is visible to this process")
+        raise UsageError("no GPU is visible to this process")
     return local_rank % device_count
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import logger, vit_encoders
+from .errors import MissingInputError, UsageError, UserError
 from .get_ssl_models import get_model, native_input_normalize, native_input_size, native_pooling, representation_dim
 from .image_datasets import (
     arr_to_tensor,
@@ -107,7 +108,7 @@ class EncoderSpec:
     def __post_init__(self) -> None:
         name = str(self.name)
         if not name:
-            raise ValueError("--type_model is empty: name an encoder (e.g. dino) or a checkpoint file")
+            raise UsageError("--type_model is empty: name an encoder (e.g. dino) or a checkpoint file")
         set_ = object.__setattr__  # frozen: fill the native choices once, here
         set_(self, "name", name)
         set_(self, "use_head", bool(self.use_head))
@@ -118,12 +119,12 @@ class EncoderSpec:
         if self.width is not None:
             set_(self, "width", int(self.width))
         if self.input_normalize not in INPUT_NORMALIZATIONS:
-            raise ValueError(f"--encoder_normalize {self.input_normalize!r}: choose one of "
+            raise UsageError(f"--encoder_normalize {self.input_normalize!r}: choose one of "
                              f"{', '.join(INPUT_NORMALIZATIONS)}")
         if self.input_size < 1:
-            raise ValueError(f"--encoder_input_size {self.input_size}: must be a positive number of pixels")
+            raise UsageError(f"--encoder_input_size {self.input_size}: must be a positive number of pixels")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"--encoder_pooling {self.pooling!r}: choose one of "
+            raise UsageError(f"--encoder_pooling {self.pooling!r}: choose one of "
                              f"{', '.join(p for p in POOLINGS if p)} (or leave it out)")
 
     # ------------------------------------------------------------------ records
@@ -210,7 +211,7 @@ def record_fields(record: Mapping[str, Any]) -> dict[str, Any]:
     by_key = {key: f for f, key in RECORD_KEYS.items()}
     unknown = [k for k in record if k not in by_key]
     if unknown:
-        raise ValueError(f"the encoder record {dict(record)} has unknown field(s) {unknown}: it was "
+        raise UsageError(f"the encoder record {dict(record)} has unknown field(s) {unknown}: it was "
                          "written by a newer version, or is not an encoder record")
     return {by_key[k]: v for k, v in record.items() if v is not None}
 
@@ -248,7 +249,7 @@ class Encoded(NamedTuple):
     skipped: dict[int, str]
 
 
-class UnreadableImageError(OSError):
+class UnreadableImageError(UserError, OSError):
     """An input image that cannot be decoded, where every image is needed."""
 
 
@@ -408,4 +409,4 @@ def check_paths_exist(images: Images) -> None:
     items = [images] if isinstance(images, (str, Path)) else images if isinstance(images, (list, tuple)) else []
     for item in items:
         if isinstance(item, (str, Path)) and "://" not in str(item) and not os.path.exists(item):
-            raise FileNotFoundError(f"no such image file: {item}")
+            raise MissingInputError(f"no such image file: {item}")

@@ -15,7 +15,6 @@ As a separate command (any launcher: torchrun, SLURM, mpiexec share the work by 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping
 from typing import Optional
 
@@ -24,10 +23,9 @@ import torch
 
 from . import dist_util, logger
 from .encoders import EncoderSpec, encode_images
+from .errors import UsageError
 from .hub import atomic_torch_save, safe_torch_load
-from .image_datasets import find_images
-from .precision import PRECISION_CHOICES, resolve_precision
-from .script_util import str2bool
+from .precision import resolve_precision
 
 CACHE_FORMAT = "rcdm-feature-cache-v1"
 CACHE_FILE = "features.pt"
@@ -52,7 +50,7 @@ def load_cache(cache_dir: str) -> Optional[dict]:
     else:
         cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path} is not a feature cache ({CACHE_FORMAT}); pass another --feat_cache")
+        raise UsageError(f"{path} is not a feature cache ({CACHE_FORMAT}); pass another --feat_cache")
     return cache
 
 
@@ -82,14 +80,14 @@ def prepare_feature_cache(
     precision = resolve_precision(precision, device=dist_util.dev())
     cache = load_cache(cache_dir)
     if cache is not None and EncoderSpec.from_dict(cache["encoder"]) != spec:
-        raise ValueError(
+        raise UsageError(
             f"feature cache {cache_path(cache_dir)} was made with encoder "
             f"{EncoderSpec.from_dict(cache['encoder']).describe()}, not {spec.describe()}: pass "
             "another --feat_cache folder (or delete this one)"
         )
     if cache is not None and cache.get("encoder_precision", "fp32") != precision:
         cached = cache.get("encoder_precision", "fp32")
-        raise ValueError(
+        raise UsageError(
             f"feature cache {cache_path(cache_dir)} holds {cached} representations, but this run "
             f"encodes in {precision}: pass --encoder_precision {cached} to reuse it, or another "
             "--feat_cache folder"
@@ -132,7 +130,7 @@ def prepare_feature_cache(
     index = {p: i for i, p in enumerate(cache["paths"])}
     keep = [i for i, r in enumerate(rel) if r in index]
     if not keep:
-        raise ValueError(f"none of the images in {data_dir!r} could be decoded (see the warnings)")
+        raise UsageError(f"none of the images in {data_dir!r} could be decoded (see the warnings)")
     if len(cache["bad"]) and rank == 0:
         logger.warn(f"feature cache: {len(cache['bad'])} unreadable image(s) left out of training")
     rows = torch.tensor([index[rel[i]] for i in keep], dtype=torch.long)
@@ -182,34 +180,3 @@ def _merge_and_save(cache_dir: str, old: Optional[dict], parts: list, encoder_re
         cache_path(cache_dir),
     )
     logger.log(f"feature cache {cache_path(cache_dir)}: {len(paths)} images, {len(bad)} unreadable")
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Encode a folder of images once for training.")
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--feat_cache", required=True, help="folder for the cache")
-    parser.add_argument("--type_model", default="dino")
-    parser.add_argument("--use_head", action="store_true")
-    parser.add_argument("--pretrained_encoder", type=str2bool, default=True)
-    parser.add_argument("--encoder_normalize", default=None, choices=("minus_one_one", "imagenet"),
-                        help="encoder input scaling (default: the encoder's own: minus_one_one for the "
-                             "published encoders, imagenet for torchvision models)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--encoder_precision", "--precision", default="fp32", choices=PRECISION_CHOICES,
-                        help="the encoder's compute precision (recorded in the cache): fp32 (exact), "
-                             "auto (bf16 only where this machine runs it natively and faster), bf16 or fp16")
-    args = parser.parse_args(argv)
-    dist_util.setup_dist()
-    logger.configure(dir=args.feat_cache, format_strs="stdout")
-    paths = find_images(args.data_dir)
-    kept, feats = prepare_feature_cache(
-        args.feat_cache, args.data_dir, paths, EncoderSpec.from_flags(args),
-        batch_size=args.batch_size, num_workers=args.num_workers, precision=args.encoder_precision,
-    )
-    logger.log(f"{len(kept)} images cached, representation width {feats.shape[-1]}")
-    dist_util.cleanup()
-
-
-if __name__ == "__main__":
-    main()

@@ -28,24 +28,26 @@ from typing import Any, Callable, Optional
 import numpy as np
 from PIL import Image
 
+from .errors import UserError
+
 LOCK_NAME = "train.lock"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]*)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """Writing a file failed because its device (or the user's quota) is full."""
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another live training run holds the output folder."""
 
 
-class UnsafePathError(OSError):
+class UnsafePathError(UserError, OSError):
     """An output name is a symbolic link (which would send the write elsewhere)."""
 
 
-class UnwritableFolderError(PermissionError):
+class UnwritableFolderError(UserError, PermissionError):
     """An output folder cannot be created or written to."""
 
 

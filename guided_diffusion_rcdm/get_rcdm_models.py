@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from .errors import UsageError
 from . import hub
 from .encoders import EncoderSpec
 from .get_ssl_models import ENCODER_NAMES, HEAD_DIMS
@@ -39,7 +40,7 @@ MODEL_FLAGS_128 = {
 def _check_name(model: str) -> str:
     key = model.lower()
     if key not in ENCODER_NAMES:
-        raise ValueError(
+        raise UsageError(
             f"no published RCDM checkpoint for --type_model {model!r}: there is one for each of "
             f"{', '.join(ENCODER_NAMES)} (trunk, or head with --use_head; supervised has no head). "
             "For another encoder, train a model and pass it with --model_path."

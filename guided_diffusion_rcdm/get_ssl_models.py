@@ -25,6 +25,7 @@ import torchvision
 from torch import nn
 
 from . import hub, vit_encoders
+from .errors import MissingInputError, UsageError
 
 ENCODER_NAMES: tuple[str, ...] = ("dino", "simclr", "barlow", "vicreg", "supervised")
 HEAD_DIMS = {"dino": 256, "simclr": 128, "barlow": 8192, "vicreg": 8192}
@@ -501,7 +502,7 @@ def _vit_encoder(trunk: nn.Module, head: nn.Module | None, use_head: bool) -> Fr
 
 def _no_pooling_choice(model: str, pooling: str) -> None:
     if pooling:
-        raise ValueError(f"pooling {pooling!r}: {model} is not a Vision Transformer; its features "
+        raise UsageError(f"pooling {pooling!r}: {model} is not a Vision Transformer; its features "
                          "are pooled one way (leave pooling out)")
 
 
@@ -533,9 +534,9 @@ def get_model(model: str = "dino", use_head: bool = False, pretrained: bool = Tr
         return _torchvision_encoder(key, pretrained)
     if _looks_like_path(model):
         if not os.path.isfile(model):
-            raise FileNotFoundError(f"--type_model {model}: no such checkpoint file")
+            raise MissingInputError(f"--type_model {model}: no such checkpoint file")
         return _local_encoder(model, use_head, pooling, input_size)
-    raise ValueError(
+    raise UsageError(
         f"unknown --type_model {model!r}. Use one of the published encoders "
         f"({', '.join(ENCODER_NAMES)}), a Vision Transformer ({', '.join(vit_encoders.VIT_ENCODERS)}), "
         f"a torchvision classification model ({', '.join(torchvision_names())}), or the path of a "

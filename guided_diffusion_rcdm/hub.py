@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .errors import MissingInputError, UserError
 from . import fileio, logger
 
 CHECKPOINT_FORMAT = "rcdm-checkpoint-v1"
@@ -87,7 +88,7 @@ PUBLISHED_SHA256: dict[str, str | None] = {
 _TORCHVISION_HASH = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A file could not be fetched (network, mirror, truncated transfer)."""
 
 
@@ -95,7 +96,7 @@ class ChecksumError(DownloadError):
     """A file's SHA-256 is not the recorded one."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file cannot be read (corrupt, truncated, not a checkpoint)."""
 
 
@@ -103,7 +104,7 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint holds Python objects whose unpickling could run code; refused."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A state dict does not fit the model (missing / unexpected keys, other shapes)."""
 
 
@@ -421,7 +422,7 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
                                       weights_only=True)
             return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint file at {path}") from None
+        raise MissingInputError(f"no checkpoint file at {path}") from None
     except pickle.UnpicklingError as err:
         refused = _describe_unpickling_error(err)
         if refused:
@@ -438,6 +439,8 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
 
 def _corrupt_message(path: str, err: Exception) -> str:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    # torch's first sentence says what failed; its next ones suggest weights_only=False (unsafe)
+    reason = reason.split(". ")[0].rstrip(".")
     size = os.path.getsize(path) if os.path.isfile(path) else None
     size_text = f" ({size} bytes)" if size is not None else ""
     where = hub_cache_dir()
@@ -476,7 +479,7 @@ def _load_safetensors(path: str, map_location: Any) -> tuple[dict, dict]:
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
             header = f.metadata() or {}
     except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint file at {path}") from None
+        raise MissingInputError(f"no checkpoint file at {path}") from None
     except Exception as err:  # safetensors raises its own SafetensorError for bad headers
         raise CheckpointError(_corrupt_message(path, err)) from None
     meta = json.loads(header["meta"]) if "meta" in header else {}

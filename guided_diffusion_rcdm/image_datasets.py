@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from . import dist_util, logger
+from .errors import MissingInputError, UsageError
 
 ENCODER_IMAGE_SIZE = 224
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff")
@@ -146,7 +147,7 @@ def normalize_for_encoder(x: torch.Tensor, normalize: str = "minus_one_one") -> 
         mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
         return ((x + 1) / 2 - mean) / std
-    raise ValueError(
+    raise UsageError(
         f"unknown encoder normalisation {normalize!r}: use 'minus_one_one' (the published "
         "checkpoints) or 'imagenet'"
     )
@@ -177,12 +178,12 @@ def find_images(data_dir: str, flag: str = "--data_dir") -> list[str]:
     """List `data_dir`'s images (recursively, sorted), or raise a clear error naming `flag` when it
     is unset, missing or empty."""
     if not data_dir:
-        raise ValueError(f"no folder given: pass {flag} DIR (a folder of images)")
+        raise UsageError(f"no folder given: pass {flag} DIR (a folder of images)")
     if not bf.exists(data_dir) or not bf.isdir(data_dir):
-        raise FileNotFoundError(f"{flag} {data_dir!r}: no such folder (it does not exist or is not a directory)")
+        raise MissingInputError(f"{flag} {data_dir!r}: no such folder (it does not exist or is not a directory)")
     files = list_image_files_recursively(data_dir)
     if not files:
-        raise ValueError(
+        raise UsageError(
             f"{flag} {data_dir!r} holds no images (looked recursively for files ending in "
             f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}); put images in it or pass another folder"
         )
@@ -441,7 +442,7 @@ def load_data(
     world_size = dist_util.get_world_size() if world_size is None else world_size
     all_files = list(image_paths) if image_paths is not None else find_images(data_dir)
     if len(all_files) < world_size:
-        raise ValueError(
+        raise UsageError(
             f"{data_dir!r} holds {len(all_files)} images, fewer than the {world_size} processes "
             "that must each read a share: add images or use fewer processes"
         )

@@ -4,7 +4,7 @@
 flags (the project's own, or a published one through `published_meta`) decides the architecture,
 and its recorded encoder is used unless an encoder is named. Without `model_path` the published
 checkpoint for `type_model`/`use_head` comes through the hub cache (or `RCDM_MIRROR`). The
-command-line layer (`sample_util`) maps its flags onto these arguments.
+command-line layer (`cli.sampling`) maps its flags onto these arguments.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from . import hub
 from .encoders import EncoderSpec
+from .errors import UsageError
 from .get_rcdm_models import load_rcdm_checkpoint
 from .precision import default_device, device_problem, resolve_precision, set_fp32_math
 from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -25,10 +26,6 @@ from .script_util import create_model_and_diffusion, model_and_diffusion_default
 # Flags chosen at sampling time even when the checkpoint records a value for them: the respacing
 # is a sampling choice, and these two only change speed (precision, gradient checkpointing).
 SAMPLING_TIME_FLAGS = ("timestep_respacing", "use_fp16", "use_checkpoint")
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line naming the flag or path, and what to do."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 from tqdm.auto import tqdm
 
 from . import fileio, hub
+from .errors import MissingInputError, UsageError
 from .image_datasets import center_crop_arr, find_images, load_rgb_image
 from .precision import exact_fp32_math
 
@@ -176,22 +177,22 @@ def representation_fidelity(
     if samples.ndim == 2:
         samples = samples.unsqueeze(1)
     if samples.ndim != 3 or samples.shape[0] != conds.shape[0] or samples.shape[2] != conds.shape[1]:
-        raise ValueError(
+        raise UsageError(
             f"sample features must be N x K x D with N={conds.shape[0]} and D={conds.shape[1]} to match "
             f"the conditioning features, got shape {list(samples.shape)}"
         )
     for what, feats in (("sample", samples), ("conditioning", conds)):
         bad = int((~torch.isfinite(feats.float())).sum())
         if bad:  # a NaN similarity ranks in the middle and would pass for "mean rank 0.50"
-            raise ValueError(
+            raise UsageError(
                 f"the {what} features hold {bad} non-finite value(s) (NaN or inf): the encoder's output "
                 "is broken (check its weights and --precision), so no fidelity can be computed"
             )
     n, k, _ = samples.shape
     if n < 2:
-        raise ValueError("representation fidelity needs at least 2 conditioning images (a rank among 1 is always 1)")
+        raise UsageError("representation fidelity needs at least 2 conditioning images (a rank among 1 is always 1)")
     if num_shuffles < 1:
-        raise ValueError("num_shuffles must be at least 1")
+        raise UsageError("num_shuffles must be at least 1")
     sim = similarity(samples.reshape(n * k, -1), conds, metric).numpy()
     owner = np.repeat(np.arange(n), k)
     model = _scores(expected_rank_scores(sim, owner), n, k)
@@ -310,7 +311,7 @@ class FIDInceptionV3(nn.Module):
         return pool, pool @ self.fc.weight.T
 
 
-class InceptionWeightsMissing(FileNotFoundError):
+class InceptionWeightsMissing(MissingInputError):
     """No Inception weights file and no way to download one: the message says where to put it."""
 
 
@@ -521,12 +522,12 @@ def images_from_npz(path: str | Path, keys: Sequence[str] = ("samples", "arr_0",
                 arr = data[key]
                 break
         else:
-            raise ValueError(f"{path} holds no images: expected one of the arrays {', '.join(keys)}, "
+            raise UsageError(f"{path} holds no images: expected one of the arrays {', '.join(keys)}, "
                              f"found {', '.join(data.files) or 'none'}")
     if arr.ndim < 4 or arr.shape[-1] != 3:
-        raise ValueError(f"{path}: '{key}' is not a set of H x W x 3 images (shape {arr.shape})")
+        raise UsageError(f"{path}: '{key}' is not a set of H x W x 3 images (shape {arr.shape})")
     if arr.dtype != np.uint8:
-        raise ValueError(f"{path}: '{key}' must hold uint8 images, not {arr.dtype}")
+        raise UsageError(f"{path}: '{key}' must hold uint8 images, not {arr.dtype}")
     return arr.reshape(-1, *arr.shape[-3:])
 
 
@@ -545,7 +546,7 @@ def load_folder_images(files: Sequence[str], size: int, progress: bool = False) 
             warnings.warn(f"skipping unreadable reference image {f}: {err}", stacklevel=2)
             skipped.append(f)
     if not out:
-        raise ValueError("none of the reference images could be read")
+        raise UsageError("none of the reference images could be read")
     return np.stack(out), skipped
 
 
@@ -596,12 +597,12 @@ def reference_statistics(
     folder or other weights never reuse stale statistics. `cache_dir=""` turns caching off.
     """
     if not os.path.exists(ref):
-        raise FileNotFoundError(f"reference {ref}: no such folder or .npz file")
+        raise MissingInputError(f"reference {ref}: no such folder or .npz file")
     if ref_resize not in REF_RESIZE:
-        raise ValueError(f"unknown ref_resize {ref_resize!r}: choose one of {', '.join(REF_RESIZE)}")
+        raise UsageError(f"unknown ref_resize {ref_resize!r}: choose one of {', '.join(REF_RESIZE)}")
     if os.path.isfile(ref):
         if not ref.endswith(".npz"):
-            raise ValueError(f"reference {ref}: expected a folder of images or an .npz file")
+            raise UsageError(f"reference {ref}: expected a folder of images or an .npz file")
         with np.load(ref, allow_pickle=False) as data:
             if "mu" in data.files and "sigma" in data.files:
                 return ReferenceStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64),
@@ -683,7 +684,7 @@ def fid_and_is(
                                      desc="sample features")
     mu, sigma = feature_statistics(pool)
     if mu.shape != ref_stats.mu.shape:
-        raise ValueError(f"reference statistics have {ref_stats.mu.shape[0]} dimensions, the Inception "
+        raise UsageError(f"reference statistics have {ref_stats.mu.shape[0]} dimensions, the Inception "
                          f"features {mu.shape[0]}: the .npz statistics come from another network")
     fid = frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma, factor1=covariance_factor(pool))
     is_mean, is_std = inception_score(logits, splits)
@@ -720,11 +721,11 @@ def read_sample_file(path: str | Path) -> SampleFile:
     """
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such sample file")
+        raise MissingInputError(f"{path}: no such sample file")
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable .npz file ({err})") from None
+        raise UsageError(f"{path} is not a readable .npz file ({err})") from None
     with data:
         samples = images_from_npz(path)  # validates dtype and layout
         raw = data["samples"] if "samples" in data.files else data["arr_0"] if "arr_0" in data.files else None
@@ -734,7 +735,7 @@ def read_sample_file(path: str | Path) -> SampleFile:
         return SampleFile(samples.reshape(-1, 1, *samples.shape[-3:]), None, meta)
     lead = features.shape[:-1]
     if raw.shape[: len(lead)] != lead or raw.ndim not in (len(lead) + 3, len(lead) + 4):
-        raise ValueError(
+        raise UsageError(
             f"{path}: samples of shape {raw.shape} do not match features of shape {features.shape} "
             "(expected samples N x K x H x W x 3 for features N x D)"
         )

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fileio, logger
+from .errors import UsageError
 from .unet import AttentionBlock  # the model's own attention code, timed by the micro-benchmark
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -70,7 +71,7 @@ def resolve_precision(precision: str | None, use_fp16: bool = False, device=None
         return auto_speed(device).precision
     if precision:
         if precision not in PRECISIONS:
-            raise ValueError(
+            raise UsageError(
                 f"unknown --precision {precision!r}: choose one of {', '.join(PRECISION_CHOICES)}"
             )
         chosen = precision
@@ -503,37 +504,3 @@ def exact_fp32_math():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-PRECISION_HELP = (
-    "compute precision of the UNet: auto (the fastest on this machine, measured: the recommended "
-    "speed flag), fp32 (exact, the original's), bf16 (fast on GPUs and CPUs with AMX or "
-    "AVX512-BF16, emulated and slow elsewhere) or fp16 (GPU)"
-)
-
-
-def add_precision_args(parser, *, default_precision: str = "fp32") -> None:
-    """Add `--precision`, `--channels_last`, `--compile` and `--tf32` to an argparse parser."""
-    parser.add_argument(
-        "--precision",
-        default=default_precision,
-        choices=PRECISION_CHOICES,
-        help=PRECISION_HELP,
-    )
-    parser.add_argument(
-        "--channels_last",
-        action="store_true",
-        help="run convolutions in channels-last memory format (faster with bf16/fp16; auto decides by measuring)",
-    )
-    parser.add_argument(
-        "--compile", action="store_true", help="compile the UNet with torch.compile (slow first call)"
-    )
-    add_tf32_arg(parser)
-
-
-def add_tf32_arg(parser) -> None:
-    """Add `--tf32` (see `set_fp32_math`)."""
-    parser.add_argument(
-        "--tf32",
-        action="store_true",
-        help="on NVIDIA GPUs, run float32 convolutions and matrix products in TensorFloat-32 (fast, "
-        "about 1e-3 relative error); without it they are exact float32",
-    )

@@ -27,7 +27,7 @@ from . import dist_util, fileio, logger
 
 def lock_out_dir(out_dir: str, warn=None) -> fileio.RunLock | None:
     """Rank 0 takes the run lock of `out_dir` (see `fileio.acquire_run_lock`); if it cannot,
-    every rank raises the same error (`RunLockedError`, or OSError for an unwritable folder).
+    every rank raises the same error (`RunLockedError`, or `UnwritableFolderError`).
     Remote folders (gs://, az://) are not locked."""
     lock, error = None, None
     if dist_util.is_main_process() and out_dir and not fileio.is_remote(out_dir):
@@ -38,7 +38,7 @@ def lock_out_dir(out_dir: str, warn=None) -> fileio.RunLock | None:
     if dist_util.get_world_size() > 1:
         error = dist_util.broadcast_object(error)
     if error:
-        raise (fileio.RunLockedError if error[0] else OSError)(error[1])
+        raise (fileio.RunLockedError if error[0] else fileio.UnwritableFolderError)(error[1])
     return lock
 
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from . import dist_util, fileio, hub, logger
 from .encoders import encode_views
+from .errors import MissingInputError, UsageError
 from .precision import (  # noqa: F401 (re-exported)
     PRECISIONS, autocast, prepare_model, resolve_precision, resolve_speed, set_fused_attention,
 )
@@ -109,7 +110,7 @@ def list_checkpoint_steps(out_dir: str) -> list[int]:
 def _load_train_state(path: str) -> dict:
     state = hub.safe_torch_load(path, map_location="cpu")
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold an optimizer state")
+        raise UsageError(f"{path} does not hold an optimizer state")
     if state.get("format") != TRAIN_STATE_FORMAT:  # the original's bare optimizer state dict
         state = {"optimizer": state}
     return state
@@ -337,7 +338,7 @@ class TrainLoop:
             try:
                 if self.resume_checkpoint:
                     if not bf.exists(self.resume_checkpoint):
-                        raise FileNotFoundError(f"--resume_checkpoint {self.resume_checkpoint!r} does not exist")
+                        raise MissingInputError(f"--resume_checkpoint {self.resume_checkpoint!r} does not exist")
                     found = load_resume_files(self.resume_checkpoint, self.ema_rate)
                     for problem in found["problems"]:
                         logger.warn(f"resuming from {self.resume_checkpoint}: {problem}")

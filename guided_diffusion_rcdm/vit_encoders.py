@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub
+from .errors import UsageError
 
 POOLINGS = ("cls", "mean_patch")
 INPUT_SIZE = 224
@@ -160,7 +161,7 @@ def vit_spec(name: str) -> ViTSpec:
     try:
         return VIT_ENCODERS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown ViT encoder {name!r}; known: {', '.join(VIT_ENCODERS)}") from None
+        raise UsageError(f"unknown ViT encoder {name!r}; known: {', '.join(VIT_ENCODERS)}") from None
 
 
 def published_files() -> dict[str, str | None]:
@@ -186,7 +187,7 @@ class ViTTrunk(nn.Module):
     def __init__(self, vit: nn.Module, pooling: str = "cls"):
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+            raise UsageError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
         self.vit = vit
         self.pooling = pooling
 
@@ -487,15 +488,15 @@ def load_vit(spec: ViTSpec | str, obj=None, *, pooling: str = "cls", use_head: b
     random weights, no file). The head is built only with `use_head`."""
     spec = vit_spec(spec) if isinstance(spec, str) else spec
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+        raise UsageError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
     if use_head and not spec.has_head:
-        raise ValueError(f"{spec.name} has no projector head ({FAMILY_NAMES[spec.family]} publishes "
+        raise UsageError(f"{spec.name} has no projector head ({FAMILY_NAMES[spec.family]} publishes "
                          f"none): use its CLS token or mean patch token instead of use_head")
     if use_head and pooling != "cls":
-        raise ValueError(f"{spec.name}: the projector head reads the CLS token; pooling "
+        raise UsageError(f"{spec.name}: the projector head reads the CLS token; pooling "
                          f"{pooling!r} and use_head do not go together")
     if input_size % spec.patch:
-        raise ValueError(f"{spec.name}: input size {input_size} is not a multiple of its "
+        raise UsageError(f"{spec.name}: input size {input_size} is not a multiple of its "
                          f"patch size {spec.patch}")
     where = f"{source}: " if source else ""
     trunk_sd = head_sd = None

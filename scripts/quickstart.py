@@ -1,4 +1,4 @@
-"""Run the whole RCDM loop offline on a CPU in a few minutes and write a browsable report.
+r"""Run the whole RCDM loop offline on a CPU in a few minutes and write a browsable report: `rcdm quickstart`.
 
     python scripts/quickstart.py                      # ~5 minutes of training, report in quickstart_out/
     python scripts/quickstart.py --minutes 10 --out_dir runs/qs --image_size 64
@@ -9,14 +9,9 @@ manipulation and representation-fidelity scores in OUT_DIR/index.html. Running i
 same settings reuses the trained model. See docs/quickstart.md.
 """
 
-from __future__ import annotations
-
-import os
 import sys
 
-if __package__ in (None, ""):  # `python scripts/quickstart.py` from anywhere
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+import _local_package  # noqa: F401  (a clone without `pip install -e .`: see that file)
 from guided_diffusion_rcdm.apps.quickstart import main
 
 if __name__ == "__main__":

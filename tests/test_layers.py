@@ -17,8 +17,10 @@ CORE, CLI, APPS, SCRIPTS = 0, 1, 2, 3
 LAYER_NAMES = {CORE: "core", CLI: "command-line layer", APPS: "applications", SCRIPTS: "scripts"}
 # The command-line layer: flag declarations, flags -> keyword arguments, the error policy, output
 # files. `sample_util` keeps the original's sampling-script helpers importable on top of it.
-CLI_MODULES = (f"{PACKAGE}.cli", f"{PACKAGE}.sample_util", f"{PACKAGE}.__main__")
+CLI_MODULES = (f"{PACKAGE}.cli", f"{PACKAGE}.sample_util")
 APPS_PACKAGE = f"{PACKAGE}.apps"
+# The `rcdm` console command (`python -m guided_diffusion_rcdm`) runs the applications too.
+TOP_MODULES = (APPS_PACKAGE, f"{PACKAGE}.__main__")
 SCRIPT_MODULES = ("scripts", "run_with_submitit")
 
 
@@ -32,7 +34,7 @@ def layer_of(module: str) -> int | None:
         return SCRIPTS
     if not _within(module, PACKAGE):
         return None
-    if _within(module, APPS_PACKAGE):
+    if any(_within(module, t) for t in TOP_MODULES):
         return APPS
     if any(_within(module, c) for c in CLI_MODULES):
         return CLI

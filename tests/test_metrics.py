@@ -355,13 +355,9 @@ def test_image_eval_perfect_samples_and_fid_with_a_local_inception_file(sample_n
 
 
 def test_image_eval_use_head_is_a_switch_as_in_the_other_scripts():
-    import importlib.util
-
     from guided_diffusion_rcdm import sample_util as su
+    from guided_diffusion_rcdm.cli import evaluate as image_eval
 
-    spec = importlib.util.spec_from_file_location("image_eval", SCRIPTS / "image_eval.py")
-    image_eval = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(image_eval)
     parser = image_eval.create_argparser()
     recorded = {"type_model": "dino", "use_head": False}  # the sample file's own fields
     args = su.parse_args(parser, ["samples.npz", "--use_head"])
@@ -370,21 +366,9 @@ def test_image_eval_use_head_is_a_switch_as_in_the_other_scripts():
     assert args.use_head is False and image_eval.encoder_of_samples(args, recorded)[0].use_head is False
 
 
-def test_image_eval_bad_input_gets_a_clear_message(tmp_path, sample_npz):
-    _, env = sample_npz
-    no_feats = tmp_path / "orig.npz"
-    np.savez(no_feats, arr_0=np.zeros((4, 32, 32, 3), np.uint8))  # the original's sample file
-    proc = _run(SCRIPTS / "image_eval.py", no_feats, env=env)
-    assert proc.returncode == 2 and "no 'features'" in proc.stderr and "--fidelity False" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    proc = _run(SCRIPTS / "image_eval.py", no_feats, "--fidelity", "False", "--ref", tmp_path,
-                "--download", "False", env=env)
-    assert proc.returncode == 2 and "--inception_path" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _run(SCRIPTS / "image_eval.py", tmp_path / "missing.npz", env=env)
-    assert proc.returncode == 2 and "no such sample file" in proc.stderr
+def test_non_finite_features_and_a_zero_batch_size_are_clear_errors(sample_npz, capsys):
+    from guided_diffusion_rcdm.cli import evaluate
 
-
-def test_non_finite_features_and_a_zero_batch_size_are_clear_errors(sample_npz):
     feats = torch.randn(3, 2, 16)
     conds = torch.randn(3, 16)
     feats[1, 0, 3] = float("nan")
@@ -393,7 +377,6 @@ def test_non_finite_features_and_a_zero_batch_size_are_clear_errors(sample_npz):
     conds[0, 0] = float("inf")
     with pytest.raises(ValueError, match="conditioning features hold 1 non-finite value"):
         M.representation_fidelity(torch.randn(3, 2, 16), conds)
-    npz, env = sample_npz
-    proc = _run(SCRIPTS / "image_eval.py", npz, "--batch_size", "0", "--device", "cpu", env=env)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "--batch_size 0: must be at least 1" in proc.stderr
+    npz, _ = sample_npz
+    assert evaluate.main([str(npz), "--batch_size", "0", "--device", "cpu"]) == 2
+    assert "--batch_size 0: must be at least 1" in capsys.readouterr().err

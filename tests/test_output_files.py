@@ -116,15 +116,15 @@ def test_training_refuses_a_planted_log_link_and_an_unwritable_folder_before_bui
     out.mkdir()
     _plant(out / "log.txt", tmp_path / "outside.txt")
     proc = _train(_train_argv(photos, out, 1))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: {out / 'log.txt'} is a symbolic link (to {tmp_path / 'outside.txt'}): " \
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"image_train.py: error: {out / 'log.txt'} is a symbolic link (to {tmp_path / 'outside.txt'}): " \
                                   "refusing to write through it; remove the link or choose another output name"
     assert (tmp_path / "outside.txt").read_bytes() == b"precious"
 
     (tmp_path / "a_file").write_text("x")
     proc = _train(_train_argv(photos, tmp_path / "a_file" / "run", 1))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith(f"error: --out_dir: cannot write in {tmp_path / 'a_file' / 'run'} (")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith(f"image_train.py: error: --out_dir: cannot write in {tmp_path / 'a_file' / 'run'} (")
     assert "creating model" not in proc.stdout
 
 
@@ -213,10 +213,10 @@ def test_a_full_tmpfs_gives_one_line_and_leaves_no_partial_file(small_tmpfs, tmp
     photos = make_photo_dir(tmp_path / "photos", names=("coffee", "chelsea"))
     out = small_tmpfs / "run"
     proc = _train(_train_argv(photos, out, 5))
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: no space left to write {out / 'model000002.pt'} (") and "MiB free" in last
+    assert last.startswith(f"image_train.py: error: no space left to write {out / 'model000002.pt'} (") and "MiB free" in last
     assert list_checkpoint_steps(str(out)) == [1] and _no_temporaries(out)
     assert not list(out.glob("*000002*"))
 

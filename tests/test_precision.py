@@ -213,7 +213,8 @@ def test_every_script_takes_tf32_and_sampling_applies_it(saved_fp32_math, tmp_pa
     from _sampling_helpers import make_tiny_checkpoint
     from guided_diffusion_rcdm import sample_util as su
     from guided_diffusion_rcdm.precision import fp32_math_mode
-    from scripts import benchmark, image_eval, image_train
+    from guided_diffusion_rcdm.cli import evaluate as image_eval, train as image_train
+    from guided_diffusion_rcdm.apps import benchmark
 
     assert image_train.create_argparser().parse_args(["--tf32"]).tf32
     assert not image_train.create_argparser().parse_args([]).tf32
@@ -234,7 +235,7 @@ def test_a_gpu_that_is_not_there_is_named_in_one_line():
     assert device_problem(torch.device("cuda"), 1) is None and device_problem(torch.device("cuda:1"), 2) is None
     assert device_problem(torch.device("cuda:9"), 2) == "this machine has 2 GPU(s): cuda:0 to cuda:1"
     assert device_problem(torch.device("cuda:0"), 0) == "no GPU is available here; use --device cpu"
-    from scripts import benchmark
+    from guided_diffusion_rcdm.apps import benchmark
 
     assert benchmark.main(["--device", "cuda:9"]) == 2 and benchmark.main(["--device", "gpu"]) == 2
 

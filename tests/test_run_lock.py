@@ -63,7 +63,7 @@ def test_a_second_run_on_the_same_folder_gets_one_line_and_a_dead_runs_lock_is_t
                             capture_output=True, text=True, timeout=120)
     assert second.returncode != 0 and "Traceback" not in second.stderr
     assert second.stderr.strip().splitlines() == [
-        f"error: --out_dir: {out} is in use by another training run (host {fileio._hostname()}, "
+        f"image_train.py: error: --out_dir: {out} is in use by another training run (host {fileio._hostname()}, "
         f"PID {first.pid}, since {json.loads((out / 'train.lock').read_text())['since']}): wait for it "
         f"to end, choose another --out_dir, or delete {out / 'train.lock'} if that run is gone"]
     assert (out / "log.txt").read_text().count("Logging to") == 1  # the second run wrote nothing there

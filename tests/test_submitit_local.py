@@ -16,6 +16,7 @@ submitit = pytest.importorskip("submitit")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import run_with_submitit  # noqa: E402
+from guided_diffusion_rcdm.errors import UsageError  # noqa: E402
 
 TINY = ("--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
         "--attention_resolutions 16 --learn_sigma True --diffusion_steps 100").split()
@@ -94,14 +95,14 @@ def test_the_launcher_needs_a_writable_out_dir_and_makes_it_absolute(tmp_path, m
     # image_train.py alone writes to "." by default; a job's tasks, nodes and requeued attempts
     # need one named folder, so the launcher asks for it before anything is queued.
     photos = make_photo_dir(tmp_path / "photos", names=("coffee",))
-    with pytest.raises(SystemExit, match="--out_dir is required"):
+    with pytest.raises(UsageError, match="--out_dir is required"):
         run_with_submitit.submit(run_with_submitit.parse_args(["--local", "--data_dir", str(photos)]))
     monkeypatch.chdir(tmp_path)
     assert run_with_submitit.check_out_dir("runs/%j") == str(tmp_path / "runs" / "%j")
     assert run_with_submitit.check_out_dir(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(SystemExit, match=r"--out_dir .*a_file/run: cannot create it"):
+    with pytest.raises(UsageError, match=r"--out_dir .*a_file/run: cannot create it"):
         run_with_submitit.check_out_dir(str(tmp_path / "a_file" / "run"))
     (tmp_path / "runs").write_text("")  # a file where the job-id folders would go
-    with pytest.raises(SystemExit, match="is not a writable folder"):
+    with pytest.raises(UsageError, match="is not a writable folder"):
         run_with_submitit.check_out_dir("runs/%j")

@@ -223,7 +223,7 @@ def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
 
 def test_encoder_input_scaling_defaults_to_the_encoders_own_and_the_flag_overrides_it():
     from guided_diffusion_rcdm.encoders import EncoderSpec
-    from scripts import image_train
+    from guided_diffusion_rcdm.cli import train as image_train
 
     parser = image_train.create_argparser()
     for argv, expected in (([], "minus_one_one"), (["--type_model", "supervised"], "minus_one_one"),
@@ -268,7 +268,7 @@ TRAIN_FLAGS = "--lr 1e-4 --batch_size 8"
 
 def test_the_readme_command_lines_parse_with_every_original_flag():
     sys.path.insert(0, str(REPO))
-    from scripts import image_train
+    from guided_diffusion_rcdm.cli import train as image_train
     import run_with_submitit
 
     extra = ("--schedule_sampler loss-second-moment --weight_decay 0.05 --lr_anneal_steps 100 --microbatch 2 "

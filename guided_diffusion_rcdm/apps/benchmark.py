@@ -8,10 +8,13 @@ on one forward, so achieved FLOP/s can be compared with the hardware's peak.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
+import json
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +22,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..precision import auto_speed, prepare_model
+from ..cli.flags import Flag, Parser, add_flags
+from ..fileio import atomic_write_text
+from ..precision import (
+    auto_speed,
+    cpu_features,
+    default_device,
+    device_problem,
+    fp32_math_mode,
+    prepare_model,
+    set_fp32_math,
+)
 from ..samplers import sample_images
 from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -389,3 +402,134 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+BENCHMARK_DOC = r"""Benchmark the UNet: forward throughput, time per sampled image, training speed, peak memory.
+
+Every figure is compared with a baseline run in the same process (the original's fp32 eager
+forward: einsum attention, contiguous tensors); variants are timed in turns. The device's peak per
+precision is measured first, so each forward also gets its utilisation of that peak, and the
+ceiling (every precision at 100% of its peak, as a multiple of the baseline) is printed.
+Prints tables and writes JSON. See docs/speed.md for figures and what the flags mean.
+
+    python scripts/benchmark.py                          # 128x128 and small configs, batch 1 and 8
+    python scripts/benchmark.py --configs small --compile
+    python scripts/benchmark.py --smoke                  # a tiny config, one iteration (the tests run this)
+"""
+
+# The benchmark's own flags; --device and --tf32 are the declared ones (`cli.flags`).
+BENCHMARK_FLAGS = (
+    Flag("configs", "128,small", str, "comma-separated: " + ", ".join(CONFIGS)),
+    Flag("batch_sizes", "1,8", str, "forward batch sizes"),
+    Flag("sample_batch", 8, int, "batch size for the sampling figures"),
+    Flag("train_batch", 8, int, "batch size for the training figures"),
+    Flag("iters", 3, int, "timed iterations per figure (median)"),
+    Flag("warmup", 1, int, "untimed iterations first"),
+    Flag("compile", False, bool, "also time torch.compile variants"),
+    Flag("measure_sampling", False, bool, "run the samplers for real (default: model calls x measured forward time)"),
+    Flag("skip", "", str, "comma-separated parts to skip: forward, sampling, training"),
+    Flag("threads", None, int, "torch CPU threads"),
+    Flag("out", "benchmark.json", str, "where to write the JSON results"),
+    Flag("smoke", False, bool, "tiny config, one iteration: checks the script runs"),
+)
+
+
+def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = Parser(prog=prog, description=BENCHMARK_DOC)
+    for flag in BENCHMARK_FLAGS:
+        flag.add_to(parser)
+    add_flags(parser, "device", "tf32", helps={"device": "cpu or cuda (default: cuda when available)"})
+    return parser
+
+
+def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    parser = create_argparser(prog)
+    return parser.parse_args(argv)
+
+
+def ceiling_note(rows: list[dict], peaks: dict[str, float]) -> str:
+    """What the hardware allows: each precision at 100% of its peak, as a multiple of the baseline."""
+    lines = []
+    for row in rows:
+        if row["variant"] == BASELINE.name:
+            ceilings = ", ".join(f"{p} {peaks[p] / row['achieved_tflops']:.2f}x" for p in peaks if peaks[p] == peaks[p])
+            lines.append(f"batch {row['batch_size']}: the baseline runs at {row['utilisation']:.0%} of the fp32 "
+                         f"peak; a forward at 100% of the peak would be {ceilings} the baseline")
+    return "\n".join(lines)
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    """`rcdm benchmark` / scripts/benchmark.py: the exit status."""
+    args = parse_args(argv, prog)
+    if args.smoke:
+        args.configs, args.batch_sizes, args.iters, args.warmup = "tiny", "2", 1, 0
+        args.sample_batch, args.train_batch, args.measure_sampling = 2, 2, False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+    except RuntimeError:
+        print(f"--device {args.device!r} is not a device name (use cpu, cuda or cuda:N)", file=sys.stderr)
+        return 2
+    if device_problem(device):
+        print(f"--device {args.device}: {device_problem(device)}", file=sys.stderr)
+        return 2
+    set_fp32_math(args.tf32, fixed_shapes=True)
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        print(f"unknown --configs {unknown}: choose from {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    skip = set(args.skip.split(",")) - {""}
+    features = cpu_features()
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
+    print(f"CPU: {features.model}: {features.describe()}")
+    variants = default_variants(device, args.compile)  # the auto variant measures its choice first
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+    report = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else features.model,
+        "cpu_features": {**asdict(features), "native_bf16": features.native_bf16},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        # on a GPU, what "fp32" means here: exact float32, or TF32 convolutions and matmuls (--tf32)
+        "fp32_math": fp32_math_mode() if device.type == "cuda" else "exact",
+        "forward": [], "sampling": [], "training": [],
+    }
+    peaks = {v.precision: peak_tflops(device, v.precision, **({"seconds": 0.2, "small": True} if args.smoke else {}))
+             for v in variants}
+    report["peak_tflops"] = peaks
+    print("device peak (best of a large matmul and a 3x3 convolution): "
+          + ", ".join(f"{p} {t:.3g} TFLOP/s" for p, t in peaks.items())
+          + (f"; fp32 is {report['fp32_math']}" + (" (TF32)" if report["fp32_math"] == "tf32" else " float32")
+             if device.type == "cuda" else ""))
+    for config in configs:
+        if "forward" not in skip:
+            rows = as_dicts(bench_forward(config, variants, batch_sizes, device, args.warmup, args.iters,
+                                                peaks=peaks))
+            report["forward"] += rows
+            print(f"\n== UNet forward, config {config} ==")
+            print(format_table(rows, ["variant", "batch_size", "images_per_s", "s_per_forward",
+                                         "speedup_vs_baseline", "gflop_per_image", "achieved_tflops",
+                                         "utilisation"]))
+            print(ceiling_note(rows, peaks))
+        if "sampling" not in skip:
+            rows = bench_sampling(config, variants, device, args.sample_batch, args.measure_sampling)
+            report["sampling"] += rows
+            print(f"\n== seconds per sampled image, config {config} ==")
+            print(format_table(rows, ["variant", "sampler", "batch_size", "s_per_image", "how"]))
+        if "training" not in skip:
+            rows = bench_training(config, variants, device, args.train_batch, args.iters)
+            report["training"] += rows
+            print(f"\n== training, config {config} ==")
+            print(format_table(rows, ["variant", "batch_size", "images_per_s"]))
+    report["peak_memory_mb"] = peak_memory_mb(device)
+    print(f"\npeak memory: {report['peak_memory_mb']:.0f} MiB ({'GPU allocations' if device.type == 'cuda' else 'process RSS'})")
+    atomic_write_text(args.out, json.dumps(report, indent=2))
+    print(f"results written to {args.out}")
+    return 0

@@ -43,7 +43,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .. import fileio, hub, logger, metrics
-from .. import sample_util as su
+from ..cli import sampling as su
+from ..cli.flags import Flag, Parser, add_flags
+from ..cli.policy import run_main
+from ..errors import UsageError
 from ..feature_cache import load_cache, prepare_feature_cache
 from ..encoders import EncoderSpec, encode_images, encode_views
 from ..get_ssl_models import ENCODER_NAMES, weights_file
@@ -51,8 +54,7 @@ from ..image_datasets import encoder_input, load_data, model_input, to_rgb
 from ..precision import default_device, resolve_precision, resolve_speed
 from ..RCDM import RCDM
 from ..representation_ops import INTERPOLATIONS
-from ..sample_util import USER_ERRORS
-from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults, str2bool
+from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from ..train_util import TrainLoop, conditioned_batches
 
 REPORT = "index.html"
@@ -105,7 +107,7 @@ def load_photo(name: str) -> Image.Image:
     try:
         import skimage.data
     except ImportError:
-        raise SystemExit(
+        raise UsageError(
             "the quickstart's photographs ship with scikit-image: pip install scikit-image "
             "(or pip install 'guided-diffusion-rcdm[quickstart]')"
         ) from None
@@ -177,7 +179,7 @@ def choose_encoder(type_model: str, weights: str) -> tuple[EncoderSpec, str]:
         for name in candidates:
             source = weights_file(name)
             if source is None:
-                raise ValueError(f"--type_model {name}: not a published encoder, torchvision model or file")
+                raise UsageError(f"--type_model {name}: not a published encoder, torchvision model or file")
             url, cache_name = source
             if weights == "auto" and not _locally_available(cache_name):
                 continue
@@ -246,58 +248,50 @@ class Settings:
                 "diffusion_steps": 1000, "resblock_updown": False, "use_scale_shift_norm": True}
 
 
-def create_argparser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="quickstart.py",
-        description="Train a small RCDM on real photographs and write a browsable report, offline, on a CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--out_dir", default="quickstart_out", help="folder for everything, report included")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (the run takes ~2 min more)")
-    p.add_argument("--train_steps", type=int, default=0, help="train exactly this many steps instead of --minutes")
-    p.add_argument("--image_size", type=int, default=32, choices=(32, 64), help="resolution of the RCDM")
-    p.add_argument("--num_channels", type=int, default=32, help="UNet width (a multiple of 32)")
-    p.add_argument("--num_res_blocks", type=int, default=1)
-    p.add_argument("--batch_size", type=int, default=8,
-                   help="small batches: more steps in the budget, which matters more here than batch size")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema_rate", default="0.99", help="EMA rate of the weights sampled from")
-    p.add_argument("--norm_style", default="gn", choices=("gn", "cbn"),
-                   help="gn: the published architecture; cbn: the paper's conditional batch norm")
-    p.add_argument("--feat_drop_prob", type=float, default=0.0,
-                   help="train with a learned null representation for this fraction (enables guidance)")
-    p.add_argument("--guidance_scale", type=float, default=1.0,
-                   help="representation guidance when sampling (needs --feat_drop_prob > 0)")
-    p.add_argument("--predict_xstart", type=str2bool, default=True,
-                   help="the UNet predicts the clean image (learns the conditional mean fast; "
-                        "False: it predicts the noise, as the published models)")
-    p.add_argument("--crops_per_photo", type=int, default=10, help="training crops cut from each photograph")
-    p.add_argument("--samples_per_image", type=int, default=4, help="samples drawn from each held-out view")
-    p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim", "dpm++"))
-    p.add_argument("--sampling_steps", type=int, default=25)
-    p.add_argument("--interpolation_points", type=int, default=8)
-    p.add_argument("--type_model", default="auto",
-                   help="encoder: auto (the first published ResNet-50 on disk, else dino), dino, simclr, "
-                        "barlow, vicreg, supervised, a torchvision name or a checkpoint file")
-    p.add_argument("--encoder_weights", default="auto", choices=("auto", "published", "untrained"),
-                   help="auto: published weights if on disk (never downloads), else untrained")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="UNet compute precision: auto measures this machine (bf16 only where it is native "
-                        "and faster)")
-    p.add_argument("--encoder_precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="the frozen encoder's precision: auto is fp32 unless bf16 is native and faster")
-    p.add_argument("--inception_path", default="", help="FID Inception weights file (FID/IS are skipped "
-                   "without one unless it is in the torch.hub cache or --download_inception)")
-    p.add_argument("--download_inception", type=str2bool, default=False)
-    p.add_argument("--retrain", action="store_true", help="train again even if a trained model exists "
-                   "(the previous one is kept under another name)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--progress", type=str2bool, default=True, help="tqdm progress bars")
+# The quickstart's own flags; the others are the declared ones (`cli.flags`) with its defaults.
+QUICKSTART_FLAGS = (
+    Flag("minutes", 5.0, float, "training time budget (the run takes ~2 min more)"),
+    Flag("train_steps", 0, int, "train exactly this many steps instead of --minutes"),
+    Flag("crops_per_photo", 10, int, "training crops cut from each photograph"),
+    Flag("samples_per_image", 4, int, "samples drawn from each held-out view"),
+    Flag("interpolation_points", 8, int, "points of the interpolation, both ends included"),
+    Flag("encoder_weights", "auto", str, "auto: published weights if on disk (never downloads), else untrained",
+         choices=("auto", "published", "untrained")),
+    Flag("retrain", False, bool, "train again even if a trained model exists (the previous one is kept under "
+                                 "another name)"),
+)
+
+
+def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = Parser(prog=prog or "quickstart.py", description="Train a small RCDM on real photographs and write a "
+               "browsable report, offline, on a CPU.")
+    add_flags(p, "out_dir", "image_size", "num_channels", "num_res_blocks", "batch_size", "lr", "ema_rate",
+              "norm_style", "feat_drop_prob", "guidance_scale", "predict_xstart", "sampler", "steps", "type_model",
+              "precision", "encoder_precision", "inception_path", "download_inception", "seed", "progress",
+              defaults={"out_dir": "quickstart_out", "image_size": 32, "num_channels": 32, "num_res_blocks": 1,
+                        "batch_size": 8, "lr": 1e-3, "ema_rate": "0.99", "predict_xstart": True,
+                        "sampler": "ddim", "steps": 25, "type_model": "auto", "precision": "auto",
+                        "encoder_precision": "auto", "download_inception": False},
+              helps={"out_dir": "folder for everything, report included",
+                     "image_size": "resolution of the RCDM: 32 or 64",
+                     "batch_size": "small batches: more steps in the budget, which matters more here than batch size",
+                     "ema_rate": "EMA rate of the weights sampled from",
+                     "predict_xstart": "the UNet predicts the clean image (learns the conditional mean fast; "
+                                       "False: it predicts the noise, as the published models)",
+                     "type_model": "encoder: auto (the first published ResNet-50 on disk, else dino), dino, simclr, "
+                                   "barlow, vicreg, supervised, a torchvision name or a checkpoint file",
+                     "inception_path": "FID Inception weights file (FID/IS are skipped without one unless it is in "
+                                       "the torch.hub cache or --download_inception)"},
+              choices={"image_size": (32, 64), "precision": ("auto", "fp32", "bf16"),
+                       "encoder_precision": ("auto", "fp32", "bf16")})
+    for flag in QUICKSTART_FLAGS:
+        flag.add_to(p)
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    s = Settings(**{k: getattr(args, k) for k in Settings.__dataclass_fields__})
+    given = {**vars(args), "sampling_steps": args.steps}
+    s = Settings(**{k: given[k] for k in Settings.__dataclass_fields__})
     checks = [
         (s.minutes > 0 or s.train_steps > 0, "--minutes must be positive (or give --train_steps)"),
         (s.train_steps >= 0, "--train_steps must be 0 (use --minutes) or positive"),
@@ -306,7 +300,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         (s.batch_size >= 1, "--batch_size must be at least 1"),
         (s.crops_per_photo >= 1, "--crops_per_photo must be at least 1"),
         (s.samples_per_image >= 1, "--samples_per_image must be at least 1"),
-        (s.sampling_steps >= 1, "--sampling_steps must be at least 1"),
+        (s.sampling_steps >= 1, "--steps must be at least 1"),
         (s.interpolation_points >= 2, "--interpolation_points must be at least 2 (both ends)"),
         (0 <= s.feat_drop_prob < 1, "--feat_drop_prob must be in [0, 1)"),
         (s.guidance_scale == 1 or s.feat_drop_prob > 0,
@@ -314,7 +308,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise UsageError(message)
     return s
 
 
@@ -792,21 +786,10 @@ def _package_version() -> str:
         return "unknown"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """`rcdm quickstart` / scripts/quickstart.py: the exit status (2: a mistake, said in one line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = create_argparser()
+    parser = create_argparser(prog)
     args = parser.parse_args(argv)
-    try:
-        s = settings_from_args(args)
-    except ValueError as err:
-        parser.error(str(err))
-    command = shlex.join(["python", "scripts/quickstart.py", *argv])
-
-    try:
-        run(s, command)
-    except USER_ERRORS as err:
-        if os.environ.get("RCDM_DEBUG"):
-            raise
-        print(f"quickstart.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    command = shlex.join([*(prog.split() if prog else ["python", "scripts/quickstart.py"]), *argv])
+    return run_main(lambda: run(settings_from_args(args), command), parser.prog)
