@@ -178,7 +178,7 @@ def _run_train(args, **kw):
 
 def test_image_train_script_writes_checkpoints_logs_and_meta(photos, tmp_path):
     # the cache built by its own command, then used by training without building the encoder
-    proc = subprocess.run([sys.executable, "-m", "guided_diffusion_rcdm.feature_cache", "--data_dir", photos,
+    proc = subprocess.run([sys.executable, "-m", "guided_diffusion_rcdm", "cache", "--data_dir", photos,
                            "--type_model", "resnet18", "--pretrained_encoder", "False",
                            "--feat_cache", str(tmp_path / "cache"), "--num_workers", "0"],
                           capture_output=True, text=True, timeout=300, cwd=str(REPO))
