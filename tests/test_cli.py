@@ -90,6 +90,18 @@ def test_every_boolean_takes_the_originals_values_and_the_bare_switch(command):
         assert getattr(parse_args(parser, [*pos, f"--{name}", f"--{other}", "3"]), dest) is True
 
 
+def test_the_encoder_flags_are_the_same_in_every_command():
+    for command in ("train", "sample", "interpolate", "manipulate", "eval", "cache"):
+        options = _options(PARSERS[command]())
+        for name in ("type_model", "use_head", "pretrained_encoder", "encoder_normalize", "encoder_pooling",
+                     "encoder_input_size"):
+            assert name in options, (command, name)
+    pos = POSITIONAL.get("eval", [])
+    args = parse_args(evaluate.create_argparser(), [*pos, "--encoder_pooling", "mean_patch",
+                                                    "--encoder_input_size", "112"])
+    assert (args.encoder_pooling, args.encoder_input_size) == ("mean_patch", 112)
+
+
 def test_the_switches_of_the_original_work_everywhere():
     # `--use_head` bare was refused by image_eval before; `--feat_cond True` by the sampling scripts
     assert parse_args(evaluate.create_argparser(), ["s.npz", "--use_head"]).use_head is True
@@ -239,6 +251,9 @@ def test_evaluation_and_training_mistakes_are_one_line_status_2_and_write_nothin
         (["--data_dir", folder, "--lr", "fast", *common], ("--lr", "invalid float value")),
         (["--data_dir", folder, "--norm_style", "cbn", "--type_model", "resnet18", "--out_dir", run],
          ("--norm_style cbn", "--feat_cond")),
+        # an encoder that cannot be built as asked: before the output folder is touched
+        (["--data_dir", folder, "--encoder_pooling", "mean_patch", *common], ("--encoder_pooling", "resnet18",
+                                                                             "not a Vision Transformer")),
     ):
         _user_error(capsys, train.main, argv, run, *expect)
     _user_error(capsys, cache.main, ["--data_dir", folder], None, "--feat_cache is required")

@@ -23,6 +23,7 @@ from ..metrics import FID_WEIGHTS_FILE, METRICS, REF_RESIZE
 from ..precision import PRECISION_CHOICES
 from ..representation_ops import INTERPOLATIONS
 from ..samplers import SAMPLERS
+from ..vit_encoders import POOLINGS as VIT_POOLINGS
 from ..script_util import MODEL_FLAGS, str2bool
 
 
@@ -85,6 +86,10 @@ _DECLARED: list[Flag] = [
     Flag("encoder_normalize", None, help="encoder input scaling (default: the checkpoint's record, else the "
          "encoder's own: minus_one_one for the published encoders, imagenet for torchvision models)",
          choices=("minus_one_one", "imagenet")),
+    Flag("encoder_pooling", None, help="a Vision Transformer's representation: cls (the CLS token, default) or "
+         "mean_patch (the mean patch token after the final norm)", choices=VIT_POOLINGS),
+    Flag("encoder_input_size", None, int, "side of the square crop the encoder sees (default: the encoder's own, "
+         "224 for the ResNets)"),
     Flag("encoder_precision", "fp32", help="the frozen encoder's compute precision, separate from the UNet's: "
          "fp32 (exact, default), auto (bf16 only where this machine runs it natively and faster), bf16 or fp16",
          choices=PRECISION_CHOICES),
@@ -170,7 +175,8 @@ FLAGS: dict[str, Flag] = {f.name: f for f in _DECLARED}
 assert len(FLAGS) == len(_DECLARED), "a flag is declared twice"
 
 ORIGINAL_NO_EFFECT = ("no_shared", "G_shared", "submitit", "local_rank", "dist_url")
-ENCODER_FLAGS = ("type_model", "use_head", "pretrained_encoder", "encoder_normalize")
+ENCODER_FLAGS = ("type_model", "use_head", "pretrained_encoder", "encoder_normalize", "encoder_pooling",
+                 "encoder_input_size")
 SPEED_FLAGS = ("precision", "channels_last", "compile", "tf32")
 
 
