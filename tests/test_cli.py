@@ -260,6 +260,22 @@ def test_evaluation_and_training_mistakes_are_one_line_status_2_and_write_nothin
     _user_error(capsys, cache.main, ["--data_dir", root / "empty", "--feat_cache", run], run, "holds no images")
 
 
+def test_quickstart_and_benchmark_mistakes_are_one_line_status_2(inputs, capsys):
+    root = inputs["root"]
+    out = root / "qs"
+    for argv, expect in (
+        (["--num_channels", "48", "--out_dir", out], ("--num_channels must be a multiple of 32",)),
+        (["--steps", "0", "--out_dir", out], ("--steps must be at least 1",)),
+        (["--sampling_steps", "0", "--out_dir", out], ("--steps must be at least 1",)),  # the old name
+        (["--image_size", "48", "--out_dir", out], ("--image_size", "invalid choice")),
+        (["--retrain", "maybe", "--out_dir", out], ("--retrain", "boolean value expected")),
+        (["--out_dir", root / "a_file" / "qs"], ("--out_dir", "a_file", "cannot create it")),
+    ):
+        _user_error(capsys, quickstart.main, argv, out, *expect)
+    _user_error(capsys, benchmark.main, ["--device", "gpu"], None, "--device")
+    _user_error(capsys, benchmark.main, ["--iters", "x"], None, "--iters", "invalid int value")
+
+
 def test_an_unexpected_error_keeps_its_traceback_and_a_user_error_does_not():
     def bug():
         return 1 / 0

@@ -309,6 +309,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    su.check_out_dir(s.out_dir)  # a folder that cannot be created or written: before any work
     return s
 
 
