@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from .. import fileio, loading, logger
+from ..fileio import save_npz  # noqa: F401 (the commands write sample files with it)
 from ..errors import UsageError
 from ..image_datasets import find_images, load_rgb_image, model_input
 from ..loading import Components, check_model_path, resolve_device  # noqa: F401 (the commands use them)
@@ -150,15 +151,6 @@ def save_grid(rows: Sequence[torch.Tensor], path: str, padding: int = 2) -> str:
     # 4:4:4 chroma: the default 4:2:0 subsampling smears small samples.
     options = {"quality": 95, "subsampling": 0} if path.lower().endswith((".jpg", ".jpeg")) else {}
     fileio.save_image(Image.fromarray(arr), path, **options)
-    return path
-
-
-def save_npz(path: str, **arrays: Any) -> str:
-    """`np.savez` written to a temporary name and renamed (`fileio.atomic_write`), so a crash
-    never leaves half a file and a symbolic link at `path` is replaced, not followed."""
-    plain = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-             for k, v in arrays.items()}
-    fileio.atomic_write(path, lambda f: np.savez(f, **plain))
     return path
 
 
