@@ -235,7 +235,7 @@ def test_encoder_input_scaling_defaults_to_the_encoders_own_and_the_flag_overrid
 
 def test_fp16_loss_scaling_skips_overflowing_steps_and_is_checkpointed(tmp_path):
     model, diffusion = tiny_model()
-    batch = torch.rand(2, 3, 32, 32) * 2 - 1
+    batch = torch.rand(2, 3, 16, 16) * 2 - 1  # 16x16: fp16 is emulated on CPUs
     cond = {"feat": torch.randn(2, 512)}
 
     def make(m):
@@ -294,11 +294,12 @@ def test_training_steps_read_nothing_back_from_the_device_between_log_lines(prec
     from _host_traffic import HostTraffic
 
     model, diffusion = tiny_model()
-    batch = torch.rand(4, 3, 32, 32) * 2 - 1
-    cond = {"feat": torch.randn(4, 512)}
+    # 16x16 images, two microbatches of one: fp16 is emulated on CPUs (a 32x32 batch of 4 took 40 s)
+    batch = torch.rand(2, 3, 16, 16) * 2 - 1
+    cond = {"feat": torch.randn(2, 512)}
     logger.configure(dir=str(tmp_path), format_strs="csv")
-    loop = TrainLoop(model=model, diffusion=diffusion, data=_repeat(batch, cond), batch_size=4,
-                     microbatch=3, lr=1e-3, ema_rate="0.9,0.99", log_interval=3, save_interval=1000,
+    loop = TrainLoop(model=model, diffusion=diffusion, data=_repeat(batch, cond), batch_size=2,
+                     microbatch=1, lr=1e-3, ema_rate="0.9,0.99", log_interval=3, save_interval=1000,
                      resume_checkpoint="", precision=precision, progress=False, out_dir=str(tmp_path))
     loop.run_step(batch, cond)  # first step: optimizer state, autocast caches
     per_step = []
