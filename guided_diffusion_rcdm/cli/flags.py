@@ -62,8 +62,9 @@ def _model_flag(name: str) -> Flag:
     return Flag(name, spec.default, bool if kind is bool else kind, spec.help)
 
 
-ENCODER_HELP = ("encoder: dino, simclr, barlow, vicreg, supervised (the published ResNet-50s), a "
-                "torchvision model name or a checkpoint file")
+ENCODER_HELP = ("encoder: dino, simclr, barlow, vicreg, supervised (the published ResNet-50s), a Vision "
+                "Transformer (dino_vits16, dinov2_vits14, dinov2_vitb14_reg, mae_vitb16, mocov3_vitb16, "
+                "ibot_vitb16, ...: README's table), a torchvision model name or a checkpoint file")
 NO_EFFECT = "accepted for the original's command lines; no effect"
 
 _DECLARED: list[Flag] = [
