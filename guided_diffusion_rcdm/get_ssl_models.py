@@ -41,7 +41,6 @@ SSL_URLS = {
     # The original used resnet50(pretrained=True), i.e. these weights.
     "supervised": torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url,
 }
-RANDOM_INIT_SEED = 0
 DEFAULT_INPUT_SIZE = 224  # the crop every ResNet here was trained on
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".torch", ".ckpt", ".bin", ".safetensors")
 
@@ -253,23 +252,6 @@ SPLITTERS: dict[str, Callable[[object], tuple[StateDict, StateDict]]] = {
 }
 
 
-def _materialise(builder: Callable[[], nn.Module], sd: StateDict | None, what: str) -> nn.Module:
-    """Build a module; with `sd`, on the meta device and filled with the checkpoint's tensors
-    (no random init of weights that are about to be overwritten, no second copy in memory)."""
-    if sd is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            return builder()
-    with torch.device("meta"):
-        module = builder()
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    try:
-        hub.load_state_dict_checked(module, sd, strict=True, assign=True)
-    except hub.CheckpointMismatchError as err:
-        raise hub.CheckpointMismatchError(f"{what}: {err}") from None
-    return module
-
-
 def _published_encoder(name: str, use_head: bool, pretrained: bool, source: str | None = None,
                        obj=None) -> FrozenEncoder:
     if name == "supervised" and use_head:
@@ -287,8 +269,8 @@ def _published_encoder(name: str, use_head: bool, pretrained: bool, source: str 
         except hub.CheckpointError as err:
             raise hub.CheckpointError(f"{source}: {err}") from None
         del obj  # drop optimizer state, student weights, ... before building the model
-    trunk = _materialise(resnet50_trunk, trunk_sd, f"{name} trunk from {source}")
-    head = (_materialise(HEAD_BUILDERS[name], head_sd, f"{name} head from {source}")
+    trunk = hub.build_filled(resnet50_trunk, trunk_sd, f"{name} trunk from {source}")
+    head = (hub.build_filled(HEAD_BUILDERS[name], head_sd, f"{name} head from {source}")
             if use_head else None)
     return FrozenEncoder(trunk, head, use_head)
 
@@ -335,7 +317,7 @@ def strip_classifier(model: nn.Module) -> nn.Module:
 
 def _torchvision_encoder(name: str, pretrained: bool) -> FrozenEncoder:
     if not pretrained:
-        return FrozenEncoder(strip_classifier(_materialise(lambda: _build_torchvision(name),
+        return FrozenEncoder(strip_classifier(hub.build_filled(lambda: _build_torchvision(name),
                                                            None, name)), input_normalize="imagenet")
     weights = torchvision.models.get_model_weights(name).DEFAULT
     path = hub.download(weights.url)
@@ -343,7 +325,7 @@ def _torchvision_encoder(name: str, pretrained: bool) -> FrozenEncoder:
     if name.startswith("densenet"):
         sd = {(lambda m: m.group(1) + m.group(2) if m else k)(_DENSENET_LEGACY.match(k)): v
               for k, v in sd.items()}
-    model = _materialise(lambda: _build_torchvision(name, weights), sd, f"{name} from {path}")
+    model = hub.build_filled(lambda: _build_torchvision(name, weights), sd, f"{name} from {path}")
     return FrozenEncoder(strip_classifier(model), input_normalize="imagenet")
 
 
@@ -433,7 +415,7 @@ def _local_encoder(path: str, use_head: bool, pooling: str = "",
         )
     if use_head:
         warnings.warn(f"{path} has no projector head: use_head is ignored", stacklevel=3)
-    model = _materialise(lambda: _build_torchvision(arch), sd, f"{arch} from {path}")
+    model = hub.build_filled(lambda: _build_torchvision(arch), sd, f"{arch} from {path}")
     return FrozenEncoder(strip_classifier(model), input_normalize=meta.get("normalize", "imagenet"))
 
 

@@ -607,6 +607,50 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
+# Untrained encoders start from this seed, so two processes build the same "untrained" network.
+RANDOM_INIT_SEED = 0
+
+
+def fit_problem(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """One line on how `state_dict` fails to fit `module` exactly (keys and shapes), or None."""
+    expected = {k: _shape(v) for k, v in module.state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [k for k in expected if k in state_dict and _shape(state_dict[k]) != expected[k]]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. {k}: file {_shape(state_dict[k])}, "
+                     f"model {expected[k]})")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    return "; ".join(parts) or None
+
+
+def build_filled(builder, state_dict: Mapping[str, torch.Tensor] | None, what: str) -> torch.nn.Module:
+    """`builder()`'s module holding exactly `state_dict`'s tensors (as fp32), or, without one, its
+    own initialisation under `RANDOM_INIT_SEED`.
+
+    With a state dict the module is built on the meta device, so no random initialisation is spent
+    on weights about to be replaced and no second copy is held; every key must be there, no other,
+    with the same shape, else a one-line `CheckpointMismatchError` starting with `what`.
+    """
+    if state_dict is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return builder()
+    with torch.device("meta"):
+        module = builder()
+    problem = fit_problem(module, state_dict)
+    if problem:
+        raise CheckpointMismatchError(f"{what} does not fit: {problem}")
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()},
+                           strict=True, assign=True)
+    return module
+
+
 def load_state_dict_checked(
     model: torch.nn.Module,
     state_dict: Mapping[str, torch.Tensor],

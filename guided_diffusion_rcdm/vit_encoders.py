@@ -33,7 +33,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +43,6 @@ from .errors import UsageError
 POOLINGS = ("cls", "mean_patch")
 INPUT_SIZE = 224
 INPUT_NORMALIZE = "imagenet"  # ImageNet mean/std: how every method here fed its ViT
-RANDOM_INIT_SEED = 0
 StateDict = dict[str, torch.Tensor]
 
 _DINO = "https://dl.fbaipublicfiles.com/dino"
@@ -227,6 +225,8 @@ HEAD_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
 
 def build_timm_vit(spec: ViTSpec, input_size: int = INPUT_SIZE) -> nn.Module:
     """timm's architecture for `spec` at `input_size` pixels, no classifier, fused attention on."""
+    import timm  # imported here: it costs ~0.7 s, which every command not using a ViT would pay
+
     vit = timm.create_model(spec.timm_arch, pretrained=False, num_classes=0, global_pool="token",
                             img_size=input_size, **spec.timm_kwargs)
     use_fused_attention(vit)
@@ -445,43 +445,6 @@ def to_timm(spec: ViTSpec, trunk: StateDict, input_size: int = INPUT_SIZE) -> St
     return sd
 
 
-def _fit_message(module: nn.Module, sd: Mapping[str, torch.Tensor]) -> str | None:
-    """One line on how `sd` fails to fit `module` exactly, or None if it fits."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [k for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
-    if not (missing or unexpected or shapes):
-        return None
-    parts = []
-    if shapes:
-        k = shapes[0]
-        parts.append(f"{len(shapes)} of another shape (e.g. {k}: file {list(sd[k].shape)}, "
-                     f"model {list(expected[k])})")
-    if missing:
-        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-    return "; ".join(parts)
-
-
-def _filled(builder: Callable[[], nn.Module], sd: StateDict | None, what: str) -> nn.Module:
-    """Build a module; with `sd`, on the meta device, then take the file's tensors (strict: every
-    key, no other, same shapes; else a one-line `CheckpointMismatchError`)."""
-    if sd is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            return builder()
-    with torch.device("meta"):
-        module = builder()
-    problem = _fit_message(module, sd)
-    if problem:
-        raise hub.CheckpointMismatchError(f"{what} does not fit: {problem}")
-    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
-                           strict=True, assign=True)
-    return module
-
-
 def load_vit(spec: ViTSpec | str, obj=None, *, pooling: str = "cls", use_head: bool = False,
              input_size: int = INPUT_SIZE, source: str = "") -> tuple[ViTTrunk, nn.Module | None]:
     """(trunk, head or None) for `spec` from a loaded upstream file `obj` (None: fixed-seed
@@ -511,10 +474,10 @@ def load_vit(spec: ViTSpec | str, obj=None, *, pooling: str = "cls", use_head: b
                 f"{where}holds no {FAMILY_NAMES[spec.family]} head (head.* keys): use the training "
                 f"checkpoint {spec.head_url}"
             )
-    vit = _filled(lambda: build_timm_vit(spec, input_size), trunk_sd, f"{where}{spec.name} backbone")
+    vit = hub.build_filled(lambda: build_timm_vit(spec, input_size), trunk_sd, f"{where}{spec.name} backbone")
     head = None
     if use_head:
-        head = _filled(lambda: HEAD_BUILDERS[spec.family](spec.width), head_sd,
+        head = hub.build_filled(lambda: HEAD_BUILDERS[spec.family](spec.width), head_sd,
                        f"{where}{spec.name} head")
     return ViTTrunk(vit, pooling), head
 

@@ -116,7 +116,7 @@ def test_wrong_shapes_in_an_upstream_file_name_the_key(tmp_path, torch_home, mon
     with pytest.raises(hub.CheckpointMismatchError) as err:
         get_model("simclr", use_head=True)
     message = str(err.value)
-    assert "2.weight: checkpoint [256, 2048], model [128, 2048]" in message
+    assert "2.weight: file [256, 2048], model [128, 2048]" in message
     assert len(message.splitlines()) < 12
 
 
