@@ -1,4 +1,4 @@
-"""Run scripts/image_train.py, but SIGKILL the process half-way through writing model<STEP>.pt.
+"""Run the training command (scripts/image_train.py), but SIGKILL the process half-way through writing model<STEP>.pt.
 
 `RCDM_TEST_KILL_AT_SAVE=STEP python tests/_train_kill_during_save.py <image_train flags>`: the
 real training and the real atomic save run; when the model file of step STEP is being written,
@@ -8,13 +8,13 @@ would, leaving whatever a real crash at that moment leaves.
 
 import io
 import os
-import runpy
 import signal
 import sys
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from guided_diffusion_rcdm.cli.train import main
+
 STEP = int(os.environ["RCDM_TEST_KILL_AT_SAVE"])
 _real_save = torch.save
 
@@ -33,5 +33,5 @@ def _save_then_die(obj, f, *args, **kwargs):
 
 
 torch.save = _save_then_die
-sys.argv = [os.path.join(REPO, "scripts", "image_train.py")] + sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+# scripts/image_train.py's own code: the `train` command of the command-line layer
+sys.exit(main(sys.argv[1:], prog="image_train.py"))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -276,7 +278,7 @@ def test_quickstart_and_benchmark_mistakes_are_one_line_status_2(inputs, capsys)
     _user_error(capsys, benchmark.main, ["--iters", "x"], None, "--iters", "invalid int value")
 
 
-def test_an_unexpected_error_keeps_its_traceback_and_a_user_error_does_not():
+def test_an_unexpected_error_keeps_its_traceback_and_a_user_error_does_not(monkeypatch):
     def bug():
         return 1 / 0
 
@@ -287,6 +289,10 @@ def test_an_unexpected_error_keeps_its_traceback_and_a_user_error_does_not():
         raise UsageError("--flag x: what to do")
 
     assert run_main(mistake, "rcdm test") == 2
+
+    monkeypatch.setenv("RCDM_DEBUG", "1")  # the traceback of a mistake, on demand
+    with pytest.raises(UsageError, match="--flag x"):
+        run_main(mistake, "rcdm test")
 
 
 def test_the_rcdm_command_runs_every_subcommand(tmp_path, capsys):
@@ -303,5 +309,7 @@ def test_the_rcdm_command_runs_every_subcommand(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "guided_diffusion_rcdm", "train", "--data_dir", str(tmp_path)],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("rcdm train: error: --data_dir"), proc.stderr
+    # the entry point setup.py installs as `rcdm` resolves to this function
     setup = (REPO / "setup.py").read_text()
-    assert '"rcdm = guided_diffusion_rcdm.__main__:main"' in setup
+    target = re.search(r'"rcdm = ([\w.]+:\w+)"', setup).group(1)
+    assert pkgutil.resolve_name(target) is rcdm_command.main
