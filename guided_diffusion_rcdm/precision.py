@@ -20,7 +20,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -386,6 +386,33 @@ def autocast(precision: str, device) -> contextlib.AbstractContextManager:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     device_type = device if isinstance(device, str) else torch.device(device).type
     return torch.autocast(device_type=torch.device(device_type).type, dtype=dtype)
+
+
+def fastest_thread_count(work: Callable[[], object], candidates: Sequence[int] | None = None,
+                         repeats: int = 3) -> tuple[int, dict[int, float]]:
+    """Run `work` (one unit of the real job, e.g. a training step's forward and backward) at each
+    CPU thread count in `candidates` (default: torch's current count and 1), leave torch on the
+    fastest and return it with the median seconds of each.
+
+    Small models are mostly per-operation overhead: there one thread can beat two, and a second
+    thread that waits for a core taken by another process makes every step several times slower.
+    Which is faster depends on the machine and its load, so it is measured, not assumed.
+    """
+    current = torch.get_num_threads()
+    candidates = sorted({current, 1} if candidates is None else set(candidates), reverse=True)
+    seconds: dict[int, float] = {}
+    for n in candidates:
+        torch.set_num_threads(n)
+        work()  # warm-up: first calls allocate and pick kernels
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+        seconds[n] = sorted(times)[len(times) // 2]
+    best = min(seconds, key=seconds.get)
+    torch.set_num_threads(best)
+    return best, seconds
 
 
 class AutocastModel(nn.Module):

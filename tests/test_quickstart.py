@@ -70,6 +70,7 @@ def test_report_says_what_was_run_and_scored(first_run):
     out, proc = first_run
     html = (out / "index.html").read_text(encoding="utf-8")
     assert "UNTRAINED resnet18" in html and "UNTRAINED resnet18" in proc.stdout  # said plainly, both places
+    assert re.search(r"training on [12] CPU threads? \(a step's forward and backward: 1 thread \d+ ms", proc.stdout)
     assert "python scripts/quickstart.py --out_dir" in html and "--train_steps 2" in html
     for word in ("shuffled control", "mean reciprocal rank", "FID and IS were not computed", "Interpolation",
                  "Manipulation", "CC0"):

@@ -172,3 +172,23 @@ def test_the_real_micro_benchmark_agrees_with_a_direct_timing():
         pytest.skip(f"bf16 and fp32 are too close to call on this machine ({speedup:.2f}x)")
     expected = "bf16" if features.native_bf16 and speedup >= 1.5 else "fp32"
     assert choice.precision == expected, (choice.reason, f"direct timing: bf16 {speedup:.2f}x fp32")
+
+
+@pytest.mark.parametrize("slow_at", [2, 1])
+def test_the_thread_count_is_the_one_that_ran_the_work_fastest(slow_at):
+    """The work is slow at one thread count: that count loses, torch is left on the other, and the
+    returned timings are the ones measured at each count."""
+    before = torch.get_num_threads()
+    calls = []
+
+    def work():
+        calls.append(torch.get_num_threads())
+        time.sleep(0.03 if torch.get_num_threads() == slow_at else 0.001)
+
+    try:
+        best, seconds = P.fastest_thread_count(work, candidates=(2, 1), repeats=3)
+        assert best == (1 if slow_at == 2 else 2) and torch.get_num_threads() == best
+        assert set(seconds) == {1, 2} and seconds[slow_at] > 0.02 > seconds[best]
+        assert calls.count(1) == calls.count(2) == 4  # a warm-up and three timed runs each
+    finally:
+        torch.set_num_threads(before)

@@ -51,7 +51,7 @@ from ..feature_cache import load_cache, prepare_feature_cache
 from ..encoders import EncoderSpec, encode_images, encode_views
 from ..get_ssl_models import ENCODER_NAMES, weights_file
 from ..image_datasets import encoder_input, load_data, model_input, to_rgb
-from ..precision import default_device, resolve_precision, resolve_speed
+from ..precision import default_device, fastest_thread_count, resolve_precision, resolve_speed
 from ..RCDM import RCDM
 from ..representation_ops import INTERPOLATIONS
 from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -358,6 +358,8 @@ def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder:
         channels_last=speed.channels_last, checkpoint_meta=meta, max_steps=s.train_steps, progress=s.progress,
         max_seconds=0.0 if s.train_steps else 60.0 * s.minutes,
     )
+    if device.type == "cpu":
+        _choose_threads(loop, s, ssl_dim, device, speed.channels_last)
     first = loop.step
     if first:
         print(f"  resuming the unfinished training in {run_dir} at step {first}", flush=True)
@@ -372,6 +374,29 @@ def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder:
                                                                        / max(seconds, 1e-9), 2)}
     logger.reset()
     return record
+
+
+def _choose_threads(loop: TrainLoop, s: Settings, ssl_dim: int, device: torch.device,
+                    channels_last: bool) -> None:
+    """Train on the CPU thread count that runs this model's steps fastest here and now (measured:
+    the quickstart's tiny UNet is mostly per-operation overhead, where one thread can beat two)."""
+
+    x = torch.randn(s.batch_size, 3, s.image_size, s.image_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    feat = torch.randn(s.batch_size, ssl_dim, device=device)
+    t = torch.arange(s.batch_size, device=device) * (loop.diffusion.num_timesteps // s.batch_size)
+
+    def forward_backward() -> None:
+        loss = loop.diffusion.training_losses(loop.forward_model, x, t, model_kwargs={"feat": feat})["loss"]
+        loss.mean().backward()
+
+    with torch.random.fork_rng(devices=[]):  # the probe's noise must not shift training's random stream
+        threads, seconds = fastest_thread_count(forward_backward)
+    loop.model.zero_grad(set_to_none=True)
+    timings = ", ".join(f"{n} thread{'s' if n > 1 else ''} {1000 * sec:.0f} ms" for n, sec in seconds.items())
+    print(f"  training on {threads} CPU thread{'s' if threads > 1 else ''} (a step's forward and backward: "
+          f"{timings})", flush=True)
 
 
 # ----------------------------------------------------------------------------- report pieces
