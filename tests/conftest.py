@@ -14,6 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from guided_diffusion_rcdm import logger  # noqa: E402
+
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
 
@@ -29,6 +31,14 @@ def _private_speed_cache(tmp_path_factory):
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_log_left_open():
+    """A test that trains in-process configures the run's log; closed after it, so a later test's
+    console lines go to stderr as they would in a fresh process, whatever the test order."""
+    yield
+    logger.reset()
 
 
 @pytest.fixture
