@@ -82,10 +82,17 @@ def test_a_stop_signal_saves_the_current_step_and_resuming_continues_from_it(pho
     assert list_checkpoint_steps(str(out)) == [step + 1, step]
 
 
+def _as_in_a_terminal() -> None:
+    # A job started in the background by a non-interactive shell (nohup, `cmd &`) inherits SIGINT
+    # ignored, and the trainer keeps an ignored signal ignored; ctrl-c comes from a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_saves_then_exits_without_a_traceback(photos, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, SCRIPT, *_argv(photos, out, 100000)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_as_in_a_terminal)
     _signal_after(proc, out, 1, signal.SIGINT)
     output = proc.communicate(timeout=180)[0]
     assert proc.returncode == 130, output[-3000:]
