@@ -34,7 +34,7 @@ setup(
         "safetensors": ["safetensors"],
         # the offline quickstart trains on the photographs scikit-image ships
         "quickstart": ["scikit-image"],
-        "test": ["pytest", "scikit-image", "safetensors", "submitit"],
+        "test": ["pytest", "pytest-xdist", "scikit-image", "safetensors", "submitit"],
         # `pip install .[mpi-test]`: mpi4py plus an MPI (mpich) with mpiexec, for the MPI launch test
         "mpi-test": ["mpi4py", "mpich"],
     },
