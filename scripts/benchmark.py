@@ -1,15 +1,5 @@
-r"""Benchmark the UNet: forward throughput, time per sampled image, training speed, peak memory.
-
-Every figure is compared with a baseline run in the same process (the original's fp32 eager
-forward: einsum attention, contiguous tensors); variants are timed in turns. The device's peak per
-precision is measured first, so each forward also gets its utilisation of that peak, and the
-ceiling (every precision at 100% of its peak, as a multiple of the baseline) is printed.
-Prints tables and writes JSON. See docs/speed.md for figures and what the flags mean.
-
-    python scripts/benchmark.py                          # 128x128 and small configs, batch 1 and 8
-    python scripts/benchmark.py --configs small --compile
-    python scripts/benchmark.py --smoke                  # a tiny config, one iteration (the tests run this)
-"""
+"""Benchmark the UNet (`python scripts/benchmark.py --help`); the benchmark itself and its
+description are in guided_diffusion_rcdm/apps/benchmark.py."""
 
 import sys
 
