@@ -15,6 +15,7 @@ The Vision Transformers of `vit_encoders` (DINO, DINOv2, MAE, MoCo v3, iBOT) com
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -40,6 +41,11 @@ SSL_URLS = {
     "vicreg": "https://dl.fbaipublicfiles.com/vicreg/resnet50_fullckpt.pth",
     # The original used resnet50(pretrained=True), i.e. these weights.
     "supervised": torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url,
+}
+# Published trunk-only files (no projector head; DINO's is 94 MB against its full checkpoint's
+# ~12x more): read when the head is not asked for and no full checkpoint is at hand.
+TRUNK_URLS = {
+    "dino": "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
 }
 DEFAULT_INPUT_SIZE = 224  # the crop every ResNet here was trained on
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".torch", ".ckpt", ".bin", ".safetensors")
@@ -252,6 +258,47 @@ SPLITTERS: dict[str, Callable[[object], tuple[StateDict, StateDict]]] = {
 }
 
 
+def split_trunk_file(obj) -> tuple[StateDict, StateDict]:
+    """A published trunk-only file (`TRUNK_URLS`): the ResNet-50's state dict without `fc`."""
+    sd = _strip_prefixes(obj, ("module.", "backbone.")) if hub._is_state_dict(obj) else None
+    if sd is None or "conv1.weight" not in sd:
+        raise hub.CheckpointError("not a ResNet-50 trunk state dict (conv1.weight, layer1.*, ...)")
+    return _trunk_only(sd), {}
+
+
+def _published_file(name: str, use_head: bool) -> tuple[str, Callable]:
+    """(URL, splitter) of the file `get_model(name)` reads: the full checkpoint, or the trunk-only
+    file (`TRUNK_URLS`) when the head is not needed and the full checkpoint is not at hand."""
+    full = (SSL_URLS[name], SPLITTERS[name])
+    if use_head or name not in TRUNK_URLS or hub.local_copy(SSL_URLS[name]) is not None:
+        return full
+    return TRUNK_URLS[name], split_trunk_file
+
+
+def _download_published(name: str, use_head: bool) -> tuple[str, Callable]:
+    """(local path, splitter) of `_published_file`'s file, downloaded if need be; a trunk-only
+    file that cannot be fetched (a mirror without it) gives way to the full checkpoint."""
+    url, split = _published_file(name, use_head)
+    try:
+        # the download must split into trunk (and head) before it enters the cache
+        return str(hub.download(url, verify=lambda p: split(hub.safe_torch_load(p)))), split
+    except hub.ChecksumError:
+        raise
+    except hub.DownloadError as err:
+        if url == SSL_URLS[name]:
+            raise
+        try:
+            path = hub.download(SSL_URLS[name], verify=lambda p: SPLITTERS[name](hub.safe_torch_load(p)))
+        except hub.ChecksumError:
+            raise
+        except hub.DownloadError as full_err:
+            raise hub.DownloadError(
+                f"{err}\nThe full checkpoint (it holds the trunk too) could not be fetched either: "
+                f"{str(full_err).splitlines()[0]}"
+            ) from None
+        return str(path), SPLITTERS[name]
+
+
 def _published_encoder(name: str, use_head: bool, pretrained: bool, source: str | None = None,
                        obj=None) -> FrozenEncoder:
     if name == "supervised" and use_head:
@@ -260,12 +307,12 @@ def _published_encoder(name: str, use_head: bool, pretrained: bool, source: str 
         use_head = False
     trunk_sd = head_sd = None
     if pretrained:
+        split = SPLITTERS[name]
         if obj is None:
-            # the download must split into trunk (and head) before it enters the cache
-            source = str(hub.download(SSL_URLS[name], verify=lambda p: SPLITTERS[name](hub.safe_torch_load(p))))
+            source, split = _download_published(name, use_head)
             obj = hub.safe_torch_load(source)
         try:
-            trunk_sd, head_sd = SPLITTERS[name](obj)
+            trunk_sd, head_sd = split(obj)
         except hub.CheckpointError as err:
             raise hub.CheckpointError(f"{source}: {err}") from None
         del obj  # drop optimizer state, student weights, ... before building the model
@@ -437,14 +484,27 @@ def native_input_normalize(model: str) -> str:
     if key in torchvision_names() or key in vit_encoders.VIT_ENCODERS:
         return "imagenet"
     if _looks_like_path(model) and os.path.isfile(model):
-        obj, meta = _read_local(model)
-        layout = detect_layout(obj)
+        layout, normalize = _local_layout(model, with_normalize=True)
         if layout in vit_encoders.VIT_ENCODERS:
             return vit_encoders.INPUT_NORMALIZE
         if layout is not None:
             return "minus_one_one"
-        return str(meta.get("normalize", "imagenet"))
+        return normalize
     return "minus_one_one"
+
+
+def _local_layout(path: str, with_normalize: bool = False):
+    """`detect_layout` of a local file (and the `normalize` its meta records, "imagenet" if none),
+    remembered while the file is unchanged: an EncoderSpec asks for several of its defaults."""
+    st = os.stat(path)
+    layout, normalize = _read_layout(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    return (layout, normalize) if with_normalize else layout
+
+
+@functools.lru_cache(maxsize=8)
+def _read_layout(path: str, size: int, mtime_ns: int) -> tuple[str | None, str]:
+    obj, meta = _read_local(path)
+    return detect_layout(obj), str(meta.get("normalize", "imagenet"))
 
 
 def weights_file(model: str) -> tuple[str, str] | None:
@@ -452,7 +512,7 @@ def weights_file(model: str) -> tuple[str, str] | None:
     for a local file or an unknown name."""
     key = model.lower()
     if key in ENCODER_NAMES:
-        url = SSL_URLS[key]
+        url = _published_file(key, use_head=False)[0]
     elif key in vit_encoders.VIT_ENCODERS:
         spec = vit_encoders.vit_spec(key)
         return spec.url, spec.file_name or os.path.basename(spec.url)
@@ -463,6 +523,34 @@ def weights_file(model: str) -> tuple[str, str] | None:
     return url, os.path.basename(url)
 
 
+def weights_on_disk(model: str) -> str | None:
+    """The file `get_model(model)` (trunk) would read without the network, if there is one: in the
+    download cache or a directory `RCDM_MIRROR`, or `model` itself when it is a local file."""
+    key = model.lower()
+    if key in vit_encoders.VIT_ENCODERS:
+        path = vit_encoders.local_copy(vit_encoders.vit_spec(key))
+        return str(path) if path else None
+    source = weights_file(model)
+    if source is None:
+        return model if os.path.isfile(model) else None
+    path = hub.local_copy(*source)
+    return str(path) if path else None
+
+
+def fetch_weights(model: str) -> str:
+    """The file `get_model(model)` (trunk) reads, downloaded into the cache if need be (progress
+    bar, checksum, layout checked before it is cached); `hub.DownloadError` when it cannot be."""
+    key = model.lower()
+    if key in vit_encoders.VIT_ENCODERS:
+        return str(vit_encoders.download(vit_encoders.vit_spec(key)))
+    if key in ENCODER_NAMES:
+        return _download_published(key, use_head=False)[0]
+    source = weights_file(model)
+    if source is None:
+        raise UsageError(f"--type_model {model}: not a published encoder or torchvision model")
+    return str(hub.download(source[0], file_name=source[1]))
+
+
 def native_input_size(model: str) -> int:
     """The side of the square crop the encoder `get_model(model)` is fed by default: 224 for the
     published ResNets, torchvision models and local files (their training crop) and
@@ -471,9 +559,14 @@ def native_input_size(model: str) -> int:
 
 
 def native_pooling(model: str) -> str:
-    """The representation `get_model(model)` pools by default: "cls" for the Vision Transformers
-    named in `vit_encoders.VIT_ENCODERS`; "" (the architecture's one way) otherwise."""
-    return "cls" if model.lower() in vit_encoders.VIT_ENCODERS else ""
+    """The representation `get_model(model)` pools by default: "cls" for the Vision Transformers,
+    named in `vit_encoders.VIT_ENCODERS` or local files in a ViT layout (read to tell); "" (the
+    architecture's one way) otherwise."""
+    if model.lower() in vit_encoders.VIT_ENCODERS:
+        return "cls"
+    if _looks_like_path(model) and os.path.isfile(model) and _local_layout(model) in vit_encoders.VIT_ENCODERS:
+        return "cls"
+    return ""
 
 
 def _vit_encoder(trunk: nn.Module, head: nn.Module | None, use_head: bool) -> FrozenEncoder:

@@ -49,6 +49,7 @@ SHA256SUMS_ENV = "RCDM_SHA256SUMS"  # digest files in `sha256sum` format
 PUBLISHED_SHA256: dict[str, str | None] = {
     "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/"
     "dino_resnet50_pretrain_full_checkpoint.pth": None,
+    "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth": None,
     "https://dl.fbaipublicfiles.com/vissl/model_zoo/"
     "simclr_rn50_1000ep_simclr_8node_resnet_16_07_20.afe428c7/"
     "model_final_checkpoint_phase999.torch": None,
@@ -159,13 +160,87 @@ def _mirror_candidates(url: str, mirror: str, file_name: str) -> list[str]:
 
 def _failure_message(url: str, cache_path: Path, reason: str, tried: list[str]) -> str:
     tried_text = "".join(f"\n  tried: {t}" for t in tried)
-    return (
+    text = (
         f"could not download {url}: {reason}{tried_text}\n"
         f"To work offline, put the file by hand at {cache_path} (it is then used with no "
         f"network), or set {MIRROR_ENV} to a directory or base URL holding "
         f"'{cache_path.name}' (e.g. {MIRROR_ENV}=/shared/weights or "
         f"{MIRROR_ENV}=http://host/weights); {MIRROR_ENV} redirects every download."
     )
+    url_name = os.path.basename(urllib.parse.urlparse(url).path)
+    if url_name != cache_path.name and (cache_path.parent / url_name).is_file():
+        text += (
+            f"\n{cache_path.parent / url_name} is there, but several published files share the name "
+            f"'{url_name}': rename it to {cache_path.name}, or move it into a folder "
+            f"{cache_path.parent / _url_folder(url) / url_name}."
+        )
+    return text
+
+
+def _url_folder(url: str) -> str:
+    """The folder a URL's file sits in on its server (`.../vits_16/checkpoint_teacher.pth` -> `vits_16`)."""
+    return os.path.basename(os.path.dirname(urllib.parse.urlparse(url).path))
+
+
+def hand_placed_names(url: str, file_name: str | None = None, also: tuple[str, ...] = ()) -> list[str]:
+    """Where in the download cache (relative paths) a copy of `url` is used without the network:
+    its cache name first; where that is not the URL's own name (several published files share it,
+    such as iBOT's `checkpoint_teacher.pth`), also the authors' name inside a folder named like the
+    URL's (`vits_16/checkpoint_teacher.pth`) or one of `also` (e.g. the model's name)."""
+    url_name = os.path.basename(urllib.parse.urlparse(url).path)
+    name = file_name or url_name
+    names = [name]
+    if name != url_name:
+        names += [f"{_url_folder(url)}/{url_name}", *also]
+    return list(dict.fromkeys(names))
+
+
+def local_copy(url: str, file_name: str | None = None, also: tuple[str, ...] = ()) -> Path | None:
+    """The file `download(url, file_name=..., also=...)` would use without contacting any server:
+    in the download cache (see `hand_placed_names`) or in a directory `RCDM_MIRROR`; None when
+    there is none (not checked: its digest, which `download` checks)."""
+    cache = hub_cache_dir()
+    for rel in hand_placed_names(url, file_name, also):
+        if (cache / rel).is_file():
+            return cache / rel
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    if mirror:
+        candidates = _mirror_candidates(url, mirror, file_name or os.path.basename(urllib.parse.urlparse(url).path))
+        if "://" not in candidates[0]:
+            return next((Path(c) for c in candidates if os.path.isfile(c)), None)
+    return None
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a download of `url` can start now: the server it would contact (the `RCDM_MIRROR`
+    URL when one is set, through the proxy the environment names if any) accepts a connection
+    within `timeout` seconds, name lookup included. A directory mirror is no server: False."""
+    import socket
+    import threading
+
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    target = _mirror_candidates(url, mirror, "x")[0] if mirror else url
+    parts = urllib.parse.urlparse(target)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):
+        parts = urllib.parse.urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    # In a thread: name lookup has no timeout of its own and can hang for long offline.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
 
 
 def sha256_env_name(file_name: str) -> str:
@@ -258,6 +333,7 @@ def download(
     file_name: str | None = None,
     progress: bool = True,
     verify=check_loadable,
+    also: tuple[str, ...] = (),
 ) -> Path:
     """Return a local path to the file at `url`, downloading it into the torch.hub cache if needed.
 
@@ -267,20 +343,25 @@ def download(
     pass `verify(path)` (default: it loads as a checkpoint; callers add the expected layout) before
     it is renamed into the cache, so a failed or wrong file never lands there. With `RCDM_MIRROR`
     set, the URL is never contacted: a directory mirror's file is used in place, a URL mirror's
-    file is downloaded into the cache. The console says which file was used and its digest.
+    file is downloaded into the cache. The console says which file was used and its digest. A
+    file placed by hand in the cache is found under its cache name or, where that differs from the
+    URL's, under the authors' name in a folder (`hand_placed_names`; `also` adds folders).
     """
     name = file_name or os.path.basename(urllib.parse.urlparse(url).path)
     expected, where = _expected(url, name, sha256)
     cache_path = hub_cache_dir() / name
-    if cache_path.is_file():
-        digest = file_sha256(cache_path)
+    for rel in hand_placed_names(url, name, also):
+        placed = hub_cache_dir() / rel
+        if not placed.is_file():
+            continue
+        digest = file_sha256(placed)
         _check_digest(
-            digest, expected, str(cache_path),
+            digest, expected, str(placed),
             f"It does not match {where}. Delete it so that it is downloaded again, or replace it "
             "with the published file.",
         )
-        _announce(cache_path, name, digest, expected, where)
-        return cache_path
+        _announce(placed, name, digest, expected, where)
+        return placed
 
     mirror = os.environ.get(MIRROR_ENV, "").strip()
     sources = _mirror_candidates(url, mirror, name) if mirror else [url]

@@ -12,7 +12,9 @@ mapped onto timm's names here:
   table for 518-pixel inputs; or a training `teacher` checkpoint (`backbone.*`, chunked blocks).
 - MAE: `{"model": ...}` with the encoder (a decoder, `decoder_*` and `mask_token`, is dropped).
 - MoCo v3: `{"state_dict": ...}` with `module.base_encoder.*` (its `head.*` is the 3-layer projector),
-  `module.momentum_encoder.*` and `module.predictor.*` (both dropped).
+  `module.momentum_encoder.*` and `module.predictor.*` (both dropped); or the output of its
+  `convert_to_deit.py`, `{"model": ...}` with the base encoder's backbone (no projector): MAE's
+  layout, told apart by size (the ViT-S is MoCo v3's; the ViT-B of both is the same network).
 - iBOT: `{"state_dict": ...}` with the teacher backbone (`checkpoint_teacher.pth`), or the full
   checkpoint whose `teacher` holds `backbone.*` and `head.*` (the head's `last_layer`, `last_layer2`
   are not used).
@@ -138,6 +140,9 @@ VIT_ENCODERS: dict[str, ViTSpec] = {s.name: s for s in (
 )}
 
 FAMILIES = ("dino", "dinov2", "mae", "mocov3", "ibot")
+# The layouts a `{"model": <backbone>}` file may be: MAE's published encoders and the output of
+# MoCo v3's convert_to_deit.py (for DeiT fine-tuning) hold the same keys; the size tells them apart.
+DEIT_FAMILIES = ("mae", "mocov3")
 FAMILY_NAMES = {"dino": "DINO", "dinov2": "DINOv2", "mae": "MAE", "mocov3": "MoCo v3", "ibot": "iBOT"}
 HEAD_WIDTH = {"dino": 256, "ibot": 256, "mocov3": 256}
 
@@ -331,10 +336,13 @@ def split_mae(obj) -> tuple[StateDict, StateDict]:
 
 def split_mocov3(obj) -> tuple[StateDict, StateDict]:
     """MoCo v3 `{"state_dict": ...}` -> (base encoder, its projector `head.*`); the momentum
-    encoder and the predictor are dropped."""
+    encoder and the predictor are dropped. `convert_to_deit.py`'s output `{"model": ...}` ->
+    (backbone, {}): it keeps no projector."""
+    if isinstance(obj, Mapping) and "state_dict" not in obj and _state_dict(obj.get("model")) is not None:
+        return split_mae(obj)
     sd = _state_dict(obj.get("state_dict")) if isinstance(obj, Mapping) else None
     if sd is None:
-        raise _layout_error("mocov3", obj, "{'state_dict': <state dict>}")
+        raise _layout_error("mocov3", obj, "{'state_dict': <state dict>} or convert_to_deit.py's {'model': ...}")
     sd = _strip(sd, ("module.",))
     if "base_encoder.cls_token" not in sd:
         raise _layout_error("mocov3", sd, "'module.base_encoder.cls_token' among its keys")
@@ -379,18 +387,23 @@ def identify(obj, source: str = "the file") -> ViTSpec | None:
     family = detect_family(obj)
     if family is None:
         return None
+    families = (family,)
+    if family == "mae" and not any(k.startswith("decoder_") for k in obj["model"]):
+        families = DEIT_FAMILIES  # a backbone alone: MAE's file or MoCo v3's convert_to_deit.py output
     trunk, _ = SPLITTERS[family](obj)
     width = trunk["cls_token"].shape[-1]
     depth = len({k.split(".")[1] for k in trunk if k.startswith("blocks.")})
     patch = trunk["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in trunk else None
     registers = trunk["register_tokens"].shape[1] if "register_tokens" in trunk else 0
     for spec in VIT_ENCODERS.values():
-        if (spec.family, spec.width, spec.depth, spec.patch, spec.registers) == (
-                family, width, depth, patch, registers):
+        if spec.family in families and (spec.width, spec.depth, spec.patch, spec.registers) == (
+                width, depth, patch, registers):
             return spec
-    known = ", ".join(s.name for s in VIT_ENCODERS.values() if s.family == family)
+    known = ", ".join(s.name for s in VIT_ENCODERS.values() if s.family in families)
+    what = (f"a {FAMILY_NAMES[family]} ViT" if len(families) == 1 else
+            "a ViT backbone in the {'model': ...} layout (MAE's files, MoCo v3's convert_to_deit.py output)")
     raise hub.CheckpointError(
-        f"{source}: a {FAMILY_NAMES[family]} ViT of width {width}, {depth} blocks, patch {patch}"
+        f"{source}: {what} of width {width}, {depth} blocks, patch {patch}"
         f"{f', {registers} registers' if registers else ''} is none of the known encoders ({known})"
     )
 
@@ -482,17 +495,32 @@ def load_vit(spec: ViTSpec | str, obj=None, *, pooling: str = "cls", use_head: b
     return ViTTrunk(vit, pooling), head
 
 
+def published_file(spec: ViTSpec, use_head: bool = False) -> tuple[str, str | None, tuple[str, ...]]:
+    """`(URL, cache name, other cache paths)` of the file `download(spec, use_head)` reads. Where the
+    authors give several models' files one name (iBOT's `checkpoint_teacher.pth`), a copy under
+    that name in a folder named after the model (`ibot_vits16/checkpoint_teacher.pth`) or after the
+    URL's folder (`vits_16/checkpoint_teacher.pth`) in the download cache is used too."""
+    url, name = (spec.head_url, spec.head_file_name) if use_head else (spec.url, spec.file_name)
+    return url, name, (f"{spec.name}/{url.rsplit('/', 1)[1]}",)
+
+
+def local_copy(spec: ViTSpec, use_head: bool = False):
+    """The file `download(spec, use_head)` would read without the network, or None."""
+    url, name, also = published_file(spec, use_head)
+    return hub.local_copy(url, name, also)
+
+
 def download(spec: ViTSpec, use_head: bool = False):
     """The published file for `spec` (the one with the head when `use_head`) through the hub cache
     (`RCDM_MIRROR`, checksums), checked to hold the expected layout before it is cached."""
-    url, name = (spec.head_url, spec.head_file_name) if use_head else (spec.url, spec.file_name)
+    url, name, also = published_file(spec, use_head)
 
     def verify(path) -> None:
         trunk, head = SPLITTERS[spec.family](hub.safe_torch_load(path))
         if use_head and not head:
             raise hub.CheckpointError(f"no {FAMILY_NAMES[spec.family]} head (head.* keys)")
 
-    return hub.download(url, file_name=name, verify=verify)
+    return hub.download(url, file_name=name, verify=verify, also=also)
 
 
 def get_vit(name: str, *, pooling: str = "cls", use_head: bool = False, pretrained: bool = True,

@@ -146,3 +146,42 @@ def test_report_template_is_found_and_strict():
     assert {"score_rows", "fid_is", "command", "credit_rows"} <= fields
     with pytest.raises(KeyError):
         template.substitute({})
+
+
+def test_with_the_network_auto_downloads_dino_s_resnet50_once(tmp_path, monkeypatch, capsys):
+    """`--encoder_weights auto`, nothing on disk: when the network answers (here a URL RCDM_MIRROR on
+    127.0.0.1 serving a random-weight file in DINO's layout), DINO's published ResNet-50 trunk file is
+    downloaded once, verified, and is the encoder; when nothing answers, the untrained one as before."""
+    import torch
+
+    from guided_diffusion_rcdm import get_ssl_models, hub
+    from guided_diffusion_rcdm.apps.quickstart import choose_encoder
+    from helpers_hub import closed_port_url, layouts, random_state, serve_directory, sha256
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = get_ssl_models.TRUNK_URLS["dino"]
+    served = tmp_path / "served"
+    served.mkdir()
+    trunk = random_state({k: s for k, s in layouts()["dino"]["keys"].items() if not k.startswith("head.")},
+                         seed=3, big=1 << 16)
+    torch.save(trunk, served / url.rsplit("/", 1)[1])  # DINO's backbone file: the trunk's state dict
+    monkeypatch.setitem(hub.PUBLISHED_SHA256, url, sha256(served / url.rsplit("/", 1)[1]))
+
+    monkeypatch.setenv(hub.MIRROR_ENV, closed_port_url())  # offline: today's behaviour and message
+    spec, sentence = choose_encoder("auto", "auto")
+    assert spec.pretrained is False and "an UNTRAINED dino network" in sentence and url in sentence
+
+    with serve_directory(served) as base_url:
+        monkeypatch.setenv(hub.MIRROR_ENV, base_url)
+        spec, sentence = choose_encoder("auto", "auto")
+    cached = hub.hub_cache_dir() / "dino_resnet50_pretrain.pth"
+    assert "the network answers: downloading dino's published file once" in capsys.readouterr().out
+    assert spec.to_dict() == {"type_model": "dino", "use_head": False, "normalize": "minus_one_one",
+                              "input_size": 224, "pretrained": True, "pooling": ""}
+    assert f"a ResNet-50 trained with dino (published weights, {cached})" in sentence
+    assert sha256(cached) == sha256(served / cached.name)
+
+    monkeypatch.setenv(hub.MIRROR_ENV, closed_port_url())  # the network gone: the cached file serves
+    assert choose_encoder("auto", "auto") == (spec, sentence)
+    encoder = spec.build()
+    assert torch.equal(encoder.model.layer4[2].conv3.weight, trunk["layer4.2.conv3.weight"])

@@ -21,7 +21,7 @@ from guided_diffusion_rcdm import get_ssl_models, hub
 from guided_diffusion_rcdm import vit_encoders as vit
 from guided_diffusion_rcdm.get_ssl_models import get_model, representation_dim
 from guided_diffusion_rcdm.image_datasets import encoder_input
-from helpers_hub import random_tensor, serve_directory, sha256
+from helpers_hub import closed_port_url, random_tensor, serve_directory, sha256
 
 TOL = 1e-5
 DINOV2_FILE_SIZE = 518  # DINOv2's files hold a position table for 518-pixel inputs (37x37)
@@ -426,3 +426,74 @@ def test_bf16_autocast_runs_the_vit_in_bf16_and_stays_close():
             fast = encoder(x).float()
     assert seen == [torch.float32, torch.bfloat16]
     assert ((fast - exact).norm() / exact.norm()).item() < 3e-2
+
+
+# ----------------------------------------------------------------------------- the authors' own files
+
+
+def test_ibot_s_own_file_name_placed_by_hand_in_the_cache(tmp_path, monkeypatch):
+    """Every iBOT size's file is called checkpoint_teacher.pth: in a folder named after the model (or
+    the URL's folder) it is used; loose in the cache, the error names the file expected."""
+    spec = vit.VIT_ENCODERS["ibot_vits16"]
+    obj, backbone, _ = upstream_file(spec, seed=7)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv(hub.MIRROR_ENV, closed_port_url())  # offline
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    loose = cache / "checkpoint_teacher.pth"
+    torch.save(obj, loose)
+    with pytest.raises(hub.DownloadError) as err:
+        get_model("ibot_vits16")
+    text = str(err.value)
+    assert str(cache / "ibot_vits_16_checkpoint_teacher.pth") in text
+    assert f"{loose} is there" in text and "rename it to ibot_vits_16_checkpoint_teacher.pth" in text
+    assert str(cache / "vits_16" / "checkpoint_teacher.pth") in text
+
+    (cache / "vits_16").mkdir()
+    loose.rename(cache / "vits_16" / "checkpoint_teacher.pth")
+    assert vit.local_copy(spec) == cache / "vits_16" / "checkpoint_teacher.pth"
+    assert vit.local_copy(vit.VIT_ENCODERS["ibot_vitb16"]) is None  # the folder says which model
+    (cache / "ibot_vits16").mkdir()
+    (cache / "vits_16" / "checkpoint_teacher.pth").rename(cache / "ibot_vits16" / "checkpoint_teacher.pth")
+    _same_weights(get_model("ibot_vits16"), timm_reference(spec, backbone))
+
+
+@pytest.fixture(scope="module")
+def mocov3_deit_file(tmp_path_factory):
+    """What MoCo v3's convert_to_deit.py writes from the ViT-S training file: the base encoder's
+    backbone (its projector `head.*` left out), prefixes removed, under "model"."""
+    spec = vit.VIT_ENCODERS["mocov3_vits16"]
+    obj, backbone, _ = upstream_file(spec, seed=4)
+    prefix = "module.base_encoder."
+    model = {k[len(prefix):]: v for k, v in obj["state_dict"].items()
+             if k.startswith(prefix) and not k.startswith(prefix + "head")}
+    path = tmp_path_factory.mktemp("deit") / "vit-s-300ep_deit.pth"
+    torch.save({"model": model}, path)
+    return path, backbone
+
+
+def test_mocov3_convert_to_deit_output_loads_as_mocov3(mocov3_deit_file):
+    path, backbone = mocov3_deit_file
+    spec = vit.VIT_ENCODERS["mocov3_vits16"]
+    assert get_ssl_models.detect_layout(hub.safe_torch_load(path)) == "mocov3_vits16"
+    encoder = get_model(str(path))
+    assert encoder.model.vit.blocks[0].attn.num_heads == 12  # MoCo v3's ViT-S, not timm's 6 heads
+    _same_weights(encoder, timm_reference(spec, backbone))
+    with pytest.raises(hub.CheckpointError) as err:
+        get_model(str(path), use_head=True)
+    assert "holds no MoCo v3 head" in _one_line(err)
+    # this layout at no known size names both methods that write it
+    odd = {"model": {k: v for k, v in hub.safe_torch_load(path)["model"].items() if not k.startswith("blocks.11.")}}
+    with pytest.raises(hub.CheckpointError) as err:
+        get_ssl_models.detect_layout(odd)
+    assert "convert_to_deit.py" in _one_line(err) and "mocov3_vits16" in str(err.value)
+    assert "mae_vitb16" in str(err.value)
+
+
+def test_a_local_vit_file_records_its_pooling(mocov3_deit_file):
+    from guided_diffusion_rcdm.encoders import EncoderSpec
+
+    path, _ = mocov3_deit_file
+    record = EncoderSpec(str(path)).to_dict()
+    assert record["pooling"] == "cls" and record["normalize"] == "imagenet" and record["input_size"] == 224
+    assert EncoderSpec(str(path), pooling="mean_patch").to_dict()["pooling"] == "mean_patch"

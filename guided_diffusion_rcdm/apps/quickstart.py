@@ -3,7 +3,8 @@
 `python scripts/quickstart.py` needs no network and no downloaded weights. It takes the public-domain
 and CC0 photographs that ship with scikit-image, cuts training views (random crops) from most of
 them, encodes every view once with a frozen ResNet-50 (published weights when a published file is
-in the torch.hub cache or `RCDM_MIRROR`, otherwise a fixed-seed UNTRAINED one, said plainly), trains
+in the torch.hub cache or `RCDM_MIRROR`, or DINO's, downloaded once when the network answers;
+otherwise a fixed-seed UNTRAINED one, said plainly), trains
 a small RCDM for a time budget with the package's `TrainLoop`, then, through the package's `RCDM`
 module, samples from the representations of held-out views (the whole photos, which training never
 saw as such, and two photos it never saw at all), interpolates between two of them, edits one
@@ -49,7 +50,7 @@ from ..cli.policy import run_main
 from ..errors import UsageError
 from ..feature_cache import load_cache, prepare_feature_cache
 from ..encoders import EncoderSpec, encode_images, encode_views
-from ..get_ssl_models import ENCODER_NAMES, weights_file
+from ..get_ssl_models import ENCODER_NAMES, fetch_weights, weights_file, weights_on_disk
 from ..image_datasets import encoder_input, load_data, model_input, to_rgb
 from ..precision import default_device, fastest_thread_count, resolve_precision, resolve_speed
 from ..RCDM import RCDM
@@ -156,46 +157,55 @@ def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list
 # ----------------------------------------------------------------------------- the encoder
 
 
-def _locally_available(cache_name: str) -> bool:
-    """Whether a download of the file cached as `cache_name` can answer without the internet:
-    cached, or a mirror is set (a directory, or a URL the user chose for an offline cluster)."""
-    return (hub.hub_cache_dir() / cache_name).is_file() or bool(os.environ.get(hub.MIRROR_ENV, "").strip())
+PROBE_TIMEOUT_S = 3.0  # how long `--encoder_weights auto` waits to learn whether the network answers
 
 
 def choose_encoder(type_model: str, weights: str) -> tuple[EncoderSpec, str]:
     """`(encoder, sentence for the user)`: which encoder the quickstart uses, and why.
 
     `type_model="auto"` tries the published ResNet-50s (dino, simclr, barlow, vicreg, supervised)
-    in that order. `weights="auto"` uses published weights only when they are on disk (cache or
-    `RCDM_MIRROR`, never the internet), else the fixed-seed untrained network; "published" insists
-    (downloading if need be); "untrained" never looks.
+    in that order. `weights="auto"`: published weights already on disk (download cache or a
+    directory `RCDM_MIRROR`); else, when the network (or a URL `RCDM_MIRROR`) answers within
+    `PROBE_TIMEOUT_S`, the published file of dino (or of the encoder named) is downloaded once
+    (progress bar, verified like every download); else the fixed-seed untrained network, said
+    plainly. "published" insists (downloading if need be); "untrained" never looks.
     """
 
     candidates = list(ENCODER_NAMES) if type_model == "auto" else [type_model]
     fallback = "dino" if type_model == "auto" else type_model
     if os.path.isfile(type_model):
         return EncoderSpec(type_model), f"the encoder in the local file {type_model}"
+
+    def published(name: str) -> tuple[EncoderSpec, str] | None:
+        try:
+            path = fetch_weights(name)
+        except hub.DownloadError as err:
+            if weights == "published":
+                raise
+            print(f"  (published {name} weights not usable: {str(err).splitlines()[0]})", flush=True)
+            return None
+        what = f"a ResNet-50 trained with {name}" if name in ENCODER_NAMES else f"the {name} encoder"
+        return EncoderSpec(name), f"{what} (published weights, {path})"
+
     if weights != "untrained":
         for name in candidates:
-            source = weights_file(name)
-            if source is None:
+            if weights_file(name) is None:
                 raise UsageError(f"--type_model {name}: not a published encoder, torchvision model or file")
-            url, cache_name = source
-            if weights == "auto" and not _locally_available(cache_name):
+            if weights == "auto" and weights_on_disk(name) is None:
                 continue
-            try:
-                path = hub.download(url, file_name=cache_name)
-            except hub.DownloadError as err:
-                if weights == "published":
-                    raise
-                print(f"  (published {name} weights not usable: {str(err).splitlines()[0]})", flush=True)
-                continue
-            what = f"a ResNet-50 trained with {name}" if name in ENCODER_NAMES else f"the {name} encoder"
-            return EncoderSpec(name), f"{what} (published weights, {path})"
+            chosen = published(name)
+            if chosen:
+                return chosen
+    source = weights_file(fallback)
+    if weights == "auto" and hub.reachable(source[0], timeout=PROBE_TIMEOUT_S):
+        print(f"  no published weights on disk; the network answers: downloading {fallback}'s published "
+              f"file once into {hub.hub_cache_dir()} ({source[0]})", flush=True)
+        chosen = published(fallback)
+        if chosen:
+            return chosen
     where = f"{hub.hub_cache_dir()}" + (f" or {hub.MIRROR_ENV}" if os.environ.get(hub.MIRROR_ENV) else "")
     reason = ("--encoder_weights untrained" if weights == "untrained"
               else f"no published weights were found in {where}")
-    source = weights_file(fallback)
     hint = f" Put {source[1]} there (from {source[0]}) to use the trained one." if source else ""
     return EncoderSpec(fallback, pretrained=False), (
         f"an UNTRAINED {fallback} network (fixed-seed random weights) because {reason}. The samples and "
@@ -255,7 +265,8 @@ QUICKSTART_FLAGS = (
     Flag("crops_per_photo", 10, int, "training crops cut from each photograph"),
     Flag("samples_per_image", 4, int, "samples drawn from each held-out view"),
     Flag("interpolation_points", 8, int, "points of the interpolation, both ends included"),
-    Flag("encoder_weights", "auto", str, "auto: published weights if on disk (never downloads), else untrained",
+    Flag("encoder_weights", "auto", str, "auto: published weights on disk, else downloaded when the network "
+                                         "answers (once), else untrained",
          choices=("auto", "published", "untrained")),
     Flag("retrain", False, bool, "train again even if a trained model exists (the previous one is kept under "
                                  "another name)"),
