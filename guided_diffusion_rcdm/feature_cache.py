@@ -10,7 +10,7 @@ another encoder precision is refused (caches from before the precision was recor
 
 As a separate command (any launcher: torchrun, SLURM, mpiexec share the work by rank):
 
-    python -m guided_diffusion_rcdm.feature_cache --data_dir DATA --type_model dino --feat_cache DIR
+    rcdm cache --data_dir DATA --type_model dino --feat_cache DIR
 """
 
 from __future__ import annotations
