@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "quickstart.py"
 # A tiny budget: 2 training steps, one crop per photo, 2 samples per view, 2 sampling steps. resnet18
 # stands in for the ResNet-50 to keep the test short (same code path: an untrained torchvision net).
-TINY = ["--train_steps", "2", "--crops_per_photo", "1", "--samples_per_image", "2", "--sampling_steps", "2",
+TINY = ["--train_steps", "2", "--crops_per_photo", "1", "--samples_per_image", "2", "--steps", "2",
         "--interpolation_points", "3", "--type_model", "resnet18", "--num_channels", "32", "--progress", "False"]
 
 
@@ -84,14 +84,22 @@ def test_report_says_what_was_run_and_scored(first_run):
     assert "representation fidelity: 16 conditioning images x 2 samples" in proc.stdout
 
 
-def test_samples_file_is_readable_by_image_eval(first_run, offline_env):
+def _offline_here(monkeypatch, offline_env) -> None:
+    """This process gets the offline environment the quickstart's runs had."""
+    for key in ("TORCH_HOME", "RCDM_MIRROR", "RCDM_STATS_CACHE"):
+        monkeypatch.setenv(key, offline_env[key])
+
+
+def test_samples_file_is_readable_by_image_eval(first_run, offline_env, monkeypatch, capsys):
+    from guided_diffusion_rcdm.cli import evaluate
+
     out, _ = first_run
     with np.load(out / "samples.npz") as data:
         assert data["samples"].shape == (16, 2, 32, 32, 3) and data["features"].shape == (16, 512)
         assert not bool(data["encoder_pretrained"])
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "image_eval.py"), str(out / "samples.npz"),
-                           "--progress", "False"], capture_output=True, text=True, env=offline_env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    _offline_here(monkeypatch, offline_env)
+    # in this process (what scripts/image_eval.py calls): the file needs nothing but itself
+    assert evaluate.main([str(out / "samples.npz"), "--progress", "False"]) == 0, capsys.readouterr().err
     again = json.loads((out / "samples_eval.json").read_text())["fidelity"]["model"]
     first = json.loads((out / "scores.json").read_text())["fidelity"]["model"]
     assert again["mrr"] == pytest.approx(first["mrr"], abs=0.05)
@@ -107,12 +115,18 @@ def test_second_run_reuses_the_trained_model(first_run, offline_env, tmp_path):
     assert json.loads((out / "scores.json").read_text())["training"]["reused"] is True
 
 
-def test_bad_flags_fail_before_any_work(tmp_path, offline_env):
-    proc = _run(["--out_dir", str(tmp_path / "x"), "--num_channels", "48"], offline_env, cwd=tmp_path)
-    assert proc.returncode == 2 and "multiple of 32" in proc.stderr and not (tmp_path / "x").exists()
-    proc = _run(["--out_dir", str(tmp_path / "y"), "--encoder_weights", "published", "--type_model", "dino",
-                 "--train_steps", "1"], offline_env, cwd=tmp_path)
-    assert proc.returncode == 2 and "could not download" in proc.stderr and "Traceback" not in proc.stderr
+def test_bad_flags_fail_before_any_work(tmp_path, offline_env, monkeypatch, capsys):
+    # in this process (what scripts/quickstart.py calls): the mistakes stop it before any work
+    from guided_diffusion_rcdm.apps import quickstart
+
+    _offline_here(monkeypatch, offline_env)
+    assert quickstart.main(["--out_dir", str(tmp_path / "x"), "--num_channels", "48"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert quickstart.main(["--out_dir", str(tmp_path / "y"), "--encoder_weights", "published", "--type_model", "dino",
+                            "--train_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not download" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()
 
 
 def test_report_template_ships_with_the_package(tmp_path):

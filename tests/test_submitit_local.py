@@ -3,7 +3,6 @@
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,28 +66,28 @@ def test_local_job_with_two_tasks_requeues_on_preemption_and_resumes(tmp_path, m
     assert stdout.count("2 process(es) launched by submitit") == 2  # the first run and the requeued one
 
 
-def test_cli_without_slurm_says_what_to_do_and_keeps_the_original_flags(tmp_path):
+def test_cli_without_slurm_says_what_to_do_and_keeps_the_original_flags(tmp_path, monkeypatch, capsys):
+    # run_with_submitit.py's main, in this process: one line, exit status 2, nothing queued
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + "/usr/bin:/bin")  # no sbatch here
+    monkeypatch.chdir(tmp_path)
     photos = make_photo_dir(tmp_path / "photos", names=("coffee",))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + "/usr/bin:/bin"  # no sbatch here
-    proc = subprocess.run([sys.executable, str(REPO / "run_with_submitit.py"), "--nodes", "4", "--ngpus", "8",
-                           "--use_volta32", "--partition", "learnlab", "--comment", "x", "--timeout", "60",
-                           *TINY, "--feat_cond", "--data_dir", photos, "--type_model", "dino",
-                           "--out_dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
-    assert proc.returncode != 0
-    assert "SLURM is not available" in proc.stderr and "--local" in proc.stderr
-    proc = subprocess.run([sys.executable, str(REPO / "run_with_submitit.py"), "--data_dir", str(tmp_path / "nope"),
-                           "--local", "--out_dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
-    assert proc.returncode != 0 and "does not exist" in proc.stderr  # checked before anything is queued
-    assert "Traceback" not in proc.stderr
-    photos_dir = make_photo_dir(tmp_path / "few", names=("coffee",))
-    proc = subprocess.run([sys.executable, str(REPO / "run_with_submitit.py"), "--data_dir", photos_dir, "--local",
-                           "--image_size", "100", "--out_dir", str(tmp_path / "run2")],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "image_size" in proc.stderr and not (tmp_path / "run2" / "submitit").exists()  # nothing queued
+
+    def refused(argv: list) -> str:
+        assert run_with_submitit.main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith("run_with_submitit.py: error: "), err
+        return err
+
+    err = refused(["--nodes", "4", "--ngpus", "8", "--use_volta32", "--partition", "learnlab", "--comment", "x",
+                   "--timeout", "60", *TINY, "--feat_cond", "--data_dir", photos, "--type_model", "dino",
+                   "--out_dir", tmp_path / "run"])
+    assert "SLURM is not available" in err and "--local" in err
+    err = refused(["--data_dir", tmp_path / "nope", "--local", "--out_dir", tmp_path / "run"])
+    assert "does not exist" in err  # checked before anything is queued
+    err = refused(["--data_dir", photos, "--local", "--image_size", "100", "--out_dir", tmp_path / "run2"])
+    assert "image_size" in err and not (tmp_path / "run2" / "submitit").exists()  # nothing queued
 
 
 def test_the_launcher_needs_a_writable_out_dir_and_makes_it_absolute(tmp_path, monkeypatch):
