@@ -105,12 +105,18 @@ def test_samples_file_is_readable_by_image_eval(first_run, offline_env, monkeypa
     assert again["mrr"] == pytest.approx(first["mrr"], abs=0.05)
 
 
-def test_second_run_reuses_the_trained_model(first_run, offline_env, tmp_path):
+def test_second_run_reuses_the_trained_model(first_run, offline_env, tmp_path, monkeypatch, capsys):
+    # in this process (what scripts/quickstart.py calls; the first run was the script itself)
+    from guided_diffusion_rcdm.apps import quickstart
+
     out, _ = first_run
     model_dirs = sorted(p.name for p in out.iterdir() if p.name.startswith("model_"))
-    proc = _run(["--out_dir", str(out), *TINY], offline_env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "reusing the model trained earlier" in proc.stdout and "training for" not in proc.stdout
+    _offline_here(monkeypatch, offline_env)
+    monkeypatch.chdir(tmp_path)
+    status = quickstart.main(["--out_dir", str(out), *TINY])
+    stdout = capsys.readouterr().out
+    assert status == 0, stdout[-3000:]
+    assert "reusing the model trained earlier" in stdout and "training for" not in stdout
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("model_")) == model_dirs
     assert json.loads((out / "scores.json").read_text())["training"]["reused"] is True
 
