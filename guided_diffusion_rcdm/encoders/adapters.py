@@ -268,17 +268,44 @@ class HFEncoder(nn.Module):
                          "mean_patch (or cls)")
 
 
+def hf_model_class(transformers, config) -> Any:
+    """The class the model was saved as when it is a base model or a projecting one
+    (`CLIPVisionModelWithProjection`, `CLIPModel`, `Dinov2Model`, ...): `AutoModel` would drop an
+    image projection. A task model (`...ForImageClassification`) gives way to `AutoModel`."""
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        if cls is not None and arch.endswith(("Model", "WithProjection")):
+            return cls
+    return transformers.AutoModel
+
+
 def _hf_create(name: str, pretrained: bool, revision: str) -> tuple[nn.Module, str]:
     transformers = _import("hf")
     where = _hf_location(name, revision)
+    config = _hf_call(name, "cannot read its config", lambda: transformers.AutoConfig.from_pretrained(**where))
+    cls = hf_model_class(transformers, config)
+    if cls is transformers.AutoModel:
+        mapping = transformers.models.auto.modeling_auto.MODEL_MAPPING
+        cls_ = mapping[type(config)] if type(config) in mapping else None
+    else:
+        cls_ = cls
+    if cls_ is not None and not hasattr(cls_, "get_image_features") \
+            and getattr(cls_, "main_input_name", "pixel_values") != "pixel_values":
+        raise UsageError(f"--type_model hf:{name}: {cls_.__name__} is not a vision model (it takes "
+                         f"{cls_.main_input_name}, not pixel_values)")
     if pretrained:
-        model = _hf_call(name, "cannot load the model", lambda: transformers.AutoModel.from_pretrained(**where))
+        progress = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()  # the command's output stays its own lines
+        try:
+            model = _hf_call(name, "cannot load the model", lambda: cls.from_pretrained(**where))
+        finally:
+            if progress:
+                transformers.utils.logging.enable_progress_bar()
     else:
         from .. import hub
 
-        config = _hf_call(name, "cannot read its config", lambda: transformers.AutoConfig.from_pretrained(**where))
-        model = _hf_call(name, "no model for its config",
-                         lambda: hub.build_filled(lambda: transformers.AutoModel.from_config(config), None, name))
+        make = cls.from_config if cls is transformers.AutoModel else cls._from_config
+        model = _hf_call(name, "no model for its config", lambda: hub.build_filled(lambda: make(config), None, name))
     return model.float(), str(getattr(model.config, "_commit_hash", None) or revision or "")
 
 
