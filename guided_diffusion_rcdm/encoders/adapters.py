@@ -333,9 +333,7 @@ def _open_clip_model(rest: str, weights: str, pretrained: bool):
     if arch not in open_clip.list_models():
         raise UsageError(f"--type_model open_clip:{arch}: OpenCLIP has no such architecture "
                          "(open_clip.list_models() lists them)")
-    if not pretrained:
-        tag = None
-    elif tag is None:
+    if pretrained and tag is None:
         raise UsageError(f"--type_model open_clip:{arch} names no weights: add :TAG "
                          "(open_clip.list_pretrained_tags_by_model) or :FILE, or pass --pretrained_encoder False "
                          "for random weights")
@@ -346,7 +344,13 @@ def _open_clip_model(rest: str, weights: str, pretrained: bool):
     try:
         from .. import hub
 
-        return hub.build_filled(lambda: open_clip.create_model_and_transforms(arch, pretrained=tag), None, arch)
+        extra = {}
+        if not pretrained and tag and not os.path.isfile(tag):
+            # no weights, but the tag's preprocessing (SigLIP's 0.5 mean/std, ...), from OpenCLIP's table
+            cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+            extra = {f"image_{k}": cfg[k] for k in ("mean", "std") if k in cfg}
+        return hub.build_filled(lambda: open_clip.create_model_and_transforms(
+            arch, pretrained=tag if pretrained else None, **extra), None, arch)
     except (LocalEntryNotFoundError, OSError) as err:
         raise MissingInputError(
             f"--type_model open_clip:{rest}: the weights are not on this machine ({type(err).__name__}): fetch "
