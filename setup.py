@@ -34,7 +34,11 @@ setup(
         "safetensors": ["safetensors"],
         # the offline quickstart trains on the photographs scikit-image ships
         "quickstart": ["scikit-image"],
-        "test": ["pytest", "pytest-xdist", "scikit-image", "safetensors", "submitit"],
+        # encoders from Hugging Face transformers (hf:REPO_OR_DIR) and OpenCLIP (open_clip:ARCH)
+        "hf": ["transformers"],
+        "clip": ["open_clip_torch"],
+        "test": ["pytest", "pytest-xdist", "scikit-image", "safetensors", "submitit", "transformers",
+                 "open_clip_torch"],
         # `pip install .[mpi-test]`: mpi4py plus an MPI (mpich) with mpiexec, for the MPI launch test
         "mpi-test": ["mpi4py", "mpich"],
     },

@@ -40,6 +40,7 @@ SAMPLING_SETTINGS: dict[str, Any] = dict(
     encoder_normalize=None,
     encoder_pooling=None,
     encoder_input_size=None,
+    encoder_weights=None,
     device="",
     precision="",
     tf32=False,
@@ -94,6 +95,7 @@ def component_kwargs(settings: Mapping[str, Any], explicit: frozenset[str] | set
         pretrained_encoder=chosen("pretrained_encoder"),
         encoder_pooling=chosen("encoder_pooling"),
         encoder_input_size=chosen("encoder_input_size"),
+        encoder_weights=chosen("encoder_weights") if "encoder_weights" in settings else None,
         device=settings["device"] or None,
         precision=settings["precision"] or None,
         tf32=bool(settings["tf32"]),
@@ -137,6 +139,7 @@ class RCDM(nn.Module):
         pretrained_encoder: bool | None = None,
         encoder_pooling: str | None = None,
         encoder_input_size: int | None = None,
+        encoder_weights: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
         progress: bool = True,
@@ -147,7 +150,8 @@ class RCDM(nn.Module):
 
         The architecture and the encoder come from the checkpoint's record; `type_model`,
         `use_head`, `encoder_normalize`, `pretrained_encoder`, `encoder_pooling` ("cls" or
-        "mean_patch" for a Vision Transformer) and `encoder_input_size` override the encoder, and
+        "mean_patch" for a Vision Transformer), `encoder_input_size` and `encoder_weights` (a timm or
+        OpenCLIP weights file) override the encoder, and
         `model_flags` gives the architecture of a checkpoint that records none.
         `sampler` is ddpm, ddim or dpm++; `steps` its number of model calls (default: every step
         of the diffusion, or of `timestep_respacing`); `precision` fp32, bf16, fp16 or auto (default
@@ -159,7 +163,7 @@ class RCDM(nn.Module):
         return cls._from_keywords(
             str(path), type_model=type_model, use_head=use_head, encoder_normalize=encoder_normalize,
             pretrained_encoder=pretrained_encoder, encoder_pooling=encoder_pooling,
-            encoder_input_size=encoder_input_size, model_flags=model_flags,
+            encoder_input_size=encoder_input_size, encoder_weights=encoder_weights, model_flags=model_flags,
             timestep_respacing=timestep_respacing, device=device, precision=precision, sampler=sampler,
             steps=steps, guidance_scale=guidance_scale, eta=eta, clip_denoised=clip_denoised,
             channels_last=channels_last, compile=compile, progress=progress,
@@ -180,14 +184,14 @@ class RCDM(nn.Module):
     @classmethod
     def _from_keywords(cls, model_path: str, *, type_model, use_head, encoder_normalize=None,
                        pretrained_encoder=None, encoder_pooling=None, encoder_input_size=None,
-                       model_flags=None, timestep_respacing: str = "", device=None, precision=None, sampler: str = "ddpm", steps=None,
+                       encoder_weights=None, model_flags=None, timestep_respacing: str = "", device=None, precision=None, sampler: str = "ddpm", steps=None,
                        guidance_scale: float = 1.0, eta: float = 0.0, clip_denoised: bool = True,
                        channels_last: bool = False, compile: bool = False, progress: bool = True) -> "RCDM":
         flags = {**(model_flags or {}), "timestep_respacing": timestep_respacing}
         parts = load_components(model_path, type_model=type_model, use_head=use_head,
                                 encoder_normalize=encoder_normalize, pretrained_encoder=pretrained_encoder,
                                 encoder_pooling=encoder_pooling, encoder_input_size=encoder_input_size,
-                                device=device, precision=precision, model_flags=flags)
+                                encoder_weights=encoder_weights, device=device, precision=precision, model_flags=flags)
         settings = {
             **SAMPLING_SETTINGS, **flags, "model_path": model_path, "type_model": parts.encoder_info["type_model"],
             "use_head": parts.encoder_info["use_head"], "device": str(parts.device), "precision": precision or "",

@@ -139,18 +139,57 @@ def encoder_input(
     return normalize_for_encoder(arr_to_tensor(center_crop_arr(_as_pil(image), size)), normalize)
 
 
-def normalize_for_encoder(x: torch.Tensor, normalize: str = "minus_one_one") -> torch.Tensor:
-    """Re-scale images already in [-1, 1] (any shape ...x3xHxW) to the encoder's convention."""
+MEAN_STD_PREFIX = "mean="
+
+
+def normalization_name(mean, std) -> str:
+    """The input scaling for a library's per-channel `mean` and `std` (of images in [0, 1]):
+    "minus_one_one" for 0.5/0.5, "imagenet" for ImageNet's, else `mean=R,G,B;std=R,G,B` (exact
+    float values, so the record rebuilds the same scaling)."""
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    if len(mean) != 3 or len(std) != 3:
+        raise UsageError(f"an encoder's mean/std must give 3 channels, not {mean} / {std}")
+    if all(abs(m - 0.5) < 1e-7 for m in mean) and all(abs(s - 0.5) < 1e-7 for s in std):
+        return "minus_one_one"
+    if all(abs(a - b) < 1e-7 for a, b in zip(mean + std, IMAGENET_MEAN + IMAGENET_STD)):
+        return "imagenet"
+    return f"{MEAN_STD_PREFIX}{','.join(map(repr, mean))};std={','.join(map(repr, std))}"
+
+
+def parse_normalization(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) of a scaling name (`normalization_name`); None for "minus_one_one"; a
+    one-line `UsageError` for anything else."""
     if normalize == "minus_one_one":
-        return x
+        return None
     if normalize == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        return ((x + 1) / 2 - mean) / std
-    raise UsageError(
-        f"unknown encoder normalisation {normalize!r}: use 'minus_one_one' (the published "
-        "checkpoints) or 'imagenet'"
-    )
+        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    try:
+        mean_part, std_part = normalize.split(";")
+        if not (mean_part.startswith(MEAN_STD_PREFIX) and std_part.startswith("std=")):
+            raise ValueError
+        mean = tuple(float(v) for v in mean_part[len(MEAN_STD_PREFIX):].split(","))
+        std = tuple(float(v) for v in std_part[len("std="):].split(","))
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(
+            f"unknown encoder normalisation {normalize!r}: use 'minus_one_one' (the published "
+            "checkpoints), 'imagenet', or 'mean=R,G,B;std=R,G,B' (of images in [0, 1])"
+        ) from None
+    return mean, std
+
+
+def normalize_for_encoder(x: torch.Tensor, normalize: str = "minus_one_one") -> torch.Tensor:
+    """Re-scale images already in [-1, 1] (any shape ...x3xHxW) to the encoder's convention
+    (`parse_normalization`: [-1, 1] as is, else `((x + 1) / 2 - mean) / std`)."""
+    mean_std = parse_normalization(normalize)
+    if mean_std is None:
+        return x
+    mean = torch.tensor(mean_std[0], dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(mean_std[1], dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return ((x + 1) / 2 - mean) / std
 
 
 # ----------------------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def load_components(
     pretrained_encoder: bool | None = None,
     encoder_pooling: str | None = None,
     encoder_input_size: int | None = None,
+    encoder_weights: str | None = None,
     device: str | torch.device | None = None,
     precision: str | None = None,
     tf32: bool = False,
@@ -138,7 +139,7 @@ def load_components(
         `.safetensors`); empty: the published checkpoint for `type_model`/`use_head` (the README's
         `$MODEL_FLAGS_128`), downloaded once into the cache.
     :param type_model, use_head, encoder_normalize, pretrained_encoder, encoder_pooling,
-        encoder_input_size: the encoder (`EncoderSpec`'s fields); None takes the checkpoint's
+        encoder_input_size, encoder_weights: the encoder (`EncoderSpec`'s fields); None takes the checkpoint's
         record, else dino's trunk, pretrained, with the encoder's own input scaling and size.
     :param encoder: the whole encoder at once (an `EncoderSpec`), instead of the four above.
     :param model_flags: model/diffusion flags for checkpoints that do not record theirs, and the
@@ -159,7 +160,7 @@ def load_components(
     if encoder is None:
         given = {"name": type_model, "use_head": use_head, "input_normalize": encoder_normalize,
                  "pretrained": pretrained_encoder, "pooling": encoder_pooling or None,
-                 "input_size": encoder_input_size or None}
+                 "input_size": encoder_input_size or None, "weights": encoder_weights or None}
         encoder = EncoderSpec.resolve(given, recorded)
 
     frozen = encoder.build(device)

@@ -37,9 +37,11 @@ def cache(args: argparse.Namespace) -> None:
         raise UsageError("--feat_cache is required: the folder to write the cached representations in")
     paths = find_images(args.data_dir)
     dist_util.setup_dist()
+    spec = EncoderSpec.from_flags(args)
+    encoder = spec.build(dist_util.dev())  # a mistake in the encoder flags stops us before any write
     logger.configure(dir=args.feat_cache, format_strs="stdout")
     kept, feats = prepare_feature_cache(
-        args.feat_cache, args.data_dir, paths, EncoderSpec.from_flags(args),
+        args.feat_cache, args.data_dir, paths, spec, make_encoder=lambda: encoder,
         batch_size=args.batch_size, num_workers=args.num_workers, precision=args.encoder_precision,
     )
     logger.log(f"{len(kept)} images cached, representation width {feats.shape[-1]}")

@@ -64,7 +64,8 @@ def _model_flag(name: str) -> Flag:
 
 ENCODER_HELP = ("encoder: dino, simclr, barlow, vicreg, supervised (the published ResNet-50s), a Vision "
                 "Transformer (dino_vits16, dinov2_vits14, dinov2_vitb14_reg, mae_vitb16, mocov3_vitb16, "
-                "ibot_vitb16, ...: README's table), a torchvision model name or a checkpoint file")
+                "ibot_vitb16, ...: README's table), a torchvision model name, a checkpoint file, or a library's "
+                "model: timm:NAME, hf:REPO_OR_FOLDER, open_clip:ARCH[:TAG_OR_FILE], py:package.module:factory")
 NO_EFFECT = "accepted for the original's command lines; no effect"
 
 _DECLARED: list[Flag] = [
@@ -84,11 +85,14 @@ _DECLARED: list[Flag] = [
     Flag("use_head", False, bool, "the encoder's projector/head output instead of the trunk's"),
     Flag("pretrained_encoder", True, bool,
          "False: the encoder with fixed-seed random weights, no download (tests, offline)"),
-    Flag("encoder_normalize", None, help="encoder input scaling (default: the checkpoint's record, else the "
-         "encoder's own: minus_one_one for the published encoders, imagenet for torchvision models)",
-         choices=("minus_one_one", "imagenet")),
+    Flag("encoder_normalize", None, help="encoder input scaling: minus_one_one, imagenet or mean=R,G,B;std=R,G,B "
+         "(default: the checkpoint's record, else the encoder's own: minus_one_one for the published encoders, "
+         "imagenet for torchvision models, the library's mean/std for timm:, hf:, open_clip: models)"),
     Flag("encoder_pooling", None, help="a Vision Transformer's representation: cls (the CLS token, default) or "
-         "mean_patch (the mean patch token after the final norm)", choices=VIT_POOLINGS),
+         "mean_patch (the mean patch token after the final norm); for timm:/hf: models the default is the "
+         "library's own pooled output", choices=VIT_POOLINGS),
+    Flag("encoder_weights", None, help="local weights file of a timm: or open_clip: encoder (timm loads it through "
+         "pretrained_cfg_overlay; default: the library's own, from its cache)"),
     Flag("encoder_input_size", None, int, "side of the square crop the encoder sees (default: the encoder's own, "
          "224 for the ResNets)"),
     Flag("encoder_precision", "fp32", help="the frozen encoder's compute precision, separate from the UNet's: "
@@ -177,7 +181,7 @@ assert len(FLAGS) == len(_DECLARED), "a flag is declared twice"
 
 ORIGINAL_NO_EFFECT = ("no_shared", "G_shared", "submitit", "local_rank", "dist_url")
 ENCODER_FLAGS = ("type_model", "use_head", "pretrained_encoder", "encoder_normalize", "encoder_pooling",
-                 "encoder_input_size")
+                 "encoder_input_size", "encoder_weights")
 SPEED_FLAGS = ("precision", "channels_last", "compile", "tf32")
 
 

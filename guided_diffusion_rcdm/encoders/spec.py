@@ -1,11 +1,13 @@
 """The frozen encoder, described once, and the one loop that runs it over images.
 
 `EncoderSpec` says which encoder gives the representations: its name (a published encoder, a
-torchvision model or a local file), trunk or projector head, the input scaling and resolution it is
+torchvision model, a local file, or a library's model: `timm:NAME`, `hf:REPO_OR_DIR`,
+`open_clip:ARCH[:TAG_OR_FILE]`, `py:package.module:factory`, see `adapters`), its weights file
+and revision, trunk or projector head, the input scaling and resolution it is
 fed, whether it has its trained weights, and the width of what it returns. Its `to_dict()` is what
 checkpoints (`meta["encoder"]`), feature caches and sample files record; `from_dict()` reads those
 records, old ones included; `from_flags()` reads the command line's flags; `build()` gives the frozen
-encoder (`get_ssl_models.get_model`).
+encoder (`get_ssl_models.get_model`, or `adapters.build_library_encoder` for a library's model).
 
 `encode_images(encoder, images, ...)` is the one batched encode: file paths, PIL images, image
 tensors in [-1, 1] or uint8 arrays in, B x D float32 representations out, computed in eval mode
@@ -29,19 +31,23 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import logger, vit_encoders
-from .errors import MissingInputError, UsageError, UserError
-from .get_ssl_models import get_model, native_input_normalize, native_input_size, native_pooling, representation_dim
-from .image_datasets import (
+from .. import hub, logger, vit_encoders
+from ..errors import MissingInputError, UsageError, UserError
+from . import adapters
+from ..get_ssl_models import FrozenEncoder, get_model, native_input_normalize, native_input_size, native_pooling, representation_dim
+from ..image_datasets import (
     arr_to_tensor,
     center_crop_arr,
     load_rgb_image,
     loader_worker_init,
     normalize_for_encoder,
+    parse_normalization,
     to_rgb,
 )
-from .precision import autocast, resolve_precision
+from ..precision import autocast, resolve_precision
 
+# Named input scalings; a library's own mean/std is recorded as `mean=R,G,B;std=R,G,B`
+# (`image_datasets.normalization_name`).
 INPUT_NORMALIZATIONS = ("minus_one_one", "imagenet")
 # "": the architecture's one way (global average pool for CNNs); "cls" and "mean_patch" are the
 # choices a Vision Transformer offers (its class token, or the mean of its patch tokens).
@@ -55,8 +61,13 @@ RECORD_KEYS = {
     "input_size": "input_size",
     "pretrained": "pretrained",
     "pooling": "pooling",
+    "weights": "weights",
+    "weights_sha256": "weights_sha256",
+    "revision": "revision",
     "width": "width",
 }
+# Keys a record may hold that are not fields: derived from the name, written for the reader.
+DERIVED_KEYS = ("source",)
 # Field -> command-line flag (`from_flags`, `given_fields`). Flags a parser does not declare are
 # taken as not given.
 FLAGS = {
@@ -66,6 +77,7 @@ FLAGS = {
     "input_size": "encoder_input_size",
     "pretrained": "pretrained_encoder",
     "pooling": "encoder_pooling",
+    "weights": "encoder_weights",
 }
 # Field -> scalar saved in a sample file (.npz) by the sampling scripts.
 SAMPLE_FILE_KEYS = {
@@ -75,6 +87,9 @@ SAMPLE_FILE_KEYS = {
     "input_size": "encoder_input_size",
     "pretrained": "encoder_pretrained",
     "pooling": "encoder_pooling",
+    "weights": "encoder_weights",
+    "weights_sha256": "encoder_weights_sha256",
+    "revision": "encoder_revision",
 }
 
 
@@ -82,17 +97,25 @@ SAMPLE_FILE_KEYS = {
 class EncoderSpec:
     """Which frozen encoder gives the representations, and how it is fed.
 
-    :param name: a published encoder (dino, simclr, barlow, vicreg, supervised), a torchvision
-        classification model name, or the path of a local checkpoint file (layout detected).
+    :param name: a published encoder (dino, simclr, barlow, vicreg, supervised), a Vision
+        Transformer (`vit_encoders.VIT_ENCODERS`), a torchvision classification model name, the path
+        of a local checkpoint file (layout detected), or a library's model: `timm:NAME`,
+        `hf:REPO_OR_DIR`, `open_clip:ARCH[:TAG_OR_FILE]`, `py:package.module:factory` (`adapters`).
     :param use_head: the projector head's output instead of the trunk's (where the method has one).
-    :param input_normalize: "minus_one_one" (`x / 127.5 - 1`) or "imagenet" (mean/std); "" (the
-        default) becomes the encoder's own (`get_ssl_models.native_input_normalize`).
+    :param input_normalize: "minus_one_one" (`x / 127.5 - 1`), "imagenet" (mean/std) or
+        "mean=R,G,B;std=R,G,B"; "" (the default) becomes the encoder's own
+        (`get_ssl_models.native_input_normalize`, or the library's preprocessing).
     :param input_size: side of the square centre crop the encoder sees; 0 (the default) becomes the
-        encoder's own (224 for every ResNet).
+        encoder's own (224 for every ResNet; the library's for a library's model).
     :param pretrained: the published (or the local file's) weights; False: a fixed-seed random init,
         no download.
     :param pooling: which of the trunk's outputs is the representation: "cls" (the default for the
-        Vision Transformers) or "mean_patch"; "" for architectures that pool one way (ResNets).
+        Vision Transformers) or "mean_patch"; "" for architectures that pool one way (ResNets) and,
+        for a library's model, its own pooled output.
+    :param weights: a local weights file for a `timm:` or `open_clip:` model (`--encoder_weights`).
+    :param weights_sha256: the SHA-256 of the weights file (`weights`, the open_clip file, or the
+        `hf:` folder's), filled by `build`; a rebuild refuses a file that no longer has it.
+    :param revision: the Hugging Face snapshot (commit) of an `hf:` repo id; `build` records it.
     :param width: the representation's size, once known (`build` measures it); not part of the
         encoder's identity, so two specs that differ only in it are equal.
     """
@@ -103,6 +126,9 @@ class EncoderSpec:
     input_size: int = 0
     pretrained: bool = True
     pooling: str = ""
+    weights: str = ""
+    weights_sha256: str = field(default="", compare=False)
+    revision: str = ""
     width: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,22 +136,47 @@ class EncoderSpec:
         if not name:
             raise UsageError("--type_model is empty: name an encoder (e.g. dino) or a checkpoint file")
         set_ = object.__setattr__  # frozen: fill the native choices once, here
+        name = adapters.canonical_name(name)
         set_(self, "name", name)
         set_(self, "use_head", bool(self.use_head))
         set_(self, "pretrained", bool(self.pretrained))
+        weights = str(self.weights or "")
+        set_(self, "weights", os.path.abspath(os.path.expanduser(weights)) if weights else "")
+        set_(self, "weights_sha256", str(self.weights_sha256 or ""))
+        set_(self, "revision", str(self.revision or ""))
+        if self.source:
+            if self.use_head:
+                raise UsageError(f"--use_head: {name} gives the library's own representation; leave --use_head out")
+            if self.weights and not os.path.isfile(self.weights):
+                raise MissingInputError(f"--encoder_weights {weights}: no such file")
+            if not (self.input_normalize and self.input_size):
+                native = adapters.native_preprocess(name, self.weights, self.revision, self.pretrained)
+                set_(self, "input_normalize", str(self.input_normalize or native.normalize))
+                set_(self, "input_size", int(self.input_size or native.input_size))
+        elif self.weights or self.revision:
+            raise UsageError(f"--encoder_weights: {name} takes no separate weights file (only timm: and "
+                             "open_clip: models do); name the checkpoint file with --type_model")
         set_(self, "pooling", str(self.pooling or native_pooling(name)))
         set_(self, "input_normalize", str(self.input_normalize or native_input_normalize(name)))
         set_(self, "input_size", int(self.input_size or native_input_size(name)))
         if self.width is not None:
             set_(self, "width", int(self.width))
-        if self.input_normalize not in INPUT_NORMALIZATIONS:
+        try:
+            parse_normalization(self.input_normalize)
+        except UsageError:
             raise UsageError(f"--encoder_normalize {self.input_normalize!r}: choose one of "
-                             f"{', '.join(INPUT_NORMALIZATIONS)}")
+                             f"{', '.join(INPUT_NORMALIZATIONS)} or mean=R,G,B;std=R,G,B") from None
         if self.input_size < 1:
             raise UsageError(f"--encoder_input_size {self.input_size}: must be a positive number of pixels")
         if self.pooling not in POOLINGS:
             raise UsageError(f"--encoder_pooling {self.pooling!r}: choose one of "
                              f"{', '.join(p for p in POOLINGS if p)} (or leave it out)")
+
+    @property
+    def source(self) -> str:
+        """The library the encoder comes from: timm, hf, open_clip, py; "" for the project's own
+        (published encoders, Vision Transformers, torchvision models, local files)."""
+        return adapters.source_of(self.name)
 
     # ------------------------------------------------------------------ records
 
@@ -135,6 +186,11 @@ class EncoderSpec:
         record = {RECORD_KEYS[f.name]: getattr(self, f.name) for f in fields(self)}
         if record["width"] is None:
             del record["width"]
+        for key in ("weights", "weights_sha256", "revision"):  # the project's encoders have none
+            if not record[key]:
+                del record[key]
+        if self.source:
+            record["source"] = self.source
         return record
 
     @classmethod
@@ -183,13 +239,40 @@ class EncoderSpec:
         It carries `input_normalize`, `input_size` and `spec` (this spec with `width` measured), so
         `encode_images(encoder, ...)` feeds it as described.
         """
-        encoder = get_model(self.name, self.use_head, pretrained=self.pretrained, pooling=self.pooling,
-                            input_size=self.input_size)
+        spec = self
+        if self.source:
+            module, ident = adapters.build_library_encoder(
+                self.name, pretrained=self.pretrained, weights=self.weights, revision=self.revision,
+                pooling=self.pooling)
+            encoder = FrozenEncoder(module, input_normalize=self.input_normalize, input_size=self.input_size)
+            spec = replace(spec, revision=ident.get("revision") or self.revision,
+                           weights_sha256=self._checked_digest(ident.get("weights_file", "")))
+        else:
+            encoder = get_model(self.name, self.use_head, pretrained=self.pretrained, pooling=self.pooling,
+                                input_size=self.input_size)
         encoder = encoder.to(device or "cpu").eval().requires_grad_(False)
         encoder.input_normalize = self.input_normalize
         encoder.input_size = self.input_size
-        encoder.spec = self.with_width(representation_dim(encoder))
+        try:
+            width = representation_dim(encoder)
+        except ValueError as err:
+            if not self.source:
+                raise
+            raise UsageError(f"--type_model {self.name}: {err}") from None
+        encoder.spec = spec.with_width(width)
         return encoder
+
+    def _checked_digest(self, path: str) -> str:
+        """The SHA-256 of the weights file `path` ('' for none); a one-line error when the spec
+        records another (the file changed since the checkpoint or cache was made)."""
+        if not path:
+            return ""
+        digest = hub.file_sha256(path)
+        if self.weights_sha256 and digest != self.weights_sha256:
+            raise UsageError(f"--type_model {self.name}: the weights file {path} has SHA-256 {digest[:12]}..., "
+                             f"not the recorded {self.weights_sha256[:12]}...: it changed since the checkpoint "
+                             "or cache was made; put the original file back")
+        return digest
 
     def describe(self) -> str:
         """One phrase for logs, e.g. `dino (trunk, trained weights, input minus_one_one 224x224)`."""
@@ -197,6 +280,8 @@ class EncoderSpec:
         if self.pooling:
             part += f", {self.pooling}"
         weights = "trained weights" if self.pretrained else "UNTRAINED fixed-seed weights"
+        if self.weights:
+            weights = f"weights {self.weights}"
         width = f", {self.width}-d" if self.width else ""
         return (f"{self.name} ({part}{width}, {weights}, input {self.input_normalize} "
                 f"{self.input_size}x{self.input_size})")
@@ -209,6 +294,7 @@ class EncoderSpec:
 def record_fields(record: Mapping[str, Any]) -> dict[str, Any]:
     """Field -> value for what a record (`to_dict`'s keys) holds; None values count as absent."""
     by_key = {key: f for f, key in RECORD_KEYS.items()}
+    record = {k: v for k, v in record.items() if k not in DERIVED_KEYS}
     unknown = [k for k in record if k not in by_key]
     if unknown:
         raise UsageError(f"the encoder record {dict(record)} has unknown field(s) {unknown}: it was "
