@@ -31,10 +31,11 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import hub, logger, vit_encoders
+from .. import hub, logger
 from ..errors import MissingInputError, UsageError, UserError
 from . import adapters
-from ..get_ssl_models import FrozenEncoder, get_model, native_input_normalize, native_input_size, native_pooling, representation_dim
+from . import vits as vit_encoders
+from .resnets import FrozenEncoder, get_model, native_input_normalize, native_input_size, native_pooling, representation_dim
 from ..image_datasets import (
     arr_to_tensor,
     center_crop_arr,
