@@ -25,7 +25,7 @@ setup(
         "pillow",
         "tqdm",
     ],
-    # `rcdm train|sample|interpolate|manipulate|eval|cache|quickstart|benchmark`: the scripts' commands
+    # `rcdm train|sample|interpolate|manipulate|eval|cache|quickstart|benchmark|explore`: the scripts' commands
     entry_points={"console_scripts": ["rcdm = guided_diffusion_rcdm.__main__:main"]},
     extras_require={
         "mpi": ["mpi4py"],
@@ -34,7 +34,9 @@ setup(
         "safetensors": ["safetensors"],
         # the offline quickstart trains on the photographs scikit-image ships
         "quickstart": ["scikit-image"],
-        "test": ["pytest", "pytest-xdist", "scikit-image", "safetensors", "submitit"],
+        # `rcdm explore`: the interactive web app
+        "app": ["gradio"],
+        "test": ["pytest", "pytest-xdist", "scikit-image", "safetensors", "submitit", "gradio", "playwright"],
         # `pip install .[mpi-test]`: mpi4py plus an MPI (mpich) with mpiexec, for the MPI launch test
         "mpi-test": ["mpi4py", "mpich"],
     },
