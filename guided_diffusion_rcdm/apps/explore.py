@@ -412,11 +412,11 @@ def build_app(explorer: Explorer):
     guidance = bool(getattr(ex.rcdm.rcdm_model, "supports_guidance", False))
     queue = dict(concurrency_limit=1, concurrency_id="model")  # one sampling job at a time per model
 
-    def picker(label: str, value: str | None):
+    def picker(label: str, value: str | None, elem_id: str):
         with gr.Group():
             pick = gr.Dropdown(names, value=value, label=f"{label}: pick one of the set", allow_custom_value=False)
-            upload = gr.File(label=f"... or upload one (wins over the pick)", file_types=["image"], type="filepath",
-                             height=90)
+            upload = gr.File(label="... or upload one (wins over the pick)", file_types=["image"], type="filepath",
+                             height=90, elem_id=f"{elem_id}-upload")
         return pick, upload
 
     def sampling_controls(default_steps: int):
@@ -433,7 +433,7 @@ def build_app(explorer: Explorer):
         with gr.Tab("Samples"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    s_pick, s_upload = picker("image", first)
+                    s_pick, s_upload = picker("image", first, "samples")
                     s_k = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="samples (K)")
                     s_sampler, s_steps, s_seed = sampling_controls(ex.default_steps)
                     s_guid = gr.Slider(0.0, 5.0, value=1.0, step=0.25, interactive=guidance,
@@ -450,8 +450,8 @@ def build_app(explorer: Explorer):
         with gr.Tab("Interpolation"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    i_pick_a, i_up_a = picker("from", first)
-                    i_pick_b, i_up_b = picker("to", second)
+                    i_pick_a, i_up_a = picker("from", first, "from")
+                    i_pick_b, i_up_b = picker("to", second, "to")
                     i_methods = gr.CheckboxGroup(list(INTERPOLATIONS), value=list(INTERPOLATIONS), label="path")
                     i_points = gr.Slider(2, MAX_POINTS, value=8, step=1, label="points (both ends included)")
                     i_sampler, i_steps, i_seed = sampling_controls(ex.default_steps)
@@ -481,8 +481,8 @@ def build_app(explorer: Explorer):
         with gr.Tab("Manipulation"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    m_pick_s, m_up_s = picker("source", first)
-                    m_pick_t, m_up_t = picker("target (values transplanted)", second)
+                    m_pick_s, m_up_s = picker("source", first, "source")
+                    m_pick_t, m_up_t = picker("target (values transplanted)", second, "target")
                     m_folder = gr.Textbox(ex.images_folder, label="neighbour folder (images, searched recursively)")
                     n = max(1, len(names))
                     m_nn = gr.Slider(1, 50, value=min(20, n), step=1, label="neighbours")
