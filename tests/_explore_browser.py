@@ -91,9 +91,10 @@ def screenshot_tabs(url: str, out_dir: str | Path, photo: str | None = None) -> 
                 upload(page, photo)
             page.locator(button).click()
             wait_for_images(page, result, 1)
+            page.evaluate("window.scrollTo(0, 0)")
             page.wait_for_timeout(500)
             path = out_dir / f"explore_{tab.lower()}.png"
-            page.screenshot(path=str(path))
+            page.screenshot(path=str(path), full_page=True)
             small_png(path)
             shots.append(path)
     return shots

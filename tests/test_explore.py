@@ -217,14 +217,11 @@ def test_a_browser_uploads_a_photo_and_shows_the_samples(server, files, tmp_path
     assert Image.open(shot).size[0] > 0
 
 
-def test_closing_deletes_the_uploads(files):
-    explorer = explore.open_explorer(files["ckpt"], images=str(files["root"] / "photos"), steps=STEPS)
-    srv = explore.Server(explorer, "127.0.0.1", explore._free_port())
-    try:
-        Client(srv.url, verbose=False, download_files=False).predict(
-            pick=None, upload=handle_file(files["photos"][0]), num_samples=1, sampler="ddim", steps=STEPS, seed=0,
-            guidance_scale=1.0, api_name="/samples")
-        assert any((explorer.tmp / "uploads").rglob("*.jpg"))
-    finally:
-        srv.close()
-    assert not explorer.tmp.exists()
+def test_closing_deletes_the_uploads_and_outputs(server, client, files):
+    # Runs last (the module's tests run in file order): it stops the module's server.
+    client.predict(pick=None, upload=handle_file(files["photos"][0]), num_samples=1, sampler="ddim", steps=STEPS,
+                   seed=0, guidance_scale=1.0, api_name="/samples")
+    tmp = server.explorer.tmp
+    assert any((tmp / "uploads").rglob("*.jpg")) and any((tmp / "outputs").glob("*.png"))
+    server.close()
+    assert not tmp.exists()

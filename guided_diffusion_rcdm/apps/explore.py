@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import sys
@@ -180,11 +181,11 @@ class Explorer:
     """
 
     def __init__(self, rcdm: RCDM, model_label: str, images: str = "", images_origin: str = "",
-                 tmp: Path | None = None, sampler: str = "ddim", steps: int = 25):
+                 tmp: Path | None = None, sampler: str = "ddim", steps: int = 25, seed: int = 0):
         self.tmp = tmp or Path(tempfile.mkdtemp(prefix="rcdm-explore-"))
         self.outputs = self.tmp / "outputs"
         self.outputs.mkdir(parents=True, exist_ok=True)
-        self.default_sampler, self.default_steps = sampler, steps
+        self.default_sampler, self.default_steps, self.default_seed = sampler, steps, seed
         self.lock = threading.Lock()
         self._count = 0
         self._neighbours: dict[tuple, torch.Tensor] = {}
@@ -423,7 +424,7 @@ def build_app(explorer: Explorer):
         with gr.Row():
             sampler = gr.Dropdown(list(SAMPLERS), value=ex.default_sampler, label="sampler")
             steps = gr.Slider(1, 250, value=default_steps, step=1, label="steps (model calls)")
-            seed = gr.Number(0, precision=0, label="seed")
+            seed = gr.Number(ex.default_seed, precision=0, label="seed")
         return sampler, steps, seed
 
     with gr.Blocks(title="RCDM explore", analytics_enabled=False) as app:
@@ -441,7 +442,7 @@ def build_app(explorer: Explorer):
                                                                  " (this model was trained without a null representation)"))
                     s_go = gr.Button("Sample", variant="primary", elem_id="sample-button")
                 with gr.Column(scale=2):
-                    s_out = gr.Gallery(label="samples", columns=4, height=420, format="png", elem_id="samples-gallery",
+                    s_out = gr.Gallery(label="samples", columns=8, height="auto", format="png", elem_id="samples-gallery",
                                        object_fit="contain")
                     s_file = gr.File(label="download (PNG grid: the image, then its samples)")
                     s_set = gr.JSON(label="settings")
@@ -457,7 +458,7 @@ def build_app(explorer: Explorer):
                     i_sampler, i_steps, i_seed = sampling_controls(ex.default_steps)
                     i_go = gr.Button("Interpolate", variant="primary", elem_id="interpolate-button")
                 with gr.Column(scale=2):
-                    i_out = gr.Gallery(label="samples along the path (shared noise)", columns=8, height=300,
+                    i_out = gr.Gallery(label="samples along the path (shared noise)", columns=8, height="auto",
                                        format="png", object_fit="contain", elem_id="interpolation-gallery")
                     i_slider = gr.Slider(0, 7, value=0, step=1, label="position on the path (point)")
                     i_point = gr.Gallery(label="at this point", columns=2, height=220, format="png",
@@ -469,8 +470,8 @@ def build_app(explorer: Explorer):
             def run_interpolation(pick_a, upload_a, pick_b, upload_b, methods, num_points, sampler, steps, seed):
                 gallery, by_point, grid, settings = ex.interpolate(pick_a, upload_a, pick_b, upload_b, methods,
                                                                    num_points, sampler, steps, seed)
-                return (gallery, by_point, gr.Slider(0, len(by_point) - 1, value=0, step=1), by_point[0], grid,
-                        settings)
+                return (gallery, by_point,
+                        gr.Slider(0, len(by_point) - 1, value=0, step=1), by_point[0], grid, settings)
 
             run_interpolation.__doc__ = ex.interpolate.__doc__
             i_go.click(_in_page(gr, run_interpolation),
@@ -493,7 +494,7 @@ def build_app(explorer: Explorer):
                     m_go = gr.Button("Manipulate", variant="primary", elem_id="manipulate-button")
                 with gr.Column(scale=2):
                     m_out = gr.Gallery(label="rows: original, shared dimensions zeroed, transplanted", columns=4,
-                                       height=420, format="png", object_fit="contain", elem_id="manipulation-gallery")
+                                       height="auto", format="png", object_fit="contain", elem_id="manipulation-gallery")
                     m_file = gr.File(label="download (PNG grid)")
                     m_set = gr.JSON(label="settings")
             m_go.click(_in_page(gr, ex.manipulate),
@@ -571,7 +572,7 @@ class Server:
 
 def open_explorer(model_path: str = "", type_model: str = "", use_head: bool = False, images: str = "",
                   device: str | None = None, precision: str | None = None, sampler: str = "ddim",
-                  steps: int = 25) -> Explorer:
+                  steps: int = 25, seed: int = 0) -> Explorer:
     """The app's state: the model (the checkpoint, the published `type_model`, else the quickstart's
     latest) loaded once and the image set encoded once. A model that does not load: `UserError`."""
     tmp = Path(tempfile.mkdtemp(prefix="rcdm-explore-"))
@@ -595,7 +596,7 @@ def open_explorer(model_path: str = "", type_model: str = "", use_head: bool = F
         origin = images
         if not images:
             images, origin = default_image_folder(model_path, tmp)
-        return Explorer(rcdm, label, images, origin, tmp=tmp, sampler=sampler, steps=steps)
+        return Explorer(rcdm, label, images, origin, tmp=tmp, sampler=sampler, steps=steps, seed=seed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -631,26 +632,48 @@ def benchmark(server: Server, clicks: int, num_samples: int = 4) -> dict[str, fl
 
 def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:
     p = Parser(prog=prog or "rcdm explore", description=__doc__)
-    add_flags(p, "model_path", "type_model", "use_head", "device", "precision", "sampler", "steps",
+    add_flags(p, "model_path", "type_model", "use_head", "device", "precision", "sampler", "steps", "seed",
               defaults={"type_model": "", "sampler": "ddim", "steps": 25},
               helps={"model_path": "RCDM checkpoint (default: the quickstart's latest model in ./quickstart_out)",
                      "type_model": "a published RCDM instead of a checkpoint: dino, simclr, barlow, vicreg, "
                                    "supervised (downloaded once)",
                      "sampler": "the page's default sampler: ddpm, ddim or dpm++",
-                     "steps": "the page's default number of sampler steps"})
+                     "steps": "the page's default number of sampler steps",
+                     "seed": "the page's default seed: the same seed gives the same samples"})
     for flag in EXPLORE_FLAGS:
         flag.add_to(p)
     return p
 
 
+@contextlib.contextmanager
+def _cleanup_on_termination():
+    """`kill` and a closed terminal end the app as Ctrl-C does: its temporary folder deleted."""
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    before = {stop: signal.getsignal(stop) for stop in stops}
+    for stop in stops:
+        signal.signal(stop, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        for stop, handler in before.items():
+            signal.signal(stop, handler)
+
+
 def run(args: argparse.Namespace) -> None:
+    if threading.current_thread() is threading.main_thread():
+        with _cleanup_on_termination():
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     import_gradio()  # before any model loads: a missing gradio is said at once
     if args.benchmark < 0:
         raise UsageError(f"--benchmark {args.benchmark}: a number of clicks, 1 or more (0: serve)")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: choose a port from 1 to 65535 (0: a free one)")
     explorer = open_explorer(args.model_path, args.type_model, bool(args.use_head), args.images, args.device,
-                             args.precision, args.sampler, args.steps)
+                             args.precision, args.sampler, args.steps, args.seed)
     port = args.port if not args.benchmark else _free_port(args.host)
     server = Server(explorer, args.host, port or _free_port(args.host))
     try:
