@@ -154,6 +154,24 @@ def test_fidelity_tab_scores_the_images_on_screen_against_the_shuffled_control(c
     assert "shuffled" in settings["summary"]
 
 
+def test_sampling_jobs_wait_in_one_queue_per_model(server):
+    sampling = {"samples", "interpolate", "manipulate", "fidelity", "load_model"}
+    fns = [fn for fn in server.app.fns.values() if fn.api_name in sampling]
+    assert {fn.api_name for fn in fns} == sampling
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in fns} == {("model", 1)}
+
+
+def test_configure_sampling_checks_and_keeps_the_settings_on_a_mistake(server):
+    rcdm = server.explorer.rcdm
+    before = (rcdm.sampler, rcdm.args.steps, rcdm.args.guidance_scale)
+    for bad in (dict(sampler="euler"), dict(steps=0), dict(guidance_scale=2.0)):  # no null representation
+        with pytest.raises(explore.UsageError):
+            rcdm.configure_sampling(**bad)
+        assert (rcdm.sampler, rcdm.args.steps, rcdm.args.guidance_scale) == before
+    assert rcdm.configure_sampling(sampler="dpm++", steps=2).sampler == "dpm++" and rcdm.args.steps == 2
+    rcdm.configure_sampling(sampler=before[0], steps=before[1])
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

@@ -61,7 +61,7 @@ MAX_SAMPLES = 16
 MAX_FIDELITY_IMAGES = 16
 MAX_POINTS = 16
 EXTRA = "app"  # setup.py's extra that installs gradio
-NO_NETWORK_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "GRADIO_SHARE": "False"}
+NO_NETWORK_ENV = {"GRADIO_ANALYTICS_ENABLED": "False"}  # no usage statistics, no version check
 # System fonts: the default theme would fetch its fonts from the internet.
 FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 MONO_FONTS = ("ui-monospace", "monospace")
