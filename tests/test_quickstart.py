@@ -146,3 +146,10 @@ def test_report_template_is_found_and_strict():
     assert {"score_rows", "fid_is", "command", "credit_rows"} <= fields
     with pytest.raises(KeyError):
         template.substitute({})
+
+
+def test_the_run_ends_with_the_command_that_explores_its_model(first_run):
+    out, proc = first_run
+    last = proc.stdout.strip().splitlines()[-1]
+    checkpoints = list(out.glob("model_*/ema_*.pt"))
+    assert len(checkpoints) == 1 and "rcdm explore --model_path" in last and str(checkpoints[0]) in last, last

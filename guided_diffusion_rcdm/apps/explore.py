@@ -186,7 +186,6 @@ class Explorer:
         self.outputs = self.tmp / "outputs"
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.default_sampler, self.default_steps, self.default_seed = sampler, steps, seed
-        self.lock = threading.Lock()
         self._count = 0
         self._neighbours: dict[tuple, torch.Tensor] = {}
         self.images_folder, self.images_origin = images, images_origin or images
@@ -204,7 +203,8 @@ class Explorer:
                 print(f"  skipped {path}: {reason}", flush=True)
         self.rcdm, self.model_label = rcdm, label
         self.features = {p: feats[i] for i, p in enumerate(kept)}
-        self.names = {Path(p).name: p for p in kept}
+        # shown by their path in the folder: two files of one name in subfolders stay apart
+        self.names = {os.path.relpath(p, self.images_folder): p for p in kept}
         self._neighbours = {}
 
     def load_model(self, path: str, device: str | None = None, precision: str | None = None) -> None:
