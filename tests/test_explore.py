@@ -35,6 +35,7 @@ def files(tmp_path_factory):
     bad = root / "bad"
     bad.mkdir()
     (bad / "notes.png").write_text("these are notes, not an image\n")
+    (bad / "notes.txt").write_text("these are notes, not an image\n")
     Image.new("RGB", (1, 1), (200, 10, 10)).save(bad / "dot.png")
     (bad / "huge.png").write_bytes(png_header(20000, 20000))
     (root / "empty").mkdir()
@@ -95,22 +96,23 @@ def serving(server) -> bool:
 
 
 def test_samples_tab_gives_k_samples_and_the_same_seed_the_same_images(client, files, server):
-    gallery, grid, settings = samples(client, files, seed=1, k=3)
+    image, gallery, grid, settings = samples(client, files, seed=1, k=3)
+    assert Image.open(image).size == (SIZE, SIZE)  # the conditioning image, as the model sees it
     first = images_of(gallery)
     assert len(first) == 3 and all(a.shape == (SIZE, SIZE, 3) for a in first)
     assert not np.array_equal(first[0], first[1])  # K different samples, not one repeated
     # the download: one row, the image then its samples
     assert Image.open(grid).size == (4 * (SIZE + 2) + 2, SIZE + 4)
     assert settings["seed"] == 1 and settings["steps"] == STEPS and settings["image"] == names(files)[0]
-    again = images_of(samples(client, files, seed=1, k=3)[0])
+    again = images_of(samples(client, files, seed=1, k=3)[1])
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    other = images_of(samples(client, files, seed=2, k=3)[0])
+    other = images_of(samples(client, files, seed=2, k=3)[1])
     assert not np.array_equal(first[0], other[0])
 
 
 def test_an_uploaded_image_is_sampled_from_its_own_representation(client, files, server):
-    by_upload = images_of(samples(client, files, k=2, pick=None, upload=handle_file(files["photos"][1]))[0])
-    by_pick = images_of(samples(client, files, k=2, pick=names(files)[1])[0])
+    by_upload = images_of(samples(client, files, k=2, pick=None, upload=handle_file(files["photos"][1]))[1])
+    by_pick = images_of(samples(client, files, k=2, pick=names(files)[1])[1])
     assert all(np.array_equal(a, b) for a, b in zip(by_upload, by_pick))
     # the upload was kept in the app's own temporary folder
     kept = list((server.explorer.tmp / "uploads").rglob(Path(files["photos"][1]).name))
@@ -177,6 +179,7 @@ def test_configure_sampling_checks_and_keeps_the_settings_on_a_mistake(server):
 
 @pytest.mark.parametrize("name, message", [
     ("notes.png", "not an image"),
+    ("notes.txt", "Invalid file type"),  # refused by the upload box itself
     ("dot.png", "1x1 pixels is too small"),
     ("huge.png", "20000x20000 pixels is more than this app decodes"),
 ])
@@ -201,7 +204,7 @@ def test_a_checkpoint_that_does_not_load_keeps_the_current_model(client, files, 
         with pytest.raises(AppError):
             client.predict(checkpoint=str(path), api_name="/load_model")
     assert server.explorer.model_label == before
-    assert len(samples(client, files, k=1)[0]) == 1  # still sampling with the model it had
+    assert len(samples(client, files, k=1)[1]) == 1  # still sampling with the model it had
 
 
 def test_the_command_line_says_a_mistake_in_one_line(files, capsys):

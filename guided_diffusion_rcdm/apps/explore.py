@@ -281,7 +281,8 @@ class Explorer:
     # ---------------------------------------------------------------- the tabs
 
     def samples(self, pick, upload, num_samples, sampler, steps, seed, guidance_scale):
-        """K samples of one image's representation: `(gallery, grid file, settings)`."""
+        """K samples of one image's representation: `(the image as the model sees it, gallery of
+        the samples, grid file, settings)`."""
         k = int(num_samples)
         if not 1 <= k <= MAX_SAMPLES:
             raise UsageError(f"number of samples: 1 to {MAX_SAMPLES}, got {k}")
@@ -291,7 +292,7 @@ class Explorer:
         su.seed_everything(int(seed))
         out = self.rcdm.sample(feat.expand(k, -1), progress=True).cpu()
         gallery = [(im, f"sample {i + 1}") for i, im in enumerate(self._pil(out))]
-        return gallery, self._save("samples", [su.row(image, out)], settings), settings
+        return self._pil(image)[0], gallery, self._save("samples", [su.row(image, out)], settings), settings
 
     def interpolate(self, pick_a, upload_a, pick_b, upload_b, methods, num_points, sampler, steps, seed):
         """Samples along the path between two representations, one shared noise: `(gallery, the
@@ -442,12 +443,14 @@ def build_app(explorer: Explorer):
                                                                  " (this model was trained without a null representation)"))
                     s_go = gr.Button("Sample", variant="primary", elem_id="sample-button")
                 with gr.Column(scale=2):
+                    s_image = gr.Image(label="the image, as the model sees it", format="png", height=140,
+                                       width=140, interactive=False, elem_id="samples-image")
                     s_out = gr.Gallery(label="samples", columns=8, height="auto", format="png", elem_id="samples-gallery",
                                        object_fit="contain")
                     s_file = gr.File(label="download (PNG grid: the image, then its samples)")
                     s_set = gr.JSON(label="settings")
             s_go.click(_in_page(gr, ex.samples), [s_pick, s_upload, s_k, s_sampler, s_steps, s_seed, s_guid],
-                       [s_out, s_file, s_set], api_name="samples", **queue)
+                       [s_image, s_out, s_file, s_set], api_name="samples", **queue)
         with gr.Tab("Interpolation"):
             with gr.Row():
                 with gr.Column(scale=1):
