@@ -25,7 +25,7 @@ setup(
         "pillow",
         "tqdm",
     ],
-    # `rcdm train|sample|interpolate|manipulate|eval|cache|quickstart|benchmark`: the scripts' commands
+    # `rcdm train|sample|interpolate|manipulate|eval|cache|quickstart|benchmark|explore`: the scripts' commands
     entry_points={"console_scripts": ["rcdm = guided_diffusion_rcdm.__main__:main"]},
     extras_require={
         "mpi": ["mpi4py"],
@@ -37,8 +37,10 @@ setup(
         # encoders from Hugging Face transformers (hf:REPO_OR_DIR) and OpenCLIP (open_clip:ARCH)
         "hf": ["transformers"],
         "clip": ["open_clip_torch"],
+        # `rcdm explore`: the interactive web app
+        "app": ["gradio"],
         "test": ["pytest", "pytest-xdist", "scikit-image", "safetensors", "submitit", "transformers",
-                 "open_clip_torch"],
+                 "open_clip_torch", "gradio", "playwright"],
         # `pip install .[mpi-test]`: mpi4py plus an MPI (mpich) with mpiexec, for the MPI launch test
         "mpi-test": ["mpi4py", "mpich"],
     },

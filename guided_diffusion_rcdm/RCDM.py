@@ -218,6 +218,10 @@ class RCDM(nn.Module):
         self.image_size = int(parts.model_flags["image_size"])
         self.sampler = args.sampler
         self._runner: tuple[torch.device, nn.Module] | None = None
+        self._check_sampling()
+
+    def _check_sampling(self) -> None:
+        args = self.args
         if self.sampler not in SAMPLERS:
             raise UsageError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
         if args.steps is not None and int(args.steps) < 1:
@@ -230,6 +234,30 @@ class RCDM(nn.Module):
                 "(it learns the null representation guidance contrasts with); this checkpoint was not: "
                 "leave --guidance_scale at 1"
             )
+
+    def configure_sampling(self, *, sampler: str | None = None, steps: int | None = None,
+                           guidance_scale: float | None = None, eta: float | None = None) -> "RCDM":
+        """Change how the next samples are drawn, the loaded model and encoder kept: `sampler`
+        (ddpm, ddim, dpm++), `steps` (model calls), `guidance_scale`, `eta`; None keeps the current
+        value. Checked as at construction (a mistake raises `UsageError` and changes nothing).
+        Returns the module itself."""
+        before = (self.sampler, self.args.use_ddim, self.args.steps, self.args.guidance_scale, self.args.eta)
+        if sampler is not None:
+            self.sampler = self.args.sampler = sampler
+            self.args.use_ddim = sampler == "ddim"
+        if steps is not None:
+            self.args.steps = int(steps)
+        if guidance_scale is not None:
+            self.args.guidance_scale = float(guidance_scale)
+        if eta is not None:
+            self.args.eta = float(eta)
+        try:
+            self._check_sampling()
+        except Exception:
+            self.sampler, self.args.use_ddim, self.args.steps, self.args.guidance_scale, self.args.eta = before
+            self.args.sampler = self.sampler
+            raise
+        return self
 
     # ------------------------------------------------------------------ helpers
 

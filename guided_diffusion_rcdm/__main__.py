@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from .apps import benchmark, quickstart
+from .apps import benchmark, explore, quickstart
 from .cli import cache, evaluate, sample, train
 
 # command -> (what it does, runner(argv, prog) -> exit status, the script it stands for)
@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str], str], int], str]] = {
                    lambda argv, prog: quickstart.main(argv, prog), "scripts/quickstart.py"),
     "benchmark": ("time the UNet, the samplers and training on this machine",
                   lambda argv, prog: benchmark.main(argv, prog), "scripts/benchmark.py"),
+    "explore": ("look at a representation interactively, in the browser (a local web app)",
+                lambda argv, prog: explore.main(argv, prog), "python -m guided_diffusion_rcdm explore"),
 }
 
 

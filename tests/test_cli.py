@@ -21,7 +21,7 @@ import pytest
 
 from _sampling_helpers import REPO, make_tiny_checkpoint, write_photos
 from guided_diffusion_rcdm import __main__ as rcdm_command
-from guided_diffusion_rcdm.apps import benchmark, quickstart
+from guided_diffusion_rcdm.apps import benchmark, explore, quickstart
 from guided_diffusion_rcdm.cli import cache, evaluate, sample, train
 from guided_diffusion_rcdm.cli.flags import FLAGS, parse_args
 from guided_diffusion_rcdm.cli.policy import run_main
@@ -41,12 +41,14 @@ PARSERS = {
     "run_with_submitit": run_with_submitit.create_argparser,
     "quickstart": quickstart.create_argparser,
     "benchmark": benchmark.create_argparser,
+    "explore": explore.create_argparser,
 }
 POSITIONAL = {"eval": ["samples.npz"]}  # what a parser needs besides flags
 # Flags that belong to one command only and are declared there (the launcher's job flags).
 LOCAL_FLAGS = {"run_with_submitit": {f.name for f in run_with_submitit.JOB_FLAGS},
                "quickstart": {f.name for f in quickstart.QUICKSTART_FLAGS},
-               "benchmark": {f.name for f in benchmark.BENCHMARK_FLAGS}}
+               "benchmark": {f.name for f in benchmark.BENCHMARK_FLAGS},
+               "explore": {f.name for f in explore.EXPLORE_FLAGS}}
 
 
 def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -298,7 +300,8 @@ def test_an_unexpected_error_keeps_its_traceback_and_a_user_error_does_not(monke
 def test_the_rcdm_command_runs_every_subcommand(tmp_path, capsys):
     assert rcdm_command.main(["--help"]) == 0
     listed = capsys.readouterr().out
-    for name in ("train", "sample", "interpolate", "manipulate", "eval", "cache", "quickstart", "benchmark"):
+    for name in ("train", "sample", "interpolate", "manipulate", "eval", "cache", "quickstart", "benchmark",
+                 "explore"):
         assert name in listed
         with pytest.raises(SystemExit) as exit_:
             rcdm_command.main([name, "--help"])

@@ -205,3 +205,10 @@ def test_with_the_network_auto_downloads_dino_s_resnet50_once(tmp_path, monkeypa
     assert choose_encoder("auto", "auto") == (spec, sentence)
     encoder = spec.build()
     assert torch.equal(encoder.model.layer4[2].conv3.weight, trunk["layer4.2.conv3.weight"])
+
+
+def test_the_run_ends_with_the_command_that_explores_its_model(first_run):
+    out, proc = first_run
+    last = proc.stdout.strip().splitlines()[-1]
+    checkpoints = list(out.glob("model_*/ema_*.pt"))
+    assert len(checkpoints) == 1 and "rcdm explore --model_path" in last and str(checkpoints[0]) in last, last

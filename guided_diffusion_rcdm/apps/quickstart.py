@@ -800,7 +800,23 @@ def run(s: Settings, command: str) -> dict:
     fileio.atomic_write_text(str(out / "scores.json"), json.dumps(result, indent=2, default=str))
     print(result["verdict"], flush=True)
     print(f"done in {result['timings']['total']:.0f} s. Open the report: {report.resolve().as_uri()}", flush=True)
+    print("Explore the model in your browser (pip install 'guided-diffusion-rcdm[app]'): "
+          + shlex.join(["rcdm", "explore", "--model_path", str(ckpt), "--images", str(out / "data" / "heldout")]),
+          flush=True)
     return result
+
+
+def latest_model(out_dir: str | Path = "quickstart_out") -> Path | None:
+    """The checkpoint of the newest finished quickstart training under `out_dir`, or None."""
+    found = []
+    for marker in Path(out_dir).glob(f"model_*/{MARKER}"):
+        try:
+            ckpt = marker.parent / json.loads(marker.read_text())["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if ckpt.is_file():
+            found.append((marker.stat().st_mtime, ckpt))
+    return max(found)[1] if found else None
 
 
 def _fid_is(s: Settings, samples_u8: np.ndarray, ref: Path, device: torch.device) -> dict:
