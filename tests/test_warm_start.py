@@ -208,3 +208,13 @@ def test_published_rcdm_names_and_model_flags_256():
     assert foundations.mapping_counts("rcdm_dino_head", ssl_dim=768) == {"copied": 493, "dropped": 0, "new": 1}
     assert foundations.MODEL_FLAGS_256["image_size"] == 256 and foundations.MODEL_FLAGS_256["class_cond"] is False
     assert os.path.basename(foundations.FOUNDATIONS["openai_512"].url) == "512x512_diffusion.pt"
+
+
+def test_quickstart_refuses_a_foundation_of_another_architecture_before_any_work(files, tmp_path, capsys):
+    from guided_diffusion_rcdm.apps import quickstart
+
+    out = tmp_path / "qs"
+    assert quickstart.main(["--init_from", str(files["wide"]), "--out_dir", str(out), "--train_steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit the model flags" in err, err
+    assert not out.exists()
