@@ -35,6 +35,7 @@ to use.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,3 +299,15 @@ def mapping_counts(name: str, *, class_cond: bool | None = None, feat_cond: bool
         target, _ = create_model_and_diffusion(**f.flags, feat_cond=feat_cond, ssl_dim=ssl_dim)
     mapped = warm_start_state_dict(target.state_dict(), source.state_dict())
     return {"copied": len(mapped.copied), "dropped": len(mapped.dropped), "new": len(mapped.new)}
+
+
+# `--train_only cond`: the parameters the representation acts through (its embedding, the null
+# representation, the shared projection of the conditional norms) and those it modulates first: each
+# residual block's embedding projection and its two norms.
+TRAIN_ONLY_CHOICES = ("", "cond")
+_COND_PATH = re.compile(r"^(ssl_emb|null_feat|shared)(\.|$)|\.emb_layers\.|\.(in_layers|out_layers)\.0\.")
+
+
+def is_conditioning_parameter(name: str) -> bool:
+    """Whether the parameter `name` is on the representation's path (see `_COND_PATH`)."""
+    return bool(_COND_PATH.search(name))

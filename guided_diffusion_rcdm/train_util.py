@@ -208,6 +208,9 @@ class TrainLoop:
         record it (`meta["foundation"]`). Ignored (and said so) when the run resumes. The model
         flags must already describe the foundation's architecture (a name's flags:
         `foundations.FOUNDATIONS[name].flags`).
+    :param train_only: "cond": for the first `train_only_steps` steps only the representation's
+        path is updated (`foundations.is_conditioning_parameter`: `ssl_emb`, the residual blocks'
+        embedding layers and norms), then everything; "" (default): everything from the start.
     :param seed: the random streams of step S on rank R (timesteps, noise, representation
         dropout) are seeded from `(seed, R, S)`, so a resumed run draws what an uninterrupted one
         would; None: rank 0 draws one from torch's generator (recorded in the checkpoint). A `data`
@@ -243,6 +246,8 @@ class TrainLoop:
         seed=None,
         agree_seconds=2.0,
         init_from=None,
+        train_only="",
+        train_only_steps=0,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -290,6 +295,14 @@ class TrainLoop:
         # Every rank starts from rank 0's weights, EMA copies included.
         dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        from .foundations import TRAIN_ONLY_CHOICES, is_conditioning_parameter
+
+        if train_only not in TRAIN_ONLY_CHOICES or train_only_steps < 0:
+            raise UsageError(f"--train_only {train_only!r} / --train_only_steps {train_only_steps}: use --train_only "
+                             "cond with a number of steps >= 0, or no --train_only")
+        self.train_only_steps = int(train_only_steps) if train_only else 0
+        self._held = [p for n, p in self.model.named_parameters()
+                      if p.requires_grad and not is_conditioning_parameter(n)] if train_only else []
         self.opt, self._fused_opt = _adamw(self.params, lr=self.lr, weight_decay=self.weight_decay)
         # What a log line reports, kept on the device until it is written (see `_write_logs`).
         self._log_means = DeviceMeans()
@@ -527,6 +540,9 @@ class TrainLoop:
         self._anneal_lr()
         self.opt.zero_grad(set_to_none=True)
         loss = self.forward_backward(batch, cond)
+        if self.step < self.train_only_steps:
+            for p in self._held:  # not updated yet (AdamW skips a parameter without gradient)
+                p.grad = None
         step_taken = self._optimize()
         self._update_ema(step_taken)
         self.step += 1

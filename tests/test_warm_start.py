@@ -100,7 +100,7 @@ def test_from_a_class_conditional_file_one_step_at_lr_0_keeps_every_shared_tenso
     with torch.no_grad():
         ours = rcdm(x, t, feat=torch.randn(3, ENCODER_WIDTH) * 10)
         theirs = foundation(x, t, y=torch.tensor([0, 7, 999]))
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert torch.equal(ours, theirs)  # bit for bit: 0 * feat + bias adds exactly the mean embedding
     # The representation path learns from the first step: its weights receive a gradient.
     rcdm.train()
     rcdm(x, t, feat=torch.randn(3, ENCODER_WIDTH)).square().mean().backward()
@@ -218,3 +218,24 @@ def test_quickstart_refuses_a_foundation_of_another_architecture_before_any_work
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not fit the model flags" in err, err
     assert not out.exists()
+
+
+def test_train_only_cond_updates_only_the_representation_path_first(files, tmp_path):
+    model, diffusion = create_model_and_diffusion(**TINY, feat_cond=True, ssl_dim=ENCODER_WIDTH)
+    loop = TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-2,
+                     ema_rate="0.9", log_interval=1, save_interval=1, resume_checkpoint="", progress=False,
+                     out_dir=str(tmp_path / "run"), init_from=str(files["class"]), train_only="cond",
+                     train_only_steps=1)
+    logger.reset()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch, cond = torch.randn(2, 3, 32, 32), {"feat": torch.randn(2, ENCODER_WIDTH)}
+    loop.run_step(batch, cond)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert "ssl_emb.weight" in changed and "input_blocks.1.0.emb_layers.1.weight" in changed
+    assert all(foundations.is_conditioning_parameter(k) for k in changed), sorted(changed)
+    loop.run_step(batch, cond)  # then everything
+    assert not torch.equal(model.state_dict()["input_blocks.0.0.weight"], before["input_blocks.0.0.weight"])
+    with pytest.raises(Exception, match="--train_only"):
+        TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-2, ema_rate="0.9",
+                  log_interval=1, save_interval=1, resume_checkpoint="", progress=False,
+                  out_dir=str(tmp_path / "run2"), train_only="all")

@@ -49,6 +49,8 @@ BENCH_FLAGS = (
     Flag("eval_every", 40, int, "steps between fidelity evaluations"),
     Flag("crops_per_photo", 12, int, "training crops cut from each photograph"),
     Flag("samples_per_image", 2, int, "samples drawn from each held-out view at each evaluation"),
+    Flag("cond_first_steps", 0, int, "also run a warm start that trains only the representation's path for "
+         "this many steps (--train_only cond), then everything (0: no such run)"),
     Flag("out_json", "", help="where to write the curves (JSON); default: none"),
 )
 
@@ -95,10 +97,11 @@ def views(crops_per_photo: int, seed: int) -> tuple[list[Image.Image], list[Imag
     return train, held
 
 
-def _loop(model, diffusion, args, out_dir: Path, init_from=None) -> TrainLoop:
+def _loop(model, diffusion, args, out_dir: Path, init_from=None, cond_first: int = 0) -> TrainLoop:
     return TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=args.batch_size, microbatch=-1,
                      lr=args.lr, ema_rate="0.99", log_interval=10**9, save_interval=10**9, resume_checkpoint="",
-                     progress=False, out_dir=str(out_dir), precision="fp32", seed=args.seed, init_from=init_from)
+                     progress=False, out_dir=str(out_dir), precision="fp32", seed=args.seed, init_from=init_from,
+                     train_only="cond" if cond_first else "", train_only_steps=cond_first)
 
 
 def _step(loop: TrainLoop, images: torch.Tensor, feats: torch.Tensor | None, order: np.ndarray, step: int,
@@ -164,10 +167,13 @@ def run(args: argparse.Namespace) -> dict:
               f"{out['pretrain']['final_loss'] or float('nan'):.4f}", flush=True)
 
         # 2. the RCDM from scratch and from the foundation: same batches, timesteps and noise
-        for name, init in (("scratch", None), ("warm", str(foundation))):
+        runs = [("scratch", None, 0), ("warm", str(foundation), 0)]
+        if args.cond_first_steps:
+            runs.append(("warm_cond_first", str(foundation), args.cond_first_steps))
+        for name, init, cond_first in runs:
             torch.manual_seed(args.seed + 2)
             model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=ssl_dim)
-            loop = _loop(model, diffusion, args, tmp_path / name, init_from=init)
+            loop = _loop(model, diffusion, args, tmp_path / name, init_from=init, cond_first=cond_first)
             curve = [{"step": 0, "loss": None, **fidelity(model, sampler, encoder, held_feats, args)}]
             window, t0, train_seconds = [], time.time(), 0.0
             for s in range(args.train_steps):
@@ -178,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
                     curve.append({"step": s + 1, "loss": float(np.mean(window)),
                                   **fidelity(model, sampler, encoder, held_feats, args)})
                     window = []
-                    print(f"  {name:7s} step {s + 1:4d}  loss {curve[-1]['loss']:.4f}  MRR {curve[-1]['mrr']:.3f} "
+                    print(f"  {name} step {s + 1:4d}  loss {curve[-1]['loss']:.4f}  MRR {curve[-1]['mrr']:.3f} "
                           f"(shuffled {curve[-1]['shuffled_mrr']:.3f})", flush=True)
             out[name] = {"curve": curve, "train_seconds": train_seconds, "seconds": time.time() - t0}
     logger.reset()
@@ -187,15 +193,18 @@ def run(args: argparse.Namespace) -> dict:
     out["scratch_final_mrr"] = target
     out["warm_steps_to_scratch_final_mrr"] = reached
     out["target_reached"] = reached is not None and reached <= args.train_steps / 3
+    if "warm_cond_first" in out:
+        out["warm_cond_first_steps_to_scratch_final_mrr"] = next(
+            (p["step"] for p in out["warm_cond_first"]["curve"] if p["step"] > 0 and p["mrr"] >= target), None)
     return out
 
 
 def table(r: dict) -> str:
-    rows = [("step", "loss scratch", "loss warm", "MRR scratch", "MRR warm", "shuffled s/w")]
-    for a, b in zip(r["scratch"]["curve"], r["warm"]["curve"]):
-        rows.append((str(a["step"]), "-" if a["loss"] is None else f"{a['loss']:.4f}",
-                     "-" if b["loss"] is None else f"{b['loss']:.4f}", f"{a['mrr']:.3f}", f"{b['mrr']:.3f}",
-                     f"{a['shuffled_mrr']:.3f}/{b['shuffled_mrr']:.3f}"))
+    names = [n for n in ("scratch", "warm", "warm_cond_first") if n in r]
+    rows = [("step", *(f"loss {n}" for n in names), *(f"MRR {n}" for n in names), "shuffled MRR")]
+    for points in zip(*(r[n]["curve"] for n in names)):
+        rows.append((str(points[0]["step"]), *("-" if p["loss"] is None else f"{p['loss']:.4f}" for p in points),
+                     *(f"{p['mrr']:.3f}" for p in points), "/".join(f"{p['shuffled_mrr']:.3f}" for p in points)))
     width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(row, width)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
@@ -206,6 +215,11 @@ def table(r: dict) -> str:
                  f"{'reached' if r['target_reached'] else 'not reached'}); training time scratch "
                  f"{r['scratch']['train_seconds']:.0f} s, warm {r['warm']['train_seconds']:.0f} s; foundation "
                  f"{r['pretrain']['steps']} steps, {r['pretrain']['seconds']:.0f} s")
+    if "warm_cond_first" in r:
+        got = r["warm_cond_first_steps_to_scratch_final_mrr"]
+        lines.append(f"warm start with the first {r['args']['cond_first_steps']} steps on the representation's path "
+                     f"only: reaches it at step {got if got is not None else 'never'}; training time "
+                     f"{r['warm_cond_first']['train_seconds']:.0f} s")
     return "\n".join(lines)
 
 

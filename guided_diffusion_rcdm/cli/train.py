@@ -41,7 +41,7 @@ DEFAULT_SSL_DIM = 2048  # the original's width when training without --feat_cond
 TRAIN_FLAGS = ("data_dir", "out_dir", "feat_cond", *ENCODER_FLAGS, "schedule_sampler", "lr", "weight_decay",
                "lr_anneal_steps", "batch_size", "microbatch", "ema_rate", "log_interval", "save_interval",
                "resume_checkpoint", "fp16_scale_growth")
-NEW_TRAIN_FLAGS = ("init_from", "feat_cache", *SPEED_FLAGS, "encoder_precision", "max_steps", "max_minutes", "num_workers",
+NEW_TRAIN_FLAGS = ("init_from", "train_only", "train_only_steps", "feat_cache", *SPEED_FLAGS, "encoder_precision", "max_steps", "max_minutes", "num_workers",
                    "random_crop", "random_flip", "seed", "progress", "sync_bn")
 
 
@@ -225,6 +225,8 @@ def train(args: argparse.Namespace) -> None:
         compile=args.compile,
         seed=args.seed,
         init_from=init_weights,
+        train_only=args.train_only,
+        train_only_steps=args.train_only_steps,
     ).run_loop()
     if stream.bad_files:
         logger.warn(f"{len(stream.bad_files)} unreadable image(s) were skipped on this rank")
