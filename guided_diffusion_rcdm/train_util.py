@@ -433,6 +433,7 @@ class TrainLoop:
                 mapped = foundations.apply_warm_start(self.model, weights)
                 logger.log(mapped.summary(weights.label()))
                 record = weights.record()
+                self.init_from = weights.given  # keep no reference to the file's tensors
             except Exception as exc:
                 if self.world_size == 1:
                     raise
