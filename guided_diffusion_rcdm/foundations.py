@@ -128,20 +128,20 @@ def names_text() -> str:
 @dataclass
 class FoundationWeights:
     """A foundation read from disk: what `--init_from` said, the name (None for a file), the
-    file and its SHA-256, its state dict and the flags it needs (a name's, or those a checkpoint of
+    file, its state dict and the flags it needs (a name's, or those a checkpoint of
     this project records; None when unknown)."""
 
     given: str
     name: str | None
     path: str
-    sha256: str
     state_dict: dict
     flags: dict | None
 
     def record(self) -> dict:
-        """What a checkpoint trained from it records (`meta["foundation"]`)."""
+        """What a checkpoint trained from it records (`meta["foundation"]`); hashes the file (once:
+        `hub.file_sha256` remembers it)."""
         return {"init_from": self.given, "name": self.name, "file": os.path.basename(self.path),
-                "sha256": self.sha256}
+                "sha256": hub.file_sha256(self.path)}
 
     def label(self) -> str:
         return self.name or self.path
@@ -187,7 +187,7 @@ def load_foundation(init_from: str, *, progress: bool = True) -> FoundationWeigh
     state_dict, meta = hub.load_checkpoint(path)
     if flags is None and isinstance(meta.get("model_flags"), Mapping):
         flags = {k: v for k, v in meta["model_flags"].items() if k not in ("feat_cond", "ssl_dim")}
-    return FoundationWeights(init_from, name, path, hub.file_sha256(path), state_dict, flags)
+    return FoundationWeights(init_from, name, path, state_dict, flags)
 
 
 def _inferred_flags(state_dict: Mapping[str, torch.Tensor]) -> dict:

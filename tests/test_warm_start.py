@@ -175,7 +175,7 @@ def test_bad_init_from_is_one_line_exit_2_nothing_written(case, files, tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error:" in err, err
     assert not out.exists()
-    assert not (tmp_path / "torch_home" / "hub" / "checkpoints" / "128x128_diffusion.pt").exists()
+    assert not (tmp_path / "torch_home").exists()  # no download, no cache entry
     assert not (files["root"] / "ran").exists()
     expected = {"shapes": "time_embed.0.weight is 256x64 in the file, 128x32 in the model",
                 "payload": "refused to load", "missing_name": "128x128_diffusion.pt",
