@@ -211,6 +211,8 @@ class TrainLoop:
     :param train_only: "cond": for the first `train_only_steps` steps only the representation's
         path is updated (`foundations.is_conditioning_parameter`: `ssl_emb`, the residual blocks'
         embedding layers and norms), then everything; "" (default): everything from the start.
+        Measured by scripts/warm_start_benchmark.py (`--cond_first_steps`), where it did not help
+        (docs/training.md, Results): not offered by the train command.
     :param seed: the random streams of step S on rank R (timesteps, noise, representation
         dropout) are seeded from `(seed, R, S)`, so a resumed run draws what an uninterrupted one
         would; None: rank 0 draws one from torch's generator (recorded in the checkpoint). A `data`
@@ -298,8 +300,8 @@ class TrainLoop:
         from .foundations import TRAIN_ONLY_CHOICES, is_conditioning_parameter
 
         if train_only not in TRAIN_ONLY_CHOICES or train_only_steps < 0:
-            raise UsageError(f"--train_only {train_only!r} / --train_only_steps {train_only_steps}: use --train_only "
-                             "cond with a number of steps >= 0, or no --train_only")
+            raise UsageError(f"train_only {train_only!r} / train_only_steps {train_only_steps}: use train_only "
+                             "'cond' with a number of steps >= 0, or no train_only")
         self.train_only_steps = int(train_only_steps) if train_only else 0
         self._held = [p for n, p in self.model.named_parameters()
                       if p.requires_grad and not is_conditioning_parameter(n)] if train_only else []

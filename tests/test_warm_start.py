@@ -235,7 +235,7 @@ def test_train_only_cond_updates_only_the_representation_path_first(files, tmp_p
     assert all(foundations.is_conditioning_parameter(k) for k in changed), sorted(changed)
     loop.run_step(batch, cond)  # then everything
     assert not torch.equal(model.state_dict()["input_blocks.0.0.weight"], before["input_blocks.0.0.weight"])
-    with pytest.raises(Exception, match="--train_only"):
+    with pytest.raises(Exception, match="train_only"):
         TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-2, ema_rate="0.9",
                   log_interval=1, save_interval=1, resume_checkpoint="", progress=False,
                   out_dir=str(tmp_path / "run2"), train_only="all")

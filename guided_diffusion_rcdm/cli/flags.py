@@ -143,10 +143,6 @@ _DECLARED: list[Flag] = [
          "run ignores it): openai_64, openai_128, openai_256, openai_256_uncond, openai_512 (guided-diffusion's "
          "ImageNet models), rcdm_<encoder>[_head] (the published RCDMs, e.g. rcdm_dino, rcdm_simclr_head) or a "
          "UNet state dict file; a name sets the model flags it needs unless given. See docs/training.md"),
-    Flag("train_only", "", help="cond: for the first --train_only_steps steps, update only the representation's "
-         "path (ssl_emb, the residual blocks' embedding layers and norms), then everything (with --init_from)",
-         choices=("", "cond")),
-    Flag("train_only_steps", 0, int, "steps of --train_only before the whole model trains"),
     Flag("feat_cache", "", help="folder of cached representations: encode the dataset once, then train from it"),
     Flag("max_steps", 0, int, "stop after this many steps (0: never)"),
     Flag("max_minutes", 0.0, float, "stop after this many minutes of training and save a checkpoint (0: no "

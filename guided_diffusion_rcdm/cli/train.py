@@ -20,7 +20,6 @@ import torch
 
 from .. import dist_util, foundations, hub, logger
 from ..encoders import EncoderSpec
-from ..errors import UsageError
 from ..feature_cache import prepare_feature_cache
 from ..fileio import RunLockedError, UnwritableFolderError
 from ..image_datasets import default_num_workers, find_images, load_data
@@ -42,7 +41,7 @@ DEFAULT_SSL_DIM = 2048  # the original's width when training without --feat_cond
 TRAIN_FLAGS = ("data_dir", "out_dir", "feat_cond", *ENCODER_FLAGS, "schedule_sampler", "lr", "weight_decay",
                "lr_anneal_steps", "batch_size", "microbatch", "ema_rate", "log_interval", "save_interval",
                "resume_checkpoint", "fp16_scale_growth")
-NEW_TRAIN_FLAGS = ("init_from", "train_only", "train_only_steps", "feat_cache", *SPEED_FLAGS, "encoder_precision",
+NEW_TRAIN_FLAGS = ("init_from", "feat_cache", *SPEED_FLAGS, "encoder_precision",
                    "max_steps", "max_minutes", "num_workers", "random_crop", "random_flip", "seed", "progress",
                    "sync_bn")
 
@@ -80,9 +79,6 @@ def check_inputs(args) -> list[str]:
     UsageError naming the flag. Runs before anything is written."""
     image_paths = find_images(args.data_dir)
     check_model_flags_of(args)
-    if args.train_only_steps < 0 or (args.train_only_steps and not args.train_only):
-        raise UsageError(f"--train_only_steps {args.train_only_steps}: give a number of steps >= 0 together with "
-                         "--train_only cond")
     return image_paths
 
 
@@ -230,8 +226,6 @@ def train(args: argparse.Namespace) -> None:
         compile=args.compile,
         seed=args.seed,
         init_from=init_weights,
-        train_only=args.train_only,
-        train_only_steps=args.train_only_steps,
     )
     del init_weights  # the foundation's tensors are in the model now: free the file's copy
     loop.run_loop()
