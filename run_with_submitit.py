@@ -23,6 +23,7 @@ import sys
 
 from guided_diffusion_rcdm.cli import train as image_train
 from guided_diffusion_rcdm.cli.flags import Flag, Parser
+from guided_diffusion_rcdm.cli.flags import parse_args as parse_flags
 from guided_diffusion_rcdm.cli.policy import run_main
 from guided_diffusion_rcdm.errors import UsageError
 
@@ -56,7 +57,7 @@ def create_argparser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return create_argparser().parse_args(argv)
+    return parse_flags(create_argparser(), argv)  # records the flags given (for --init_from's)
 
 
 def check_out_dir(out_dir: str | None) -> str:

@@ -77,6 +77,10 @@ PUBLISHED_SHA256: dict[str, str | None] = {
         f"{name}.pth": None
         for size in "sbl" for name in ("checkpoint_teacher", "checkpoint")
     },
+    # guided-diffusion's ImageNet release (foundations.FOUNDATIONS, for --init_from).
+    **{f"https://openaipublic.blob.core.windows.net/diffusion/jul-2021/{name}": None
+       for name in ("64x64_diffusion.pt", "128x128_diffusion.pt", "256x256_diffusion.pt",
+                    "256x256_diffusion_uncond.pt", "512x512_diffusion.pt")},
     **{
         f"https://dl.fbaipublicfiles.com/rcdm/rcdm_ema_{name}.pt": None
         for name in (

@@ -202,6 +202,17 @@ class TrainLoop:
         a job with a wall-clock limit, so that it ends with a checkpoint rather than being killed.
         Each rank reads its own clock every step; the ranks agree on stopping (time limit or stop
         signal) about every `agree_seconds` of training, not every step (a collective each time).
+    :param init_from: start a new run from a foundation (`foundations`): a name (`openai_128`,
+        `rcdm_dino`, ...), a checkpoint file, or a `foundations.FoundationWeights` already read; its
+        tensors are mapped onto the model (`foundations.warm_start_state_dict`) and the checkpoints
+        record it (`meta["foundation"]`). Ignored (and said so) when the run resumes. The model
+        flags must already describe the foundation's architecture (a name's flags:
+        `foundations.FOUNDATIONS[name].flags`).
+    :param train_only: "cond": for the first `train_only_steps` steps only the representation's
+        path is updated (`foundations.is_conditioning_parameter`: `ssl_emb`, the residual blocks'
+        embedding layers and norms), then everything; "" (default): everything from the start.
+        Measured by scripts/warm_start_benchmark.py (`--cond_first_steps`), where it did not help
+        (docs/training.md, Results): not offered by the train command.
     :param seed: the random streams of step S on rank R (timesteps, noise, representation
         dropout) are seeded from `(seed, R, S)`, so a resumed run draws what an uninterrupted one
         would; None: rank 0 draws one from torch's generator (recorded in the checkpoint). A `data`
@@ -236,6 +247,9 @@ class TrainLoop:
         max_seconds=0.0,
         seed=None,
         agree_seconds=2.0,
+        init_from=None,
+        train_only="",
+        train_only_steps=0,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -258,6 +272,7 @@ class TrainLoop:
         self.agree_seconds = float(agree_seconds)
         self.out_dir = out_dir or logger.get_dir()
         self.checkpoint_meta = dict(checkpoint_meta or {})
+        self.init_from = init_from or None
         self.progress = progress
         self.device = dist_util.dev()
         speed = resolve_speed(precision, use_fp16, self.device, channels_last)
@@ -282,6 +297,14 @@ class TrainLoop:
         # Every rank starts from rank 0's weights, EMA copies included.
         dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        from .foundations import TRAIN_ONLY_CHOICES, is_conditioning_parameter
+
+        if train_only not in TRAIN_ONLY_CHOICES or train_only_steps < 0:
+            raise UsageError(f"train_only {train_only!r} / train_only_steps {train_only_steps}: use train_only "
+                             "'cond' with a number of steps >= 0, or no train_only")
+        self.train_only_steps = int(train_only_steps) if train_only else 0
+        self._held = [p for n, p in self.model.named_parameters()
+                      if p.requires_grad and not is_conditioning_parameter(n)] if train_only else []
         self.opt, self._fused_opt = _adamw(self.params, lr=self.lr, weight_decay=self.weight_decay)
         # What a log line reports, kept on the device until it is written (see `_write_logs`).
         self._log_means = DeviceMeans()
@@ -353,8 +376,13 @@ class TrainLoop:
             raise error if error is not None else RuntimeError("rank 0 could not read the checkpoint to resume from")
         choice = dist_util.broadcast_object(None if found is None else found["path"])
         if choice is None:
+            if self.init_from is not None:
+                self._warm_start()
             dist_util.barrier()
             return
+        if self.init_from is not None:
+            given = getattr(self.init_from, "given", self.init_from)
+            logger.log(f"resuming: --init_from {given} ignored (it only starts a new run)")
         # Rank 0 alone reads the files (a requeued job of many ranks would otherwise read every
         # file once per rank from the shared filesystem); the others receive what they need.
         if found is not None:
@@ -393,9 +421,41 @@ class TrainLoop:
             dist_util.sync_params(params)
         dist_util.barrier()
 
+    def _warm_start(self) -> None:
+        """Rank 0 maps the foundation into the model; every rank then holds its weights, and the
+        EMA copies start from them."""
+        from . import foundations
+
+        error, record = None, None
+        if dist_util.is_main_process():
+            try:
+                weights = self.init_from
+                if not isinstance(weights, foundations.FoundationWeights):
+                    weights = foundations.load_foundation(str(weights), progress=self.progress)
+                mapped = foundations.apply_warm_start(self.model, weights)
+                logger.log(mapped.summary(weights.label()))
+                record = weights.record()
+                self.init_from = weights.given  # keep no reference to the file's tensors
+            except Exception as exc:
+                if self.world_size == 1:
+                    raise
+                error = exc
+        if self.world_size > 1 and dist_util.broadcast_object(error is not None):
+            raise error if error is not None else RuntimeError("rank 0 could not read --init_from")
+        self.checkpoint_meta["foundation"] = dist_util.broadcast_object(record)
+        dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
+        with torch.no_grad():
+            for params in self.ema_params:
+                for ema, p in zip(params, self.params):
+                    ema.copy_(p)
+
     def _load_found(self, found: dict) -> None:
         """Put the files `load_resume_files` read into the model, EMA, optimizer and samplers."""
         sd, meta = found["model"]
+        # A resumed run keeps the record of the foundation its first run started from.
+        self.checkpoint_meta.pop("foundation", None)
+        if (meta or {}).get("foundation"):
+            self.checkpoint_meta["foundation"] = meta["foundation"]
         hub.load_state_dict_checked(self.model, sd, meta=meta, strict=True)
         self.model.to(self.device)
         self.step = self.resume_step = found["step"]
@@ -483,6 +543,9 @@ class TrainLoop:
         self._anneal_lr()
         self.opt.zero_grad(set_to_none=True)
         loss = self.forward_backward(batch, cond)
+        if self.step < self.train_only_steps:
+            for p in self._held:  # not updated yet (AdamW skips a parameter without gradient)
+                p.grad = None
         step_taken = self._optimize()
         self._update_ema(step_taken)
         self.step += 1

@@ -21,7 +21,7 @@ import pytest
 
 from _sampling_helpers import REPO, make_tiny_checkpoint, write_photos
 from guided_diffusion_rcdm import __main__ as rcdm_command
-from guided_diffusion_rcdm.apps import benchmark, explore, quickstart
+from guided_diffusion_rcdm.apps import benchmark, explore, quickstart, warm_start
 from guided_diffusion_rcdm.cli import cache, evaluate, sample, train
 from guided_diffusion_rcdm.cli.flags import FLAGS, parse_args
 from guided_diffusion_rcdm.cli.policy import run_main
@@ -42,13 +42,15 @@ PARSERS = {
     "quickstart": quickstart.create_argparser,
     "benchmark": benchmark.create_argparser,
     "explore": explore.create_argparser,
+    "warm_start_benchmark": warm_start.create_argparser,
 }
 POSITIONAL = {"eval": ["samples.npz"]}  # what a parser needs besides flags
 # Flags that belong to one command only and are declared there (the launcher's job flags).
 LOCAL_FLAGS = {"run_with_submitit": {f.name for f in run_with_submitit.JOB_FLAGS},
                "quickstart": {f.name for f in quickstart.QUICKSTART_FLAGS},
                "benchmark": {f.name for f in benchmark.BENCHMARK_FLAGS},
-               "explore": {f.name for f in explore.EXPLORE_FLAGS}}
+               "explore": {f.name for f in explore.EXPLORE_FLAGS},
+               "warm_start_benchmark": {f.name for f in warm_start.BENCH_FLAGS}}
 
 
 def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .. import fileio, hub, logger, metrics
+from .. import fileio, foundations, hub, logger, metrics
 from ..cli import sampling as su
 from ..cli.flags import Flag, Parser, add_flags
 from ..cli.policy import run_main
@@ -246,6 +246,7 @@ class Settings:
     norm_style: str = "gn"
     feat_drop_prob: float = 0.0
     guidance_scale: float = 1.0
+    init_from: str = ""
 
     def model_flags(self) -> dict:
         mult = "1,2,2" if self.image_size == 32 else "1,2,2,2" if self.image_size == 64 else ""
@@ -278,7 +279,7 @@ def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:
                "browsable report, offline, on a CPU.")
     add_flags(p, "out_dir", "image_size", "num_channels", "num_res_blocks", "batch_size", "lr", "ema_rate",
               "norm_style", "feat_drop_prob", "guidance_scale", "predict_xstart", "sampler", "steps", "type_model",
-              "precision", "encoder_precision", "inception_path", "download_inception", "seed", "progress",
+              "precision", "encoder_precision", "inception_path", "download_inception", "seed", "progress", "init_from",
               defaults={"out_dir": "quickstart_out", "image_size": 32, "num_channels": 32, "num_res_blocks": 1,
                         "batch_size": 16, "lr": 1e-3, "ema_rate": "0.99", "predict_xstart": True,
                         "sampler": "ddim", "steps": 25, "type_model": "auto", "precision": "auto",
@@ -291,6 +292,9 @@ def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:
                                        "False: it predicts the noise, as the published models)",
                      "type_model": "encoder: auto (the first published ResNet-50 on disk, else dino), dino, simclr, "
                                    "barlow, vicreg, supervised, a torchvision name or a checkpoint file",
+                     "init_from": "start training from a UNet checkpoint of the quickstart's architecture (e.g. "
+                                  "an unconditional one, or another encoder's quickstart model: its ssl_emb is "
+                                  "made anew); see docs/training.md",
                      "inception_path": "FID Inception weights file (FID/IS are skipped without one unless it is in "
                                        "the torch.hub cache or --download_inception)"},
               choices={"image_size": (32, 64), "precision": ("auto", "fp32", "bf16"),
@@ -321,6 +325,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if not ok:
             raise UsageError(message)
     su.check_out_dir(s.out_dir)  # a folder that cannot be created or written: before any work
+    if s.init_from:  # a foundation that cannot be read or does not fit: before any work
+        weights = foundations.load_foundation(s.init_from, progress=s.progress)
+        foundations.check_fits(weights, lambda: create_model_and_diffusion(**s.model_flags(), feat_cond=True)[0])
     return s
 
 
@@ -332,6 +339,8 @@ def training_key(s: Settings, encoder: dict, train_files: Sequence[str]) -> str:
         "files": [os.path.basename(f) for f in train_files], "budget": [s.minutes, s.train_steps],
         "train": [s.batch_size, s.lr, s.ema_rate, resolve_precision(s.precision), s.seed],
     }
+    if s.init_from:  # the foundation's content, not its name
+        decided_by["init_from"] = hub.file_sha256(s.init_from) if os.path.isfile(s.init_from) else s.init_from
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -367,7 +376,7 @@ def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder:
         batch_size=s.batch_size, microbatch=-1, lr=s.lr, ema_rate=s.ema_rate, log_interval=log_interval,
         save_interval=500, resume_checkpoint="", out_dir=str(run_dir), precision=s.precision,
         channels_last=speed.channels_last, checkpoint_meta=meta, max_steps=s.train_steps, progress=s.progress,
-        max_seconds=0.0 if s.train_steps else 60.0 * s.minutes,
+        max_seconds=0.0 if s.train_steps else 60.0 * s.minutes, init_from=s.init_from or None,
     )
     if device.type == "cpu":
         _choose_threads(loop, s, ssl_dim, device, speed.channels_last)

@@ -143,6 +143,10 @@ _DECLARED: list[Flag] = [
     Flag("save_interval", 10000, int, "steps between checkpoints"),
     Flag("resume_checkpoint", "", help="model checkpoint to resume from (default: the newest in --out_dir)"),
     Flag("fp16_scale_growth", 1e-3, float, "the original's loss-scale growth (fp16 training)"),
+    Flag("init_from", "", help="start a new run from a published diffusion model or a checkpoint file (a resumed "
+         "run ignores it): openai_64, openai_128, openai_256, openai_256_uncond, openai_512 (guided-diffusion's "
+         "ImageNet models), rcdm_<encoder>[_head] (the published RCDMs, e.g. rcdm_dino, rcdm_simclr_head) or a "
+         "UNet state dict file; a name sets the model flags it needs unless given. See docs/training.md"),
     Flag("feat_cache", "", help="folder of cached representations: encode the dataset once, then train from it"),
     Flag("max_steps", 0, int, "stop after this many steps (0: never)"),
     Flag("max_minutes", 0.0, float, "stop after this many minutes of training and save a checkpoint (0: no "

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .. import dist_util, logger
+from .. import dist_util, foundations, hub, logger
 from ..encoders import EncoderSpec
 from ..feature_cache import prepare_feature_cache
 from ..fileio import RunLockedError, UnwritableFolderError
@@ -33,7 +33,7 @@ from ..script_util import (
     recorded_model_flags,
 )
 from ..run_control import lock_out_dir
-from ..train_util import TrainLoop, conditioned_batches
+from ..train_util import TrainLoop, conditioned_batches, list_checkpoint_steps
 from .flags import ENCODER_FLAGS, ORIGINAL_NO_EFFECT, SPEED_FLAGS, Parser, add_flags
 from .policy import run_command
 
@@ -41,8 +41,9 @@ DEFAULT_SSL_DIM = 2048  # the original's width when training without --feat_cond
 TRAIN_FLAGS = ("data_dir", "out_dir", "feat_cond", *ENCODER_FLAGS, "schedule_sampler", "lr", "weight_decay",
                "lr_anneal_steps", "batch_size", "microbatch", "ema_rate", "log_interval", "save_interval",
                "resume_checkpoint", "fp16_scale_growth")
-NEW_TRAIN_FLAGS = ("feat_cache", *SPEED_FLAGS, "encoder_precision", "max_steps", "max_minutes", "num_workers",
-                   "random_crop", "random_flip", "seed", "progress", "sync_bn")
+NEW_TRAIN_FLAGS = ("init_from", "feat_cache", *SPEED_FLAGS, "encoder_precision",
+                   "max_steps", "max_minutes", "num_workers", "random_crop", "random_flip", "seed", "progress",
+                   "sync_bn")
 
 
 def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -81,10 +82,49 @@ def check_inputs(args) -> list[str]:
     return image_paths
 
 
+def explicit_model_flags(args: argparse.Namespace) -> frozenset[str]:
+    """The model flags the user gave: the command line's record (`args.explicit`), else (a
+    namespace made elsewhere) those whose value is not the default."""
+    given = getattr(args, "explicit", None)
+    if given is not None:
+        return frozenset(given)
+    return frozenset(k for k, f in MODEL_FLAGS.items() if getattr(args, k, f.default) != f.default)
+
+
+def set_foundation_flags(args: argparse.Namespace) -> dict:
+    """Set on `args` the model flags a named `--init_from` needs, except those the user gave;
+    returns what it set (nothing for a file)."""
+    if not args.init_from:
+        return {}
+    flags = args_to_dict(args, MODEL_FLAGS)
+    changed = foundations.apply_foundation_flags(flags, args.init_from, explicit_model_flags(args))
+    for key, value in changed.items():
+        setattr(args, key, value)
+    return changed
+
+
+def load_init_from(args: argparse.Namespace) -> foundations.FoundationWeights | str | None:
+    """Read `--init_from` (downloading a named foundation once) and check, on the meta device, that
+    it fits the model the flags build."""
+    if not args.init_from:
+        return None
+    if args.resume_checkpoint or list_checkpoint_steps(args.out_dir):
+        return args.init_from  # the run resumes: TrainLoop says that --init_from is ignored
+    weights = foundations.load_foundation(args.init_from, progress=args.progress)
+    # Any representation width fits (ssl_emb is made for it): the check uses the default one.
+    foundations.check_fits(weights, lambda: create_model_and_diffusion(
+        **args_to_dict(args, MODEL_FLAGS), feat_cond=args.feat_cond, ssl_dim=DEFAULT_SSL_DIM)[0])
+    return weights
+
+
 def train(args: argparse.Namespace) -> None:
     dist_util.setup_dist()
     # Cheap checks first: a mistake in the flags or the data writes nothing and builds nothing.
+    init_flags = set_foundation_flags(args)
     image_paths = check_inputs(args)
+    # The foundation next: a missing name offline, an unsafe file or one that does not fit the
+    # flags fails before anything is written.
+    init_weights = load_init_from(args)
     # The encoder next (unless a feature cache may make it unneeded): a file that is not an
     # encoder, or weights that cannot be downloaded, fail before the output folder is touched.
     spec = EncoderSpec.from_flags(args)
@@ -98,6 +138,9 @@ def train(args: argparse.Namespace) -> None:
     logger.configure(dir=args.out_dir)
     for note in notes:
         logger.warn(note)
+    if init_flags:
+        logger.log(f"--init_from {args.init_from} sets {hub.format_flags(init_flags)} (flags given on the "
+                   "command line win)")
     seed = args.seed + dist_util.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)  # the schedule sampler draws timesteps with numpy
@@ -152,12 +195,12 @@ def train(args: argparse.Namespace) -> None:
         "encoder": spec.to_dict() if args.feat_cond else None,
         "train_flags": {k: getattr(args, k) for k in (
             "lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch", "ema_rate",
-            "schedule_sampler", "use_fp16", "fp16_scale_growth", "data_dir", "feat_cache",
+            "schedule_sampler", "use_fp16", "fp16_scale_growth", "data_dir", "feat_cache", "init_from",
         )} | {"precision": precision, "encoder_precision": encoder_precision,
               "world_size": dist_util.get_world_size()},
     }
     logger.log("training...")
-    TrainLoop(
+    loop = TrainLoop(
         model=model,
         diffusion=diffusion,
         data=data,
@@ -182,7 +225,10 @@ def train(args: argparse.Namespace) -> None:
         channels_last=args.channels_last,
         compile=args.compile,
         seed=args.seed,
-    ).run_loop()
+        init_from=init_weights,
+    )
+    del init_weights  # the foundation's tensors are in the model now: free the file's copy
+    loop.run_loop()
     if stream.bad_files:
         logger.warn(f"{len(stream.bad_files)} unreadable image(s) were skipped on this rank")
     logger.log("done.")

@@ -1,0 +1,236 @@
+"""Warm start vs scratch, measured on this machine: does `--init_from` cut the steps an RCDM needs?
+
+`python scripts/warm_start_benchmark.py` (offline, CPU, a few minutes) does what a user with a new
+encoder would do, in miniature:
+
+1. the *foundation*: a small unconditional diffusion UNet pre-trained for `--pretrain_steps` on
+   crops of the quickstart's photographs (scikit-image's), written as a checkpoint file;
+2. two RCDM runs of `--train_steps` steps each, on the same batches, timesteps and noise, conditioned on
+   a frozen encoder's representation (`--type_model`, random fixed-seed weights unless
+   `--pretrained_encoder`): one from scratch, one with `TrainLoop(init_from=<that file>)`;
+3. every `--eval_every` steps, each run's training loss over the last steps and its
+   representation fidelity: samples (DDIM, `--steps`) from the representations of the
+   held-out views (the photographs' centre squares, two never trained on), encoded again and
+   ranked against all conditioning representations (MRR), next to the shuffled-conditioning
+   control (`metrics.representation_fidelity`).
+
+It prints a table and writes the curves as JSON (`--out_json`), with the number of steps the warm
+start needed to reach the scratch run's final MRR. Figures are measurements, not tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import hub, logger, metrics
+from ..cli.flags import Flag, Parser, add_flags
+from ..cli.policy import run_main
+from ..encoders import EncoderSpec, encode_images
+from ..errors import UsageError
+from ..image_datasets import model_input
+from ..script_util import create_model_and_diffusion
+from ..train_util import TrainLoop
+from .quickstart import CROP_SCALES, PHOTOS, UNSEEN_PHOTOS, load_photo
+
+BENCH_FLAGS = (
+    Flag("pretrain_steps", 200, int, "steps of the unconditional foundation's pre-training"),
+    Flag("train_steps", 240, int, "RCDM training steps of each run (scratch and warm start)"),
+    Flag("eval_every", 40, int, "steps between fidelity evaluations"),
+    Flag("crops_per_photo", 12, int, "training crops cut from each photograph"),
+    Flag("samples_per_image", 2, int, "samples drawn from each held-out view at each evaluation"),
+    Flag("cond_first_steps", 0, int, "also run a warm start that trains only the representation's path for "
+         "this many steps (--train_only cond), then everything (0: no such run)"),
+    Flag("out_json", "", help="where to write the curves (JSON); default: none"),
+)
+
+
+def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description=__doc__)
+    add_flags(p, "image_size", "num_channels", "batch_size", "lr", "seed", "type_model", "pretrained_encoder",
+              "encoder_input_size", "steps",
+              helps={"steps": "DDIM steps of each evaluation's samples"},
+              defaults={"steps": 10, "image_size": 32, "num_channels": 32, "batch_size": 8, "lr": 1e-3, "type_model": "resnet18",
+                        "pretrained_encoder": False, "encoder_input_size": 112})
+    for flag in BENCH_FLAGS:
+        flag.add_to(p)
+    return p
+
+
+def model_flags(image_size: int, num_channels: int) -> dict:
+    """The small UNet: the quickstart's architecture (one residual block per level)."""
+    if image_size not in (32, 64):
+        raise UsageError(f"--image_size {image_size}: the benchmark runs at 32 or 64")
+    return {"image_size": image_size, "num_channels": num_channels, "num_res_blocks": 1,
+            "channel_mult": "1,2,2" if image_size == 32 else "1,2,2,2", "attention_resolutions": "8",
+            "num_head_channels": 32, "learn_sigma": False, "noise_schedule": "cosine", "diffusion_steps": 1000,
+            "predict_xstart": True,
+            "use_scale_shift_norm": True}
+
+
+def views(crops_per_photo: int, seed: int) -> tuple[list[Image.Image], list[Image.Image]]:
+    """Training crops (random squares of every photo but the unseen ones) and held-out views (every
+    photo's centre square), as PIL images."""
+    rng = random.Random(seed)
+    train, held = [], []
+    for photo in PHOTOS:
+        image = load_photo(photo.name)
+        w, h = image.size
+        short = min(w, h)
+        if photo.name not in UNSEEN_PHOTOS:
+            for _ in range(crops_per_photo):
+                side = max(16, round(short * rng.uniform(*CROP_SCALES)))
+                left, top = rng.randrange(w - side + 1), rng.randrange(h - side + 1)
+                train.append(image.crop((left, top, left + side, top + side)).resize((224, 224), Image.BICUBIC))
+        left, top = (w - short) // 2, (h - short) // 2
+        held.append(image.crop((left, top, left + short, top + short)).resize((224, 224), Image.BICUBIC))
+    return train, held
+
+
+def _loop(model, diffusion, args, out_dir: Path, init_from=None, cond_first: int = 0) -> TrainLoop:
+    return TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=args.batch_size, microbatch=-1,
+                     lr=args.lr, ema_rate="0.99", log_interval=10**9, save_interval=10**9, resume_checkpoint="",
+                     progress=False, out_dir=str(out_dir), precision="fp32", seed=args.seed, init_from=init_from,
+                     train_only="cond" if cond_first else "", train_only_steps=cond_first)
+
+
+def _step(loop: TrainLoop, images: torch.Tensor, feats: torch.Tensor | None, order: np.ndarray, step: int,
+          seed: int) -> float:
+    idx = torch.from_numpy(order[step])
+    torch.manual_seed(seed * 1_000_003 + step)  # the same timesteps and noise in both runs
+    cond = {} if feats is None else {"feat": feats[idx]}
+    return float(loop.run_step(images[idx], cond))
+
+
+@torch.no_grad()
+def fidelity(model, sampler, encoder, held_feats: torch.Tensor, args) -> dict:
+    """MRR of samples drawn from the held-out views' representations, and the shuffled control."""
+    n, k = held_feats.shape[0], args.samples_per_image
+    cond = held_feats.repeat_interleave(k, 0)
+    g = torch.Generator().manual_seed(args.seed + 7)
+    noise = torch.randn(n * k, 3, args.image_size, args.image_size, generator=g)
+    model.eval()
+    samples = sampler.ddim_sample_loop(model, noise.shape, noise=noise, model_kwargs={"feat": cond})
+    model.train()
+    feats = encode_images(encoder, samples.clamp(-1, 1), input_size=args.encoder_input_size).features
+    result = metrics.representation_fidelity(feats.reshape(n, k, -1), held_feats, num_shuffles=20, seed=args.seed)
+    return {"mrr": result.model.mrr, "shuffled_mrr": result.shuffled.mrr, "chance_mrr": result.chance["mrr"]}
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.train_steps < 1 or args.eval_every < 1 or args.pretrain_steps < 0:
+        raise UsageError("--train_steps and --eval_every must be positive, --pretrain_steps at least 0")
+    torch.manual_seed(args.seed)
+    flags = model_flags(args.image_size, args.num_channels)
+    t0 = time.time()
+    spec = EncoderSpec(args.type_model, pretrained=args.pretrained_encoder, input_size=args.encoder_input_size)
+    encoder = spec.build("cpu")
+    train_views, held_views = views(args.crops_per_photo, args.seed)
+    images = torch.stack([model_input(v, args.image_size) for v in train_views])
+    feats = encode_images(encoder, train_views, input_size=args.encoder_input_size).features
+    held_feats = encode_images(encoder, held_views, input_size=args.encoder_input_size).features
+    ssl_dim = feats.shape[1]
+    print(f"{len(train_views)} training crops, {len(held_views)} held-out views, encoder {spec.name} "
+          f"({'published' if args.pretrained_encoder else 'random fixed-seed'} weights, width {ssl_dim}); "
+          f"prepared in {time.time() - t0:.0f} s", flush=True)
+    _, sampler = create_model_and_diffusion(**flags, timestep_respacing=f"ddim{args.steps}")
+    rng = np.random.default_rng(args.seed)
+    total = max(args.pretrain_steps, args.train_steps)
+    order = np.stack([rng.choice(len(images), args.batch_size, replace=False) for _ in range(total)])
+
+    out: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)",
+                 "flags": flags, "args": {k: v for k, v in vars(args).items() if k != "explicit"},
+                 "num_train": len(train_views), "num_heldout": len(held_views), "ssl_dim": ssl_dim}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        logger.configure(dir=str(tmp_path / "log"), format_strs=["log"])
+        # 1. the foundation: unconditional, on the same photographs
+        t0 = time.time()
+        model, diffusion = create_model_and_diffusion(**flags)
+        loop = _loop(model, diffusion, args, tmp_path / "foundation")
+        losses = [_step(loop, images, None, order, s, args.seed + 1) for s in range(args.pretrain_steps)]
+        foundation = tmp_path / "foundation.pt"
+        hub.save_checkpoint(foundation, model.state_dict(), meta={"model_flags": flags})
+        out["pretrain"] = {"steps": args.pretrain_steps, "seconds": time.time() - t0,
+                           "final_loss": float(np.mean(losses[-20:])) if losses else None}
+        print(f"foundation: {args.pretrain_steps} steps in {out['pretrain']['seconds']:.0f} s, loss "
+              f"{out['pretrain']['final_loss'] or float('nan'):.4f}", flush=True)
+
+        # 2. the RCDM from scratch and from the foundation: same batches, timesteps and noise
+        runs = [("scratch", None, 0), ("warm", str(foundation), 0)]
+        if args.cond_first_steps:
+            runs.append(("warm_cond_first", str(foundation), args.cond_first_steps))
+        for name, init, cond_first in runs:
+            torch.manual_seed(args.seed + 2)
+            model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=ssl_dim)
+            loop = _loop(model, diffusion, args, tmp_path / name, init_from=init, cond_first=cond_first)
+            curve = [{"step": 0, "loss": None, **fidelity(model, sampler, encoder, held_feats, args)}]
+            window, t0, train_seconds = [], time.time(), 0.0
+            for s in range(args.train_steps):
+                t1 = time.time()
+                window.append(_step(loop, images, feats, order, s, args.seed + 2))
+                train_seconds += time.time() - t1
+                if (s + 1) % args.eval_every == 0 or s + 1 == args.train_steps:
+                    curve.append({"step": s + 1, "loss": float(np.mean(window)),
+                                  **fidelity(model, sampler, encoder, held_feats, args)})
+                    window = []
+                    print(f"  {name} step {s + 1:4d}  loss {curve[-1]['loss']:.4f}  MRR {curve[-1]['mrr']:.3f} "
+                          f"(shuffled {curve[-1]['shuffled_mrr']:.3f})", flush=True)
+            out[name] = {"curve": curve, "train_seconds": train_seconds, "seconds": time.time() - t0}
+    logger.reset()
+    target = out["scratch"]["curve"][-1]["mrr"]
+    reached = next((p["step"] for p in out["warm"]["curve"] if p["step"] > 0 and p["mrr"] >= target), None)
+    out["scratch_final_mrr"] = target
+    out["warm_steps_to_scratch_final_mrr"] = reached
+    out["target_reached"] = reached is not None and reached <= args.train_steps / 3
+    if "warm_cond_first" in out:
+        out["warm_cond_first_steps_to_scratch_final_mrr"] = next(
+            (p["step"] for p in out["warm_cond_first"]["curve"] if p["step"] > 0 and p["mrr"] >= target), None)
+    return out
+
+
+def table(r: dict) -> str:
+    names = [n for n in ("scratch", "warm", "warm_cond_first") if n in r]
+    rows = [("step", *(f"loss {n}" for n in names), *(f"MRR {n}" for n in names), "shuffled MRR")]
+    for points in zip(*(r[n]["curve"] for n in names)):
+        rows.append((str(points[0]["step"]), *("-" if p["loss"] is None else f"{p['loss']:.4f}" for p in points),
+                     *(f"{p['mrr']:.3f}" for p in points), "/".join(f"{p['shuffled_mrr']:.3f}" for p in points)))
+    width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(row, width)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
+    reached = r["warm_steps_to_scratch_final_mrr"]
+    lines.append(f"scratch final MRR {r['scratch_final_mrr']:.3f} (chance {r['scratch']['curve'][-1]['chance_mrr']:.3f}); "
+                 f"warm start reaches it at step {reached if reached is not None else 'never'} of "
+                 f"{r['args']['train_steps']} (target: at most {r['args']['train_steps'] // 3}: "
+                 f"{'reached' if r['target_reached'] else 'not reached'}); training time scratch "
+                 f"{r['scratch']['train_seconds']:.0f} s, warm {r['warm']['train_seconds']:.0f} s; foundation "
+                 f"{r['pretrain']['steps']} steps, {r['pretrain']['seconds']:.0f} s")
+    if "warm_cond_first" in r:
+        got = r["warm_cond_first_steps_to_scratch_final_mrr"]
+        lines.append(f"warm start with the first {r['args']['cond_first_steps']} steps on the representation's path "
+                     f"only: reaches it at step {got if got is not None else 'never'}; training time "
+                     f"{r['warm_cond_first']['train_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = create_argparser(prog).parse_args(argv)
+
+    def go() -> None:
+        r = run(args)
+        print(table(r))
+        if args.out_json:
+            Path(args.out_json).write_text(json.dumps(r, indent=1))
+            print(f"curves written to {args.out_json}")
+
+    return run_main(go, prog or "warm_start_benchmark")

@@ -1,0 +1,241 @@
+"""--init_from: warm starts from guided-diffusion's models and from RCDMs (foundations.py), through the
+train command and TrainLoop, the mapping's exactness, bad inputs, and the named foundations'
+architectures against guided-diffusion's own (tests/reference/openai_*_keys.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from _train_photos import make_photo_dir
+from guided_diffusion_rcdm import foundations, hub, logger
+from guided_diffusion_rcdm.cli import train as train_cli
+from guided_diffusion_rcdm.cli.flags import parse_args
+from guided_diffusion_rcdm.script_util import create_model_and_diffusion
+from guided_diffusion_rcdm.train_util import TrainLoop
+
+TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+            attention_resolutions="16", learn_sigma=True, diffusion_steps=100)
+ENCODER_WIDTH = 512  # resnet18's representation
+
+
+def _random_weights(model: torch.nn.Module, seed: int) -> dict:
+    """Every tensor random (the UNet zero-initialises its output layers, which would make any
+    prediction trivially equal)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in sorted(model.state_dict().items())}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warm")
+    # guided-diffusion's layout: a plain state dict of a class-conditional UNet (label_emb).
+    classy, _ = create_model_and_diffusion(**TINY, class_cond=True)
+    class_sd = _random_weights(classy, 1)
+    torch.save(class_sd, root / "class_cond.pt")
+    # An RCDM of this project for another encoder width (64), with its meta.
+    rcdm, _ = create_model_and_diffusion(**TINY, feat_cond=True, ssl_dim=64)
+    rcdm_sd = _random_weights(rcdm, 2)
+    hub.save_checkpoint(root / "rcdm64.pt", rcdm_sd, meta={"model_flags": {**TINY, "feat_cond": True, "ssl_dim": 64}})
+    # Another architecture (64 channels), and a file that runs code when unpickled.
+    wide, _ = create_model_and_diffusion(**{**TINY, "num_channels": 64})
+    torch.save(_random_weights(wide, 3), root / "wide.pt")
+    torch.save({"state_dict": class_sd, "payload": _RunsCode(str(root / "ran"))}, root / "payload.pt")
+    return {"root": root, "class": root / "class_cond.pt", "class_sd": class_sd, "rcdm": root / "rcdm64.pt",
+            "rcdm_sd": rcdm_sd, "wide": root / "wide.pt", "payload": root / "payload.pt",
+            "photos": make_photo_dir(root / "photos", names=("astronaut", "coffee", "chelsea"), short_side=40)}
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _argv(files, out, *extra):
+    argv = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    return argv + ["--feat_cond", "--data_dir", files["photos"], "--type_model", "resnet18",
+                   "--pretrained_encoder", "False", "--out_dir", str(out), "--batch_size", "2",
+                   "--ema_rate", "0.9", "--log_interval", "1", "--save_interval", "1",
+                   "--num_workers", "0", "--progress", "False", *extra]
+
+
+def test_from_a_class_conditional_file_one_step_at_lr_0_keeps_every_shared_tensor_exactly(files, tmp_path):
+    out = tmp_path / "run"
+    assert train_cli.main(_argv(files, out, "--init_from", str(files["class"]), "--lr", "0",
+                                "--max_steps", "1")) == 0
+    logger.reset()
+    source = files["class_sd"]
+    for name in ("model000001.pt", "ema_0.9_000001.pt"):
+        sd, meta = hub.load_checkpoint(out / name)
+        shared = [k for k in sd if k in source]
+        assert len(shared) == len(source) - 1 and len(sd) == len(source) + 1
+        assert all(torch.equal(sd[k], source[k]) for k in shared), name
+        assert "label_emb.weight" not in sd
+        assert sd["ssl_emb.weight"].shape == (4 * TINY["num_channels"], ENCODER_WIDTH)
+        assert torch.equal(sd["ssl_emb.weight"], torch.zeros_like(sd["ssl_emb.weight"]))
+        mean = source["label_emb.weight"].double().mean(0).float()
+        assert torch.equal(sd["ssl_emb.bias"], mean)
+        assert meta["foundation"] == {"init_from": str(files["class"]), "name": None, "file": "class_cond.pt",
+                                      "sha256": hub.sha256_of(files["class"])}
+    log = (out / "log.txt").read_text()
+    assert "warm start from" in log and "tensors copied" in log
+    line = next(x for x in log.splitlines() if "warm start from" in x)
+    assert f"{len(source) - 1} tensors copied, 1 dropped (label_emb.weight), 2 new" in line
+
+    # The first prediction: the foundation's with the mean class embedding in place of a class's
+    # (its label_emb rows all set to their mean), whatever the representation.
+    sd, _ = hub.load_checkpoint(out / "model000001.pt")
+    rcdm, _ = create_model_and_diffusion(**TINY, feat_cond=True, ssl_dim=ENCODER_WIDTH)
+    rcdm.load_state_dict(sd)
+    foundation, _ = create_model_and_diffusion(**TINY, class_cond=True)
+    foundation.load_state_dict({**source, "label_emb.weight": mean.expand_as(source["label_emb.weight"]).clone()})
+    rcdm.eval(), foundation.eval()
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([1, 50, 99])
+    with torch.no_grad():
+        ours = rcdm(x, t, feat=torch.randn(3, ENCODER_WIDTH) * 10)
+        theirs = foundation(x, t, y=torch.tensor([0, 7, 999]))
+    assert torch.equal(ours, theirs)  # bit for bit: 0 * feat + bias adds exactly the mean embedding
+    # The representation path learns from the first step: its weights receive a gradient.
+    rcdm.train()
+    rcdm(x, t, feat=torch.randn(3, ENCODER_WIDTH)).square().mean().backward()
+    assert rcdm.ssl_emb.weight.grad.abs().sum() > 0
+
+
+def test_trainloop_from_an_rcdm_of_another_width_changes_only_ssl_emb_weight_and_resume_wins(files, tmp_path):
+    out = tmp_path / "run"
+    logger.configure(dir=str(out))
+
+    def loop(init_from):
+        model, diffusion = create_model_and_diffusion(**TINY, feat_cond=True, ssl_dim=ENCODER_WIDTH)
+        return TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-4,
+                         ema_rate="0.9", log_interval=1, save_interval=1, resume_checkpoint="",
+                         progress=False, out_dir=str(out), init_from=init_from)
+
+    first = loop(str(files["rcdm"]))
+    sd = first.model.state_dict()
+    differ = [k for k in sd if not (k in files["rcdm_sd"] and torch.equal(sd[k], files["rcdm_sd"][k]))]
+    assert differ == ["ssl_emb.weight"]
+    assert torch.equal(sd["ssl_emb.weight"], torch.zeros(4 * TINY["num_channels"], ENCODER_WIDTH))
+    assert all(torch.equal(e, p) for e, p in zip(first.ema_params[0], first.params))
+    first.save()
+    record = first.checkpoint_meta["foundation"]
+    assert record["sha256"] == hub.sha256_of(files["rcdm"])
+
+    # A rerun in the same folder resumes: --init_from is ignored, and said to be.
+    second = loop(str(files["class"]))
+    assert second.checkpoint_meta["foundation"] == record
+    assert all(torch.equal(a, b) for a, b in zip(second.model.state_dict().values(), sd.values()))
+    logger.reset()
+    log = (out / "log.txt").read_text()
+    assert "resumed from checkpoint" in log
+    assert f"resuming: --init_from {files['class']} ignored" in log
+
+
+def test_a_named_foundation_comes_through_the_hub(files, tmp_path, monkeypatch):
+    """`openai_256_uncond` from an RCDM_MIRROR directory (here a tiny unconditional file under the
+    release's name: TrainLoop takes the model as built, so the tiny flags apply)."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    uncond, _ = create_model_and_diffusion(**TINY)
+    torch.save(_random_weights(uncond, 4), mirror / "256x256_diffusion_uncond.pt")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv(hub.MIRROR_ENV, str(mirror))
+    model, diffusion = create_model_and_diffusion(**TINY, feat_cond=True, ssl_dim=8)
+    loop = TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-4,
+                     ema_rate="0.9", log_interval=1, save_interval=1, resume_checkpoint="", progress=False,
+                     out_dir=str(tmp_path / "run"), init_from="openai_256_uncond")
+    assert loop.checkpoint_meta["foundation"]["name"] == "openai_256_uncond"
+    assert torch.equal(loop.model.ssl_emb.bias, torch.zeros(4 * TINY["num_channels"]))  # unconditional: zero
+
+
+def test_a_name_sets_the_flags_it_needs_unless_given():
+    args = parse_args(train_cli.create_argparser(), ["--init_from", "openai_256", "--num_channels", "128"])
+    changed = train_cli.set_foundation_flags(args)
+    assert (args.image_size, args.num_head_channels, args.resblock_updown, args.num_channels) == (256, 64, True, 128)
+    assert "num_channels" not in changed and changed["image_size"] == 256
+    assert args.class_cond is False  # an RCDM takes a representation, not the foundation's classes
+    file_args = parse_args(train_cli.create_argparser(), ["--init_from", "some/file.pt"])
+    assert train_cli.set_foundation_flags(file_args) == {}
+
+
+@pytest.mark.parametrize("case", ["shapes", "payload", "missing_name", "unknown_name"])
+def test_bad_init_from_is_one_line_exit_2_nothing_written(case, files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv(hub.MIRROR_ENV, str(tmp_path))  # no release file there: offline
+    out = tmp_path / "run"
+    init = {"shapes": str(files["wide"]), "payload": str(files["payload"]), "missing_name": "openai_128",
+            "unknown_name": "openai_1024"}[case]
+    assert train_cli.main(_argv(files, out, "--init_from", init, "--max_steps", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err, err
+    assert not out.exists()
+    assert not (tmp_path / "torch_home").exists()  # no download, no cache entry
+    assert not (files["root"] / "ran").exists()
+    expected = {"shapes": "time_embed.0.weight is 256x64 in the file, 128x32 in the model",
+                "payload": "refused to load", "missing_name": "128x128_diffusion.pt",
+                "unknown_name": "no such foundation name"}[case]
+    assert expected in err
+    if case == "shapes":
+        assert "--num_channels 64" in err
+
+
+@pytest.mark.parametrize("name", ["openai_64", "openai_128", "openai_256", "openai_256_uncond", "openai_512"])
+def test_named_foundation_flags_build_guided_diffusions_architecture(name, reference_dir):
+    """Keys and shapes built from FOUNDATIONS[name].flags on the meta device equal those of
+    guided-diffusion's own code with the release's flags."""
+    ref = json.loads((reference_dir / f"{name}_keys.json").read_text())
+    f = foundations.FOUNDATIONS[name]
+    assert f.class_cond == ref["flags"]["class_cond"]
+    assert {k: v for k, v in ref["flags"].items() if k not in ("class_cond", "use_fp16")} == f.flags
+    with torch.device("meta"):
+        model, _ = create_model_and_diffusion(**f.flags, class_cond=f.class_cond)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == ref["state_dict"]
+    counts = foundations.mapping_counts(name)
+    n = len(ref["state_dict"])
+    assert counts == ({"copied": n - 1, "dropped": 1, "new": 2} if f.class_cond
+                      else {"copied": n, "dropped": 0, "new": 2})
+
+
+def test_published_rcdm_names_and_model_flags_256():
+    names = [n for n in foundations.FOUNDATIONS if n.startswith("rcdm_")]
+    assert len(names) == 9 and "rcdm_supervised" in names and "rcdm_supervised_head" not in names
+    assert foundations.mapping_counts("rcdm_dino_head", ssl_dim=768) == {"copied": 493, "dropped": 0, "new": 1}
+    assert foundations.MODEL_FLAGS_256["image_size"] == 256 and foundations.MODEL_FLAGS_256["class_cond"] is False
+    assert os.path.basename(foundations.FOUNDATIONS["openai_512"].url) == "512x512_diffusion.pt"
+
+
+def test_quickstart_refuses_a_foundation_of_another_architecture_before_any_work(files, tmp_path, capsys):
+    from guided_diffusion_rcdm.apps import quickstart
+
+    out = tmp_path / "qs"
+    assert quickstart.main(["--init_from", str(files["wide"]), "--out_dir", str(out), "--train_steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit the model flags" in err, err
+    assert not out.exists()
+
+
+def test_train_only_cond_updates_only_the_representation_path_first(files, tmp_path):
+    model, diffusion = create_model_and_diffusion(**TINY, feat_cond=True, ssl_dim=ENCODER_WIDTH)
+    loop = TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-2,
+                     ema_rate="0.9", log_interval=1, save_interval=1, resume_checkpoint="", progress=False,
+                     out_dir=str(tmp_path / "run"), init_from=str(files["class"]), train_only="cond",
+                     train_only_steps=1)
+    logger.reset()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch, cond = torch.randn(2, 3, 32, 32), {"feat": torch.randn(2, ENCODER_WIDTH)}
+    loop.run_step(batch, cond)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert "ssl_emb.weight" in changed and "input_blocks.1.0.emb_layers.1.weight" in changed
+    assert all(foundations.is_conditioning_parameter(k) for k in changed), sorted(changed)
+    loop.run_step(batch, cond)  # then everything
+    assert not torch.equal(model.state_dict()["input_blocks.0.0.weight"], before["input_blocks.0.0.weight"])
+    with pytest.raises(Exception, match="train_only"):
+        TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-2, ema_rate="0.9",
+                  log_interval=1, save_interval=1, resume_checkpoint="", progress=False,
+                  out_dir=str(tmp_path / "run2"), train_only="all")
