@@ -57,6 +57,7 @@ class Probe:
         except OSError:
             pass
         self.rss0, self.io0, self.t0 = _status("VmRSS"), _io(), time.perf_counter()
+        self.file0 = _status("RssFile")
         return self
 
     def __exit__(self, *exc):
@@ -207,55 +208,67 @@ def phase_load(a) -> dict:
         total = 0.0
         for i in range(len(local)):
             total += float(local[i, 0][0])
+        mapped = _status("RssFile")
     resident = sum(resident_bytes(f) for f in _cache_files(a.cache))
     return {"peak": p.peak, "seconds": p.seconds, "prepare_seconds": t_prepare, "rows": len(local),
-            "read": p.read, "resident": resident}
+            "read": p.read, "resident": resident, "held": p.peak - max(0, mapped - p.file0)}
+
+
+MARK = b"rcdm-scale-benchmark-mark"
+
+
+def _mark(label: str) -> None:
+    """A write(2) that strace shows, so the listing's system calls can be told from the rest."""
+    with open(os.devnull, "wb", buffering=0) as f:
+        f.write(MARK + label.encode())
 
 
 def phase_scan(a) -> dict:
-    """List a generated folder as the training command does; counts the file-system calls."""
-    import os as _os
-
+    """List a generated folder as the training command does (run under strace, which counts the
+    file-system calls between the marks)."""
     from guided_diffusion_rcdm import image_datasets
 
-    counts = {"stat": 0, "lstat": 0, "listdir": 0, "scandir": 0}
-    originals = {k: getattr(_os, k) for k in counts}
-
-    def counted(name):
-        def call(*args, **kwargs):
-            counts[name] += 1
-            return originals[name](*args, **kwargs)
-        return call
-
-    for name in counts:
-        setattr(_os, name, counted(name))
-    try:
+    _mark("first")
+    with Probe() as p:
+        files = image_datasets.find_images(a.data)
+    _mark("end")
+    first = {"seconds": p.seconds, "files": len(files)}
+    reuse = None
+    if hasattr(image_datasets, "scan_images"):
+        image_datasets.scan_images(a.data, index_dir=a.cache).save(a.cache)
+        _mark("reuse")
         with Probe() as p:
-            files = image_datasets.find_images(a.data)
-        first = {"seconds": p.seconds, "files": len(files), "calls": sum(counts.values()), **counts}
-        reuse = None
-        if hasattr(image_datasets, "scan_images"):
-            listing = image_datasets.scan_images(a.data, index_dir=a.cache)
-            listing.save(a.cache)
-            for k in counts:
-                counts[k] = 0
-            with Probe() as p:
-                again = image_datasets.scan_images(a.data, index_dir=a.cache)
-            assert again.files == files and not again.scanned
-            reuse = {"seconds": p.seconds, "calls": sum(counts.values())}
-    finally:
-        for name, fn in originals.items():
-            setattr(_os, name, fn)
+            again = image_datasets.scan_images(a.data, index_dir=a.cache)
+        _mark("end")
+        assert again.files == files and not again.scanned
+        reuse = {"seconds": p.seconds}
     return {"first": first, "reuse": reuse}
+
+
+def _count_calls(trace: str) -> dict:
+    """File-system calls between each start mark and the next end mark of an strace log."""
+    counts, current = {}, None
+    with open(trace, errors="replace") as f:
+        for line in f:
+            if MARK.decode() in line:
+                label = line.split(MARK.decode(), 1)[1].split('"', 1)[0]
+                current = None if label == "end" else label
+                if current:
+                    counts[current] = 0
+            elif current and not line.startswith(("write(", "+++", "---")) and "(" in line:
+                counts[current] += 1
+    return counts
 
 
 PHASES = {"build": phase_build, "load": phase_load, "scan": phase_scan}
 
 
-def _run(phase: str, **kwargs) -> dict:
+def _run(phase: str, trace: str = "", **kwargs) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--phase", phase]
     for k, v in kwargs.items():
         argv += [f"--{k}", str(v)]
+    if trace:  # every file-system call (stat, open, directory reads), and the marks
+        argv = ["strace", "-qq", "-o", trace, "-e", "trace=%file,%stat,getdents64,write"] + argv
     out = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if out.returncode:
         raise RuntimeError(f"phase {phase} failed:\n{out.stderr[-3000:]}")
@@ -291,6 +304,7 @@ def measure(a) -> dict:
     result["load"] = {"peak": max(x["peak"] for x in loads), "seconds": max(x["seconds"] for x in loads),
                       "prepare_seconds": max(x["prepare_seconds"] for x in loads),
                       "resident": max(x["resident"] for x in loads), "needed": data_bytes / a.ranks,
+                      "held": max(x["held"] for x in loads),
                       "file_bytes": sum(os.path.getsize(f) for f in _cache_files(cache))}
     extra = max(1, a.rows // 100)
     add = _run("build", rows=extra, start=a.rows, generation=1, cache=cache, width=a.width, ranks=1)
@@ -302,7 +316,18 @@ def measure(a) -> dict:
         if not os.path.isdir(data):
             make_folder(data, a.scan_files, a.scan_dirs)
         os.makedirs(cache, exist_ok=True)
-        result["scan"] = {**_run("scan", data=data, cache=cache), "dirs": a.scan_dirs}
+        trace = os.path.join(a.work, "scan.strace") if shutil.which("strace") else ""
+        scan = _run("scan", data=data, cache=cache)  # the times: without strace
+        calls = {}
+        if trace:
+            _run("scan", trace=trace, data=data, cache=cache)
+            calls = _count_calls(trace)
+        scan["first"]["calls"] = calls.get("first")
+        if scan["reuse"]:
+            scan["reuse"]["calls"] = calls.get("reuse")
+        if trace:
+            os.remove(trace)
+        result["scan"] = {**scan, "dirs": a.scan_dirs}
         shutil.rmtree(cache)
     return result
 
@@ -316,19 +341,17 @@ def extrapolate(r: dict) -> dict:
     build_peak = max(b["rank_peak"] / b["largest_share"] * total / w, b["commit_peak"] / b["features"] * total)
     # load: what a rank holds besides the mapped file (paths, tables) scales with the rows; the page
     # cache of a node holds what its ranks' reads brought in, at the measured read amplification
-    anon_per_rank = max(0.0, ld["peak"] - ld["resident"]) / r["rows"] * n
+    anon_per_rank = max(0.0, ld["held"]) / r["rows"] * n
     amplification = ld["resident"] / ld["needed"]
     node_pages = min(total, amplification * total / w * per_node)
     out = {"total": total, "rank0_build_peak": build_peak, "append_written": r["append"]["written"] / r["rows"] * n,
            "per_rank_memory": anon_per_rank, "node_memory": anon_per_rank * per_node + node_pages,
            "node_read": node_pages, "prepare_seconds": ld["prepare_seconds"] / r["rows"] * n}
     if "scan" in r:
-        # the earlier listing costs calls per file (a stat each); the sharded version's per folder
+        # calls scale with the files (the earlier listing: a stat each; now: directory reads); every
+        # rank lists the folder in the earlier version, rank 0 alone now; a requeue: a stat per folder
         s = r["scan"]
-        if r["sharded"]:
-            per_start = s["first"]["calls"] / (s["dirs"] + 1) * (IMAGENET["dirs"] + 1)
-        else:
-            per_start = w * s["first"]["calls"] / s["first"]["files"] * n
+        per_start = (1 if r["sharded"] else w) * s["first"]["calls"] / s["first"]["files"] * n
         out["scan_calls_per_start"] = per_start
         out["scan_calls_requeue"] = (s["reuse"]["calls"] / (s["dirs"] + 1) * (IMAGENET["dirs"] + 1)
                                      if s["reuse"] else per_start)
@@ -344,13 +367,13 @@ def report(r: dict) -> str:
              f"rank 0 after the writes {_gb(b['commit_peak'])} ({b['commit_peak'] / b['features']:.2f}x the features); "
              f"written {_gb(b['written'])}; {b['seconds']:.1f} s",
              f"  append  {ap['rows']} rows (1%): written {_gb(ap['written'])}, peak {_gb(ap['peak'])}, {ap['seconds']:.1f} s",
-             f"  load    per rank: peak {_gb(ld['peak'])}, prepare {ld['prepare_seconds']:.2f} s, one pass {ld['seconds']:.1f} s; "
+             f"  load    per rank: peak {_gb(ld['peak'])} ({_gb(ld['held'])} besides mapped cache pages), prepare {ld['prepare_seconds']:.2f} s, one pass {ld['seconds']:.1f} s; "
              f"file pages brought in {_gb(ld['resident'])} for the {_gb(ld['needed'])} it reads "
              f"({ld['resident'] / ld['needed']:.1f}x)"]
     if "scan" in r:
         s = r["scan"]
-        lines.append(f"  scan    {s['first']['files']} files: {s['first']['seconds']:.2f} s, {s['first']['calls']} file-system "
-                     f"calls per scanning rank" + (f"; requeue with the saved listing {s['reuse']['seconds']:.2f} s, "
+        lines.append(f"  scan    {s['first']['files']} files in {s['dirs']} folders: {s['first']['seconds']:.2f} s, "
+                     f"{s['first']['calls']} file-system calls per scanning rank" + (f"; requeue with the saved listing {s['reuse']['seconds']:.2f} s, "
                                                    f"{s['reuse']['calls']} calls" if s["reuse"] else ""))
     e = extrapolate(r)
     lines += ["  ImageNet (extrapolated: 1.28M images, 2 x 2048 fp32 = "
