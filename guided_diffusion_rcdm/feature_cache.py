@@ -54,7 +54,7 @@ SHARD_FORMAT = "rcdm-feature-shard-v2"
 CACHE_FILE = "features.pt"
 INDEX_FILE = "index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_CHECK_ROWS = 1 << 15  # rows checked for NaN at a time (bounded memory)
+_CHECK_ELEMENTS = 1 << 22  # values checked for NaN at a time (a 4 MB mask, whatever the width)
 
 
 def cache_path(cache_dir: str) -> str:
@@ -304,8 +304,9 @@ class FeatureTable:
             if not len(inside):
                 continue
             first, last = int(inside.min()) - lo, int(inside.max()) - lo + 1
-            for a in range(first, last, _CHECK_ROWS):
-                block = shard[a : min(last, a + _CHECK_ROWS)]
+            step = max(1, _CHECK_ELEMENTS // max(1, shard[0].numel()))
+            for a in range(first, last, step):
+                block = shard[a : min(last, a + step)]
                 if not bool(torch.isfinite(block).all()):
                     bad_row = a + int((~torch.isfinite(block)).flatten(1).any(1).nonzero()[0])
                     where = names[k] if k < len(names) else f"shard {k}"
