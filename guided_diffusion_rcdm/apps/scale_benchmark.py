@@ -344,7 +344,7 @@ def extrapolate(r: dict) -> dict:
     anon_per_rank = max(0.0, ld["held"]) / r["rows"] * n
     amplification = ld["resident"] / ld["needed"]
     node_pages = min(total, amplification * total / w * per_node)
-    out = {"total": total, "rank0_build_peak": build_peak, "append_written": r["append"]["written"] / r["rows"] * n,
+    out = {"total": total, "rank0_build_peak": build_peak, "append_written": r["append"]["written"] / b["features"] * total,
            "per_rank_memory": anon_per_rank, "node_memory": anon_per_rank * per_node + node_pages,
            "node_read": node_pages, "prepare_seconds": ld["prepare_seconds"] / r["rows"] * n}
     if "scan" in r:
@@ -396,6 +396,7 @@ def main(argv=None) -> int:
     p.add_argument("--scan_dirs", type=int, default=100, help="class folders of the generated folder")
     p.add_argument("--work", default="scale-benchmark", help="scratch folder (the cache is deleted afterwards)")
     p.add_argument("--json", default="", help="also write the figures to this file")
+    p.add_argument("--report", default="", help="print the table of figures written earlier with --json")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     for k in ("rank", "start", "generation"):
         p.add_argument(f"--{k}", type=int, default=0, help=argparse.SUPPRESS)
@@ -404,6 +405,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.phase:
         print(json.dumps(PHASES[a.phase](a)))
+        return 0
+    if a.report:
+        with open(a.report) as f:
+            print(report(json.load(f)))
         return 0
     os.makedirs(a.work, exist_ok=True)
     result = measure(a)
