@@ -34,7 +34,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Optional
 
