@@ -292,6 +292,15 @@ class FeatureTable:
         k, r = self.locate(int(self.rows[i]))
         return self.shards[k][r, flip]
 
+    def gather(self, flip: int = 0) -> torch.Tensor:
+        """All rows' representations of one view (0: unflipped, 1: mirrored), as one [len x D] tensor
+        (a copy: for the small tables that fit in memory)."""
+        out = torch.empty(len(self.rows), self.width, dtype=self.shards[0].dtype if self.shards else torch.float32)
+        for k, shard in enumerate(self.shards):
+            inside = (self.rows >= self.starts[k]) & (self.rows < self.starts[k + 1])
+            out[inside] = shard[self.rows[inside] - self.starts[k], flip]
+        return out
+
     def check_finite(self, names: Sequence[str] = ()) -> None:
         """UsageError naming the shard if the rows of this table hold NaN or infinite values; reads
         only the span of each shard these rows fall in, a bounded number of rows at a time."""

@@ -198,6 +198,7 @@ def test_an_old_single_file_cache_is_read_and_extended_with_a_shard(built, photo
     assert [s["file"] for s in index["shards"]] == [fc.CACHE_FILE, fc.shard_name(1, 0, 1)]
     assert (old_dir / fc.CACHE_FILE).read_bytes() == before
     assert torch.equal(torch.stack([feats[i, f] for i in range(len(kept)) for f in (0, 1)]), built["feats"])
+    assert torch.equal(feats.gather(1), built["feats"][1::2])  # rows from both files, in the data's order
 
 
 MEMORY = r"""
