@@ -496,8 +496,20 @@ def _describe_unpickling_error(err: Exception) -> str | None:
     return match.group(0).strip() if match else None
 
 
-def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
-    """`torch.load(..., weights_only=True)` with the upstream allow-list and clear errors."""
+def _is_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False,
+                    what: str = "checkpoint") -> Any:
+    """`torch.load(..., weights_only=True)` with the upstream allow-list and clear errors.
+
+    `mmap=True` maps a local file's tensors instead of reading them (`torch.load(mmap=True)`:
+    pages are read when touched, and memory stays the page cache's, shared by the processes of a
+    node); files in the old non-zip format and remote files are read as usual. `what` names the
+    file in error messages ("checkpoint", "feature cache shard", ...).
+    """
     path = str(path)
     try:
         with torch.serialization.safe_globals(_upstream_safe_globals()):
@@ -505,9 +517,11 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
                 with bf.BlobFile(path, "rb") as f:
                     return torch.load(io.BytesIO(f.read()), map_location=map_location,
                                       weights_only=True)
+            if mmap and _is_zip(path):
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
             return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise MissingInputError(f"no checkpoint file at {path}") from None
+        raise MissingInputError(f"no {what} file at {path}") from None
     except pickle.UnpicklingError as err:
         refused = _describe_unpickling_error(err)
         if refused:
@@ -517,12 +531,12 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
                 "and plain data are loaded (weights_only=True). Use a file that holds only "
                 "weights (a state dict, or the project's own or safetensors checkpoints)."
             ) from None
-        raise CheckpointError(_corrupt_message(path, err)) from None
+        raise CheckpointError(_corrupt_message(path, err, what)) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as err:
-        raise CheckpointError(_corrupt_message(path, err)) from None
+        raise CheckpointError(_corrupt_message(path, err, what)) from None
 
 
-def _corrupt_message(path: str, err: Exception) -> str:
+def _corrupt_message(path: str, err: Exception, what: str = "checkpoint") -> str:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     # torch's first sentence says what failed; its next ones suggest weights_only=False (unsafe)
     reason = reason.split(". ")[0].rstrip(".")
@@ -534,7 +548,7 @@ def _corrupt_message(path: str, err: Exception) -> str:
         if Path(path).resolve().parent == where.resolve() else ""
     )
     return (
-        f"cannot read checkpoint {path}{size_text}: the file is truncated or corrupt "
+        f"cannot read {what} {path}{size_text}: the file is truncated or corrupt "
         f"({reason}).{hint}"
     )
 
@@ -577,9 +591,10 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[dict, dict]:
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) -> tuple[dict, dict]:
     """Load a model checkpoint as `(state_dict, meta)`, never running code from the file.
 
+    `mmap=True` maps a local torch file's tensors instead of reading them (see `safe_torch_load`).
     Accepts the project's own files (`save_checkpoint`, torch or safetensors), plain state dicts
     such as the published RCDM checkpoints (`meta == {}`), and `{"state_dict": ...}` wrappers.
     A state dict saved from a DistributedDataParallel model loses its `module.` prefix.
@@ -588,7 +603,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[dict, 
     if _looks_like_safetensors(path):
         state_dict, meta = _load_safetensors(path, map_location)
     else:
-        obj = safe_torch_load(path, map_location)
+        obj = safe_torch_load(path, map_location, mmap=mmap)
         fmt = obj.get("format") if isinstance(obj, Mapping) else None
         if isinstance(fmt, str) and fmt.startswith("rcdm-checkpoint-") and fmt != CHECKPOINT_FORMAT:
             raise CheckpointError(

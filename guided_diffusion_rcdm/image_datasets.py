@@ -9,6 +9,7 @@ a PIL image or a path into the encoder's input, so no script re-implements the c
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import multiprocessing.util  # noqa: F401  (registers its exit hook before ours: see _close_open_streams)
 import os
@@ -16,14 +17,14 @@ import random
 import signal
 import weakref
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import blobfile as bf
 import numpy as np
 import torch
 from PIL import Image
 
-from . import dist_util, logger
+from . import dist_util, fileio, logger
 from .errors import MissingInputError, UsageError
 
 ENCODER_IMAGE_SIZE = 224
@@ -197,13 +198,59 @@ def normalize_for_encoder(x: torch.Tensor, normalize: str = "minus_one_one") -> 
 # ----------------------------------------------------------------------------------------------
 
 
+LISTING_FILE = "image_list.json"
+LISTING_FORMAT = "rcdm-image-list-v1"
+
+
+def _is_image_name(name: str) -> bool:
+    return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def _scan_local(data_dir: str, warn=None) -> tuple[list[str], dict[str, int]]:
+    """Image files under a local `data_dir` (sorted by name in each folder, recursing in place) and
+    the modification time (ns) of every folder scanned, keyed by its path relative to `data_dir`.
+
+    One `os.scandir` per folder; the entry types come from the directory listing itself, so only
+    folders (their mtime) and symbolic links (their target) cost a `stat`. A link whose target is
+    gone, or a folder that cannot be read, is skipped with a warning.
+    """
+    warn = warn or logger.warn
+    files: list[str] = []
+    dirs: dict[str, int] = {}
+
+    def walk(folder: str, rel: str) -> None:
+        try:
+            dirs[rel] = os.stat(folder).st_mtime_ns
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            warn(f"skipping unreadable folder {folder} ({err.strerror or err})")
+            return
+        for entry in entries:
+            full = os.path.join(folder, entry.name)
+            try:
+                if _is_image_name(entry.name):
+                    if entry.is_symlink() and not entry.is_file():
+                        warn(f"skipping {full}: a symbolic link whose target does not exist")
+                        continue
+                    files.append(full)
+                elif entry.is_dir():
+                    walk(full, entry.name if not rel else rel + "/" + entry.name)
+            except OSError as err:  # a link loop, a permission problem
+                warn(f"skipping {full} ({err.strerror or err})")
+
+    walk(data_dir, "")
+    return files, dirs
+
+
 def list_image_files_recursively(data_dir: str) -> list[str]:
     """Every image file under `data_dir` (local or blobfile path), sorted, recursing into folders."""
+    if not fileio.is_remote(data_dir):
+        return _scan_local(data_dir)[0]
     results = []
     for entry in sorted(bf.listdir(data_dir)):
         full = bf.join(data_dir, entry)
-        ext = entry.rsplit(".", 1)[-1].lower() if "." in entry else ""
-        if ext in IMAGE_EXTENSIONS:
+        if _is_image_name(entry):
             results.append(full)
         elif bf.isdir(full):
             results.extend(list_image_files_recursively(full))
@@ -213,20 +260,105 @@ def list_image_files_recursively(data_dir: str) -> list[str]:
 _list_image_files_recursively = list_image_files_recursively  # the original's name
 
 
-def find_images(data_dir: str, flag: str = "--data_dir") -> list[str]:
-    """List `data_dir`'s images (recursively, sorted), or raise a clear error naming `flag` when it
-    is unset, missing or empty."""
+class ImageListing:
+    """The images of a data folder (`files`) and how they were found (`scanned`: listed now, or
+    read from the folder's listing in an output folder because no sub-folder changed since).
+
+    `save(folder)` writes the listing there (rank 0, after a scan) so that a requeued job reads it
+    instead of listing the data folder again: it is reused while the data folder's path and the
+    modification times of all its sub-folders are unchanged (one `stat` per folder).
+    """
+
+    def __init__(self, data_dir: str, files: list[str], dirs: Optional[dict] = None, scanned: bool = True):
+        self.data_dir, self.files, self.dirs, self.scanned = data_dir, files, dirs, scanned
+
+    def save(self, folder: str) -> None:
+        if not folder or not self.scanned or self.dirs is None or fileio.is_remote(folder):
+            return
+        if dist_util.get_rank() != 0:
+            return
+        root = self.data_dir
+        record = {"format": LISTING_FORMAT, "data_dir": os.path.abspath(root), "dirs": self.dirs,
+                  "files": [_relative_to(f, root) for f in self.files]}
+        fileio.atomic_write_text(os.path.join(folder, LISTING_FILE), json.dumps(record))
+
+
+def _relative_to(path: str, root: str) -> str:
+    return os.path.relpath(path, root)
+
+
+def _read_listing(data_dir: str, folder: Optional[str]) -> Optional[ImageListing]:
+    """The listing saved in `folder` if it is of `data_dir` and no sub-folder changed since."""
+    if not folder or fileio.is_remote(folder) or fileio.is_remote(data_dir):
+        return None
+    path = os.path.join(folder, LISTING_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        if record.get("format") != LISTING_FORMAT or record.get("data_dir") != os.path.abspath(data_dir):
+            return None
+        for rel, mtime in record["dirs"].items():
+            if os.stat(os.path.join(data_dir, rel) if rel else data_dir).st_mtime_ns != mtime:
+                return None
+        files = [os.path.join(data_dir, rel) for rel in record["files"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no listing, or one that cannot be used: list the folder
+    return ImageListing(data_dir, files, record["dirs"], scanned=False)
+
+
+def scan_images(data_dir: str, flag: str = "--data_dir", index_dir: Optional[str] = None) -> ImageListing:
+    """The images of `data_dir` (see `find_images`); with a process group, rank 0 alone lists the
+    folder (or reads its listing from `index_dir`, see `ImageListing`) and sends the list to the
+    others. Every rank must call it; an error on rank 0 is raised on every rank."""
+    if dist_util.get_world_size() == 1:
+        return _scan_images(data_dir, flag, index_dir)
+    outcome = None
+    if dist_util.get_rank() == 0:
+        try:
+            listing = _scan_images(data_dir, flag, index_dir)
+            outcome = ("ok", listing.files)
+        except Exception as exc:  # every rank raises it, none waits for a list that never comes
+            outcome = ("error", exc)
+    outcome = dist_util.broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise outcome[1]
+    if dist_util.get_rank() == 0:
+        return listing
+    return ImageListing(data_dir, outcome[1], None, scanned=False)
+
+
+def _scan_images(data_dir: str, flag: str, index_dir: Optional[str]) -> ImageListing:
     if not data_dir:
         raise UsageError(f"no folder given: pass {flag} DIR (a folder of images)")
     if not bf.exists(data_dir) or not bf.isdir(data_dir):
         raise MissingInputError(f"{flag} {data_dir!r}: no such folder (it does not exist or is not a directory)")
-    files = list_image_files_recursively(data_dir)
-    if not files:
+    listing = _read_listing(data_dir, index_dir)
+    if listing is None:
+        if fileio.is_remote(data_dir):
+            listing = ImageListing(data_dir, list_image_files_recursively(data_dir), None)
+        else:
+            listing = ImageListing(data_dir, *_scan_local(data_dir))
+    if not listing.files:
         raise UsageError(
             f"{flag} {data_dir!r} holds no images (looked recursively for files ending in "
             f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}); put images in it or pass another folder"
         )
-    return files
+    return listing
+
+
+def find_images(data_dir: str, flag: str = "--data_dir", shared: bool = False) -> list[str]:
+    """List `data_dir`'s images (recursively, sorted), or raise a clear error naming `flag` when it
+    is unset, missing or empty. `shared=True` (every rank calls it): rank 0 alone lists the folder
+    and the other ranks receive the list (see `scan_images`)."""
+    if shared:
+        return scan_images(data_dir, flag).files
+    return _scan_images(data_dir, flag, None).files
+
+
+def contiguous_share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """`(start, stop)`: rank `rank`'s contiguous range of `n` items split over `world` ranks (sizes
+    differ by at most one)."""
+    return n * rank // world, n * (rank + 1) // world
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -261,9 +393,11 @@ class ImageDataset(torch.utils.data.Dataset):
     ):
         super().__init__()
         self.resolution = resolution
-        self.local_images = list(image_paths[shard:][::num_shards])
-        self.local_classes = None if classes is None else list(classes[shard:][::num_shards])
-        self.local_features = None if features is None else features[shard:][::num_shards]
+        # a contiguous range: the rows of a feature cache this rank reads are contiguous too
+        start, stop = contiguous_share(len(image_paths), shard, num_shards)
+        self.local_images = list(image_paths[start:stop])
+        self.local_classes = None if classes is None else list(classes[start:stop])
+        self.local_features = None if features is None else features[start:stop]
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.encoder_size = encoder_size
@@ -472,14 +606,16 @@ def load_data(
     """Endless `(images, encoder_images, kwargs)` batches from a folder, sharded by rank.
 
     Checks the folder at once (missing or empty: an error, before any model is built). Each rank
-    reads files `rank::world_size` of the sorted list (defaults from `dist_util`). With
+    reads a contiguous range of the sorted list (`contiguous_share`; defaults from
+    `dist_util`), so each rank's batches hold the images (and classes) of its range and the global
+    batch is spread over the whole data set; rank 0 alone lists the folder. With
     `class_cond`, `kwargs["y"]` is the index of the image's parent folder. With `features`
     (cached representations aligned with `image_paths`, see `feature_cache`) the encoder crop is
     not made and `kwargs["feat"]` is filled instead; `encoder_size=None` skips it too (no encoder).
     """
     rank = dist_util.get_rank() if rank is None else rank
     world_size = dist_util.get_world_size() if world_size is None else world_size
-    all_files = list(image_paths) if image_paths is not None else find_images(data_dir)
+    all_files = list(image_paths) if image_paths is not None else find_images(data_dir, shared=True)
     if len(all_files) < world_size:
         raise UsageError(
             f"{data_dir!r} holds {len(all_files)} images, fewer than the {world_size} processes "

@@ -108,7 +108,7 @@ def list_checkpoint_steps(out_dir: str) -> list[int]:
 
 
 def _load_train_state(path: str) -> dict:
-    state = hub.safe_torch_load(path, map_location="cpu")
+    state = hub.safe_torch_load(path, map_location="cpu", mmap=True)
     if not isinstance(state, dict):
         raise UsageError(f"{path} does not hold an optimizer state")
     if state.get("format") != TRAIN_STATE_FORMAT:  # the original's bare optimizer state dict
@@ -121,10 +121,11 @@ def load_resume_files(model_path: str, ema_rates) -> dict:
 
     Returns `{"step", "model": (sd, meta), "opt": state | None, "ema": {rate: sd}, "problems": [...]}`;
     raises if the model file itself cannot be loaded. Missing or damaged companions are listed in
-    `problems` (the caller decides).
+    `problems` (the caller decides). Local files are memory-mapped (`torch.load(mmap=True)`): a
+    tensor is read when it is used, into the page cache, never copied into a second buffer.
     """
     step = parse_resume_step_from_filename(model_path)
-    sd, meta = hub.load_checkpoint(model_path, map_location="cpu")
+    sd, meta = hub.load_checkpoint(model_path, map_location="cpu", mmap=True)
     if meta and isinstance(meta.get("step"), int):
         step = meta["step"]
     out = {"step": step, "path": model_path, "model": (sd, meta), "opt": None, "ema": {}, "problems": []}
@@ -141,7 +142,7 @@ def load_resume_files(model_path: str, ema_rates) -> dict:
             out["problems"].append(f"no EMA file {path}")
             continue
         try:
-            out["ema"][rate] = hub.load_checkpoint(path, map_location="cpu")[0]
+            out["ema"][rate] = hub.load_checkpoint(path, map_location="cpu", mmap=True)[0]
         except Exception as exc:
             out["problems"].append(f"damaged EMA file {path} ({type(exc).__name__}: {exc})")
     return out
@@ -167,7 +168,9 @@ def find_resume_checkpoint(out_dir: str, ema_rates=()) -> Optional[dict]:
     """The newest complete checkpoint in `out_dir` (see `load_resume_files`), or None.
 
     Damaged files are skipped with a warning. If no step is complete, the newest model file that
-    loads is used (its optimizer/EMA start afresh, with a warning).
+    loads is used (its optimizer/EMA start afresh, with a warning). One checkpoint at a time is
+    held: an incomplete one is let go (its path kept) before the next older one is opened, and
+    read again only if no complete one turns up.
     """
     fallback = None
     for step in list_checkpoint_steps(out_dir):
@@ -180,8 +183,15 @@ def find_resume_checkpoint(out_dir: str, ema_rates=()) -> Optional[dict]:
         if not found["problems"]:
             return found
         logger.warn(f"checkpoint {path} is incomplete: {'; '.join(found['problems'])}")
-        fallback = fallback or found
-    return fallback
+        fallback = fallback or path
+        del found
+    if fallback is None:
+        return None
+    try:
+        return load_resume_files(fallback, ema_rates)
+    except Exception as exc:  # changed since it was read a moment ago
+        logger.warn(f"skipping damaged checkpoint {fallback} ({type(exc).__name__}: {exc})")
+        return None
 
 
 # ------------------------------------------------------------------------------- loop

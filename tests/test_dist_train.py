@@ -52,8 +52,9 @@ def _check_two_ranks(out: Path, launcher: str) -> None:
     names = sorted(p.name for p in out.iterdir())
     assert names == ["cache", "ema_0.9_000003.pt", "log.txt", "model000003.pt", "opt000003.pt",
                      "progress.csv", "rank0.pt", "rank1.pt"]
-    # the feature cache was encoded by both ranks together and merged into one file
-    assert sorted(p.name for p in (out / "cache").iterdir()) == ["features.pt"]
+    # the feature cache was encoded by both ranks together, each writing its own shard
+    assert sorted(p.name for p in (out / "cache").iterdir()) == [
+        "index.json", "shard-0000-00000-of-00002.pt", "shard-0000-00001-of-00002.pt"]
     assert r0["cache_paths"] == r1["cache_paths"] and len(r0["cache_paths"]) == 6
     assert torch.equal(r0["cache_feats"], r1["cache_feats"])
     assert "encoding 6 image(s)" in (out / "log.txt").read_text()

@@ -154,9 +154,9 @@ def test_the_feature_cache_records_the_spec_keeps_rows_aligned_and_reads_old_cac
         feature_cache.prepare_feature_cache(cache, root, paths, EncoderSpec("dino", pretrained=False), make)
 
     # a cache written before the spec existed: the old four-field record, no precision recorded
-    old = dict(stored)
-    old["encoder"] = {"type_model": "resnet18", "use_head": False, "normalize": "imagenet", "pretrained": False}
-    del old["encoder_precision"]
+    old = {"format": feature_cache.CACHE_FORMAT, "paths": stored["paths"], "features": stored["features"].clone(),
+           "bad": stored["bad"],
+           "encoder": {"type_model": "resnet18", "use_head": False, "normalize": "imagenet", "pretrained": False}}
     old_dir = tmp_path / "old_cache"
     old_dir.mkdir()
     torch.save(old, feature_cache.cache_path(str(old_dir)))

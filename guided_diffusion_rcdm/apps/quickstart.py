@@ -762,7 +762,7 @@ def run(s: Settings, command: str) -> dict:
     su.save_grid([su.row(images[a], r, last=images[b]) for r in inter_rows], str(out / "interpolation.jpeg"))
     src, tgt = (idx[n] for n in MANIPULATION_PAIR)
     # The neighbourhood is searched among the training views' cached (unflipped) representations.
-    neighbor_feats = features.features[features.rows, 0].float().to(rcdm.device)
+    neighbor_feats = features.gather(0).float().to(rcdm.device)
     n_neighbors = min(20, len(neighbor_feats))  # the original's 20, fewer in tiny runs
     n_common = min(n_neighbors - 1, round(0.7 * n_neighbors))  # the original's 14 of 20
     man = rcdm.manipulate(feats[src], feats[tgt], neighbor_feats, n_neighbors=n_neighbors, n_common=n_common,

@@ -148,6 +148,8 @@ _DECLARED: list[Flag] = [
          "ImageNet models), rcdm_<encoder>[_head] (the published RCDMs, e.g. rcdm_dino, rcdm_simclr_head) or a "
          "UNet state dict file; a name sets the model flags it needs unless given. See docs/training.md"),
     Flag("feat_cache", "", help="folder of cached representations: encode the dataset once, then train from it"),
+    Flag("feat_cache_dtype", "fp32", help="how --feat_cache stores the representations: fp32 (exact), bf16 or fp16 "
+         "(half the size); recorded in the cache, which another dtype refuses", choices=("fp32", "bf16", "fp16")),
     Flag("max_steps", 0, int, "stop after this many steps (0: never)"),
     Flag("max_minutes", 0.0, float, "stop after this many minutes of training and save a checkpoint (0: no "
          "limit); set it under a job's time limit so the job ends with a checkpoint"),

@@ -22,7 +22,7 @@ from .. import dist_util, foundations, hub, logger
 from ..encoders import EncoderSpec
 from ..feature_cache import prepare_feature_cache
 from ..fileio import RunLockedError, UnwritableFolderError
-from ..image_datasets import default_num_workers, find_images, load_data
+from ..image_datasets import ImageListing, default_num_workers, load_data, scan_images
 from ..precision import resolve_precision, set_fp32_math
 from ..resample import create_named_schedule_sampler
 from ..script_util import (
@@ -41,7 +41,7 @@ DEFAULT_SSL_DIM = 2048  # the original's width when training without --feat_cond
 TRAIN_FLAGS = ("data_dir", "out_dir", "feat_cond", *ENCODER_FLAGS, "schedule_sampler", "lr", "weight_decay",
                "lr_anneal_steps", "batch_size", "microbatch", "ema_rate", "log_interval", "save_interval",
                "resume_checkpoint", "fp16_scale_growth")
-NEW_TRAIN_FLAGS = ("init_from", "feat_cache", *SPEED_FLAGS, "encoder_precision",
+NEW_TRAIN_FLAGS = ("init_from", "feat_cache", "feat_cache_dtype", *SPEED_FLAGS, "encoder_precision",
                    "max_steps", "max_minutes", "num_workers", "random_crop", "random_flip", "seed", "progress",
                    "sync_bn")
 
@@ -74,12 +74,13 @@ def check_model_flags_of(args: argparse.Namespace) -> None:
     check_model_flags(**{k: getattr(args, k) for k in MODEL_FLAGS}, feat_cond=bool(args.feat_cond))
 
 
-def check_inputs(args) -> list[str]:
+def check_inputs(args) -> ImageListing:
     """The data folder's images, once the folder and the model flags are known to work; else a
-    UsageError naming the flag. Runs before anything is written."""
-    image_paths = find_images(args.data_dir)
+    UsageError naming the flag. Runs before anything is written; rank 0 alone lists the folder
+    (or reuses the listing a previous run left in --out_dir, see `ImageListing`)."""
+    listing = scan_images(args.data_dir, index_dir=args.out_dir)
     check_model_flags_of(args)
-    return image_paths
+    return listing
 
 
 def explicit_model_flags(args: argparse.Namespace) -> frozenset[str]:
@@ -121,7 +122,8 @@ def train(args: argparse.Namespace) -> None:
     dist_util.setup_dist()
     # Cheap checks first: a mistake in the flags or the data writes nothing and builds nothing.
     init_flags = set_foundation_flags(args)
-    image_paths = check_inputs(args)
+    listing = check_inputs(args)
+    image_paths = listing.files
     # The foundation next: a missing name offline, an unsafe file or one that does not fit the
     # flags fails before anything is written.
     init_weights = load_init_from(args)
@@ -136,6 +138,7 @@ def train(args: argparse.Namespace) -> None:
     except (RunLockedError, UnwritableFolderError) as err:
         raise type(err)(f"--out_dir: {err}") from None
     logger.configure(dir=args.out_dir)
+    listing.save(args.out_dir)  # a requeued job reads it instead of listing the data folder again
     for note in notes:
         logger.warn(note)
     if init_flags:
@@ -164,6 +167,7 @@ def train(args: argparse.Namespace) -> None:
             image_paths, features = prepare_feature_cache(
                 args.feat_cache, args.data_dir, image_paths, spec,
                 batch_size=max(args.batch_size, 16), num_workers=args.num_workers, precision=encoder_precision,
+                dtype=args.feat_cache_dtype,
             )
             spec = spec.with_width(features.shape[-1])
         else:

@@ -463,7 +463,8 @@ def encode_images(
         batches = tqdm(batches, desc=desc, unit="batch", total=total)
     was_training = encoder.training
     encoder.eval()
-    chunks, kept, skipped = [], [], {}
+    # One buffer for all rows, filled in place: the features are never held twice.
+    features, kept, skipped = None, [], {}
     try:
         for idx, views, failed in batches:
             for i, reason in failed:
@@ -479,12 +480,16 @@ def encode_images(
                 out = torch.stack([out[: len(idx)], out[len(idx):]], dim=1)
             else:
                 out = encode_views(encoder, views, precision)
-            chunks.append(out.to(out_device))
+            if features is None:
+                count = (len(images) if images.ndim == 4 else 1) if is_array else len(items)
+                features = torch.empty((count, *out.shape[1:]), dtype=out.dtype, device=out_device)
+            features[len(kept) : len(kept) + len(idx)] = out
             kept.extend(idx)
     finally:
         encoder.train(was_training)
-    if chunks:
-        features = torch.cat(chunks)
+    if features is not None:
+        if len(kept) < len(features):  # unreadable images: only then a copy of the rows kept
+            features = features[: len(kept)].clone()
     else:
         width = getattr(getattr(encoder, "spec", None), "width", None) or 0
         features = torch.zeros((0, 2, width) if mirrored else (0, width), device=out_device)
