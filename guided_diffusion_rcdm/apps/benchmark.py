@@ -34,7 +34,7 @@ from ..precision import (
     set_fp32_math,
 )
 from ..samplers import sample_images
-from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from ..script_util import Range, create_model_and_diffusion, model_and_diffusion_defaults
 
 # The published 128x128 configuration (MODEL_FLAGS_128), and a small one that trains on a laptop.
 CONFIGS: dict[str, dict] = {
@@ -424,14 +424,14 @@ Prints tables and writes JSON. See docs/speed.md for figures and what the flags 
 BENCHMARK_FLAGS = (
     Flag("configs", "128,small", str, "comma-separated: " + ", ".join(CONFIGS)),
     Flag("batch_sizes", "1,8", str, "forward batch sizes"),
-    Flag("sample_batch", 8, int, "batch size for the sampling figures"),
-    Flag("train_batch", 8, int, "batch size for the training figures"),
-    Flag("iters", 3, int, "timed iterations per figure (median)"),
-    Flag("warmup", 1, int, "untimed iterations first"),
+    Flag("sample_batch", 8, int, "batch size for the sampling figures", range=Range(1, 4096)),
+    Flag("train_batch", 8, int, "batch size for the training figures", range=Range(1, 4096)),
+    Flag("iters", 3, int, "timed iterations per figure (median)", range=Range(1, 100000)),
+    Flag("warmup", 1, int, "untimed iterations first", range=Range(0, 100000)),
     Flag("compile", False, bool, "also time torch.compile variants"),
     Flag("measure_sampling", False, bool, "run the samplers for real (default: model calls x measured forward time)"),
     Flag("skip", "", str, "comma-separated parts to skip: forward, sampling, training"),
-    Flag("threads", None, int, "torch CPU threads"),
+    Flag("threads", None, int, "torch CPU threads", range=Range(1, 4096)),
     Flag("out", "benchmark.json", str, "where to write the JSON results"),
     Flag("smoke", False, bool, "tiny config, one iteration: checks the script runs"),
 )

@@ -54,7 +54,7 @@ from ..image_datasets import encoder_input, load_data, model_input, to_rgb
 from ..precision import default_device, fastest_thread_count, resolve_precision, resolve_speed
 from ..RCDM import RCDM
 from ..representation_ops import INTERPOLATIONS
-from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from ..script_util import Range, create_model_and_diffusion, model_and_diffusion_defaults
 from ..train_util import TrainLoop, conditioned_batches
 
 REPORT = "index.html"
@@ -250,11 +250,11 @@ class Settings:
 
 # The quickstart's own flags; the others are the declared ones (`cli.flags`) with its defaults.
 QUICKSTART_FLAGS = (
-    Flag("minutes", 5.0, float, "training time budget (the run takes ~2 min more)"),
-    Flag("train_steps", 0, int, "train exactly this many steps instead of --minutes"),
-    Flag("crops_per_photo", 10, int, "training crops cut from each photograph"),
-    Flag("samples_per_image", 4, int, "samples drawn from each held-out view"),
-    Flag("interpolation_points", 8, int, "points of the interpolation, both ends included"),
+    Flag("minutes", 5.0, float, "training time budget (the run takes ~2 min more)", range=Range(0, 100000)),
+    Flag("train_steps", 0, int, "train exactly this many steps instead of --minutes", range=Range(0)),
+    Flag("crops_per_photo", 10, int, "training crops cut from each photograph", range=Range(1, 1000)),
+    Flag("samples_per_image", 4, int, "samples drawn from each held-out view", range=Range(1, 1000)),
+    Flag("interpolation_points", 8, int, "points of the interpolation, both ends included", range=Range(2, 1000)),
     Flag("encoder_weights", "auto", str, "auto: published weights if on disk (never downloads), else untrained",
          choices=("auto", "published", "untrained")),
     Flag("retrain", False, bool, "train again even if a trained model exists (the previous one is kept under "
