@@ -46,7 +46,8 @@ JOB_FLAGS = (
 
 def create_argparser() -> argparse.ArgumentParser:
     """Every training flag, and the job's."""
-    parser = Parser(description=__doc__, parents=[image_train.create_argparser()], add_help=False)
+    parser = Parser(prog="run_with_submitit.py", description=__doc__, parents=[image_train.create_argparser()],
+                    add_help=False)
     job = parser.add_argument_group("job")
     for flag in JOB_FLAGS:
         flag.add_to(job)

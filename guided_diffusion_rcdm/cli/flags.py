@@ -72,6 +72,7 @@ def _in_range(parse: Callable[[str], Any], allowed: Range) -> Callable[[str], An
         return value
 
     parse_in_range.__name__ = getattr(parse, "__name__", "value")
+    parse_in_range.__wrapped__ = parse  # type: ignore[attr-defined]
     return parse_in_range
 
 
