@@ -229,6 +229,6 @@ def _declared_dest(parser, name):
 
 
 def test_ranges_are_shown_by_help():
-    text = PARSERS["train"]().format_help()
+    text = " ".join(PARSERS["train"]().format_help().split())
     assert "[range: (0, 1)]" in text  # --ema_rate
     assert "[range: >= 1]" in text  # --log_interval
