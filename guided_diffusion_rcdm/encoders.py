@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import logger, vit_encoders
 from .errors import MissingInputError, UsageError, UserError
-from .get_ssl_models import get_model, native_input_normalize, native_input_size, native_pooling, representation_dim
+from .get_ssl_models import get_model, head_problem, native_input_normalize, native_input_size, native_pooling, representation_dim
 from .image_datasets import (
     arr_to_tensor,
     center_crop_arr,
@@ -118,6 +118,8 @@ class EncoderSpec:
         set_(self, "input_size", int(self.input_size or native_input_size(name)))
         if self.width is not None:
             set_(self, "width", int(self.width))
+        if self.use_head and head_problem(name):
+            raise UsageError(head_problem(name))
         if self.input_normalize not in INPUT_NORMALIZATIONS:
             raise UsageError(f"--encoder_normalize {self.input_normalize!r}: choose one of "
                              f"{', '.join(INPUT_NORMALIZATIONS)}")

@@ -232,3 +232,127 @@ def test_ranges_are_shown_by_help():
     text = " ".join(PARSERS["train"]().format_help().split())
     assert "[range: (0, 1)]" in text  # --ema_rate
     assert "[range: >= 1]" in text  # --log_interval
+
+
+# ----------------------------------------------------------------------------- files that are not what they claim
+
+
+def _bomb_png(path: Path, side: int = 20000) -> Path:
+    """A PNG whose header says side x side pixels (PIL's decompression-bomb limit), a few bytes long."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", side, side)
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr: ihdr + 17])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(world):
+    root = world["root"] / "files"
+    root.mkdir()
+    (root / "a_file").write_text("x")
+    nan_ckpt = root / "nan.pt"
+    from guided_diffusion_rcdm import hub
+
+    sd, meta = hub.load_checkpoint(world["ckpt"])
+    sd = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in sd.items()}
+    hub.save_checkpoint(str(nan_ckpt), sd, meta=meta)
+    (root / "text.pt").write_text("not a checkpoint")
+    (root / "truncated.pt").write_bytes(Path(world["ckpt"]).read_bytes()[:1000])
+    np.savez(root / "empty.npz")
+    np.savez(root / "zero.npz", samples=np.zeros((0, 2, 16, 16, 3), np.uint8), features=np.zeros((0, 8), np.float32))
+    np.savez(root / "zero_k.npz", samples=np.zeros((2, 0, 16, 16, 3), np.uint8), features=np.ones((2, 8), np.float32))
+    (root / "truncated.npz").write_bytes(world["good"].read_bytes()[:300])
+    np.savez(root / "object.npz", samples=np.array([None, "x"], dtype=object), features=np.ones((2, 8), np.float32))
+    (root / "text.npz").write_text("not an npz")
+    np.savez(root / "nan_features.npz", samples=np.zeros((2, 2, 16, 16, 3), np.uint8),
+             features=np.full((2, 8), np.nan, np.float32))
+    (root / "bombs").mkdir()
+    _bomb_png(root / "bombs" / "bomb.png")
+    return root
+
+
+def _other_cases(world, files):
+    f, w = files, world
+    out = w["root"] / "out"
+    folder, photos = w["folder"], w["photos"]
+    tr = ["--data_dir", folder, "--out_dir", out, "--feat_cond", "--type_model", "resnet18",
+          "--pretrained_encoder", "False"]
+    smp = ["--device", "cpu", "--out_dir", out, "--data_dir", folder]
+    interp = ["--model_path", w["ckpt"], "--device", "cpu", "--out_dir", out]
+    yield "train", [*tr, "--schedule_sampler", "bogus"], ("--schedule_sampler",)
+    yield "train", [*tr, "--use_head"], ("--use_head", "resnet18")
+    yield "train", [*tr[:-3], "dinov2_vits14", "--pretrained_encoder", "False", "--use_head"], ("--use_head", "dinov2_vits14")
+    yield "train", [*tr[:-3], "mae_vitb16", "--pretrained_encoder", "False", "--use_head"], ("--use_head", "mae_vitb16")
+    yield "train", [*tr, "--feat_cache", f / "a_file"], ("--feat_cache",)
+    yield "train", [*tr, "--feat_cache", f / "a_file" / "x"], ("--feat_cache",)
+    yield "train", [*tr, "--resume_checkpoint", f / "missing.pt"], ("--resume_checkpoint",)
+    yield "train", [*tr, "--resume_checkpoint", f / "nan.pt"], ("nan.pt", "NaN")
+    yield "train", [*tr, "--resume_checkpoint", f / "text.pt"], ("text.pt",)
+    yield "train", [*tr[:2], "--out_dir", f / "a_file", *tr[4:]], ("--out_dir",)
+    yield "train", [*tr[:2], "--out_dir", f / "a_file" / "x", *tr[4:]], ("--out_dir",)
+    yield "train", ["--data_dir", f / "a_file", *tr[2:]], ("--data_dir",)
+    yield "train", [*tr, "--precision", "fp16"], ("--precision",)
+    yield "cache", ["--data_dir", folder, "--feat_cache", f / "a_file", "--type_model", "resnet18",
+                    "--pretrained_encoder", "False"], ("--feat_cache",)
+    yield "cache", ["--data_dir", folder, "--feat_cache", f / "a_file" / "x", "--type_model", "resnet18",
+                    "--pretrained_encoder", "False"], ("--feat_cache",)
+    yield "cache", ["--data_dir", folder, "--feat_cache", out, "--type_model", "resnet18", "--use_head"], ("--use_head",)
+    yield "sample", [*smp, "--model_path", f / "nan.pt"], ("nan.pt", "NaN")
+    yield "sample", [*smp, "--model_path", f / "text.pt"], ("text.pt",)
+    yield "sample", [*smp, "--model_path", f / "truncated.pt"], ("truncated.pt",)
+    yield "sample", [*smp, "--model_path", w["ckpt"], "--type_model", "dinov2_vits14", "--use_head",
+                     "--pretrained_encoder", "False"], ("--use_head", "dinov2_vits14")
+    yield "sample", [*smp, "--model_path", w["ckpt"], "--type_model", "resnet18", "--use_head",
+                     "--pretrained_encoder", "False"], ("--use_head", "resnet18")
+    yield "sample", [*smp[:-1], f / "bombs", "--model_path", w["ckpt"]], ("bomb.png", "20000x20000")
+    yield "sample", [*smp[:2], "--out_dir", f / "a_file", "--data_dir", folder, "--model_path", w["ckpt"]], ("--out_dir",)
+    yield "interpolate", [*interp, "--first_image_path", f / "bombs" / "bomb.png", "--second_image_path", photos[1]], \
+        ("--first_image_path", "bomb.png")
+    yield "interpolate", [*interp[:-2], "--out_dir", f / "a_file" / "x", "--first_image_path", photos[0],
+                          "--second_image_path", photos[1]], ("--out_dir",)
+    yield "manipulate", [*interp, "--image_path", f / "bombs" / "bomb.png", "--image_target_path", photos[1],
+                         "--folder_nn_path", folder, "--n_neighbors", "2", "--n_common", "1"], ("--image_path", "bomb.png")
+    ev = ["--out_json", out / "scores.json"]
+    for name in ("empty", "zero", "zero_k", "truncated", "object", "text", "nan_features"):
+        yield "eval", [f / f"{name}.npz", *ev], (f"{name}.npz",)
+    yield "eval", [w["good"], "--out_json", f / "a_file" / "x.json"], ("--out_json",)
+    yield "eval", [w["good"], "--use_head", "--type_model", "mae_vitb16", *ev], ("--use_head",)
+    yield "benchmark", ["--out", f / "a_file" / "x.json"], ("--out",)
+    yield "benchmark", ["--out", f], ("--out",)
+    yield "benchmark", ["--device", "cuda", "--out", out / "b.json"], ("--device",)
+    yield "benchmark", ["--device", "nonsense", "--out", out / "b.json"], ("--device",)
+    yield "benchmark", ["--smoke", "--configs", "bogus", "--out", out / "b.json"], ("--configs",)
+    yield "benchmark", ["--smoke", "--iters", "5", "--out", out / "b.json"], ("--smoke", "--iters")
+    yield "benchmark", ["--batch_sizes", "2,x", "--out", out / "b.json"], ("--batch_sizes",)
+    yield "benchmark", ["--skip", "everything", "--out", out / "b.json"], ("--skip",)
+    yield "quickstart", ["--out_dir", f / "a_file"], ("--out_dir",)
+    yield "quickstart", ["--out_dir", out, "--type_model", "dinov2_vits14", "--use_head"], ("--use_head",)
+    yield "run_with_submitit.py", [*tr, "--local", "--use_head"], ("--use_head",)
+    yield "run_with_submitit.py", [*tr, "--local", "--schedule_sampler", "bogus"], ("--schedule_sampler",)
+    yield "run_with_submitit.py", [*tr, "--local", "--feat_cache", f / "a_file"], ("--feat_cache",)
+
+
+OTHER_COUNT = 48  # the cases _other_cases yields (counted in the report of the bad inputs tested)
+
+
+def test_other_bad_inputs_are_one_line_and_write_nothing(world, files, capsys):
+    cases = list(_other_cases(world, files))
+    assert len(cases) == OTHER_COUNT
+    failures = []
+    for command, argv, expect in cases:
+        if os.environ.get("BAD_INPUTS_VERBOSE"):
+            print(command, argv[-3:], file=sys.__stderr__, flush=True)
+        try:
+            assert_refused(capsys, world["root"], command, argv, *expect)
+        except Exception as err:  # noqa: BLE001 (every failing case is listed)
+            capsys.readouterr()
+            failures.append(f"{command} {[str(a)[-30:] for a in argv[-4:]]}: {type(err).__name__}: {str(err)[:500]}")
+    assert not failures, "\n\n".join(failures)
