@@ -672,7 +672,7 @@ def run(s: Settings, command: str) -> dict:
     logger.configure(dir=str(out / "features"), format_strs="log")
     train_files, features = prepare_feature_cache(
         str(out / "features"), str(out / "data" / "train"), train_files, encoder_spec, make_encoder,
-        batch_size=16, num_workers=0, precision=encoder_precision,
+        batch_size=16, num_workers=0, precision=encoder_precision, progress=s.progress,
     )
     logger.reset()
 

@@ -22,6 +22,7 @@ from typing import Any
 from ..metrics import FID_WEIGHTS_FILE, METRICS, REF_RESIZE
 from ..precision import PRECISION_CHOICES
 from ..representation_ops import INTERPOLATIONS
+from ..resample import SCHEDULE_SAMPLERS
 from ..samplers import SAMPLERS
 from ..vit_encoders import POOLINGS as VIT_POOLINGS
 from ..script_util import MODEL_FLAGS, NON_NEGATIVE, POSITIVE, Range, str2bool
@@ -150,7 +151,8 @@ _DECLARED: list[Flag] = [
     Flag("knn_backend", "auto", help="neighbour search: faiss if installed (auto), or exact torch",
          choices=("auto", "faiss", "torch")),
     # ---------------------------------------------------------------- training
-    Flag("schedule_sampler", "uniform", help="timestep sampling: uniform or loss-second-moment"),
+    Flag("schedule_sampler", "uniform", help="timestep sampling: uniform or loss-second-moment",
+         choices=SCHEDULE_SAMPLERS),
     Flag("lr", 1e-4, float, "learning rate (AdamW)", range=Range(0, 10, low_open=True)),
     Flag("weight_decay", 0.0, float, "AdamW weight decay", range=Range(0, 10)),
     Flag("lr_anneal_steps", 0, int, "decay the learning rate linearly to 0 over this many steps (0: constant)",

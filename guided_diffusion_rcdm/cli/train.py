@@ -15,11 +15,13 @@ import argparse
 import random
 from collections.abc import Sequence
 
+import blobfile as bf
 import numpy as np
 import torch
 
 from .. import dist_util, logger
 from ..encoders import EncoderSpec
+from ..errors import MissingInputError
 from ..feature_cache import prepare_feature_cache
 from ..fileio import RunLockedError, UnwritableFolderError
 from ..image_datasets import default_num_workers, find_images, load_data
@@ -35,7 +37,7 @@ from ..script_util import (
 from ..run_control import lock_out_dir
 from ..train_util import TrainLoop, conditioned_batches
 from .flags import ENCODER_FLAGS, ORIGINAL_NO_EFFECT, SPEED_FLAGS, Parser, add_flags
-from .policy import run_command
+from .policy import check_out_dir, run_command
 
 DEFAULT_SSL_DIM = 2048  # the original's width when training without --feat_cond
 TRAIN_FLAGS = ("data_dir", "out_dir", "feat_cond", *ENCODER_FLAGS, "schedule_sampler", "lr", "weight_decay",
@@ -78,6 +80,10 @@ def check_inputs(args) -> list[str]:
     UsageError naming the flag. Runs before anything is written."""
     image_paths = find_images(args.data_dir)
     check_model_flags_of(args)
+    if args.feat_cache:
+        check_out_dir(args.feat_cache, "--feat_cache")  # a folder; not a file, nor under one
+    if args.resume_checkpoint and not bf.exists(args.resume_checkpoint):
+        raise MissingInputError(f"--resume_checkpoint {args.resume_checkpoint}: no such file")
     return image_paths
 
 
@@ -89,6 +95,8 @@ def train(args: argparse.Namespace) -> None:
     # encoder, or weights that cannot be downloaded, fail before the output folder is touched.
     spec = EncoderSpec.from_flags(args)
     encoder = spec.build(dist_util.dev()) if args.feat_cond and not args.feat_cache else None  # frozen
+    precision = resolve_precision(args.precision, args.use_fp16, dist_util.dev())  # fp16 on a CPU: refused
+    encoder_precision = resolve_precision(args.encoder_precision, device=dist_util.dev())
     # One run per folder, and a folder we can write to, before anything else touches it.
     notes: list[str] = []
     try:
@@ -107,11 +115,9 @@ def train(args: argparse.Namespace) -> None:
         f"this one on {dist_util.dev()}"
     )
 
-    precision = resolve_precision(args.precision, args.use_fp16, dist_util.dev())
     set_fp32_math(args.tf32, fixed_shapes=True)  # a training batch always has the same shape
     if args.num_workers is None:
         args.num_workers = default_num_workers()
-    encoder_precision = resolve_precision(args.encoder_precision, device=dist_util.dev())
     logger.log(f"{len(image_paths)} images in {args.data_dir}; precision {precision} "
                f"(encoder {encoder_precision}); {args.num_workers} data loading process(es) per rank")
 
@@ -121,6 +127,7 @@ def train(args: argparse.Namespace) -> None:
             image_paths, features = prepare_feature_cache(
                 args.feat_cache, args.data_dir, image_paths, spec,
                 batch_size=max(args.batch_size, 16), num_workers=args.num_workers, precision=encoder_precision,
+                progress=args.progress,
             )
             spec = spec.with_width(features.shape[-1])
         else:
