@@ -725,8 +725,8 @@ def read_sample_file(path: str | Path) -> SampleFile:
         raise MissingInputError(f"{path}: no such sample file")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{path} is not a readable .npz file ({err})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UsageError(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from None
     try:
         with data:
             if not data.files:

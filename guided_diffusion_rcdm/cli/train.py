@@ -80,6 +80,7 @@ def check_inputs(args) -> list[str]:
     UsageError naming the flag. Runs before anything is written."""
     image_paths = find_images(args.data_dir)
     check_model_flags_of(args)
+    EncoderSpec.from_flags(args)  # encoder flags that cannot apply (e.g. --use_head without a head)
     if args.feat_cache:
         check_out_dir(args.feat_cache, "--feat_cache")  # a folder; not a file, nor under one
     if args.resume_checkpoint and not bf.exists(args.resume_checkpoint):
