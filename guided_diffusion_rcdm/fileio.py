@@ -420,7 +420,9 @@ def _read_holder(path: str) -> Optional[dict]:
         except ValueError:
             time.sleep(0.05)
             continue
-        return holder if isinstance(holder, dict) else {}
+        well_formed = isinstance(holder, dict) and isinstance(holder.get("host"), str) and \
+            isinstance(holder.get("pid"), int) and not isinstance(holder.get("pid"), bool)
+        return holder if well_formed else {}  # {}: not a record this code writes
     return {}
 
 

@@ -30,6 +30,7 @@ from ..resample import create_named_schedule_sampler
 from ..script_util import (
     MODEL_FLAGS,
     args_to_dict,
+    check_diffusion_flags,
     check_model_flags,
     create_model_and_diffusion,
     recorded_model_flags,
@@ -73,6 +74,7 @@ def check_model_flags_of(args: argparse.Namespace) -> None:
     """The model flags of `args` can build a model (`UsageError` naming the flag otherwise)."""
     # ssl_dim is measured from the encoder later; everything else is checked before heavy work.
     check_model_flags(**{k: getattr(args, k) for k in MODEL_FLAGS}, feat_cond=bool(args.feat_cond))
+    check_diffusion_flags(**{k: getattr(args, k) for k in ("diffusion_steps", "noise_schedule", "timestep_respacing")})
 
 
 def check_inputs(args) -> list[str]:
