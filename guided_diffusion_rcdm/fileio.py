@@ -138,6 +138,19 @@ def refuse_symlink(path: str) -> None:
         )
 
 
+def make_folder(path: str) -> str:
+    """Create the folder `path` (and its parents) unless it exists; a symbolic link there (which
+    would send every file written in it elsewhere) raises `UnsafePathError` naming it."""
+    if os.path.islink(path):
+        raise _error(
+            UnsafePathError, errno.ELOOP,
+            f"{path} is a symbolic link (to {os.readlink(path)}): refusing to write through it; "
+            "remove the link or choose another output folder",
+        )
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def atomic_write(path: str, write: Callable, *, text: bool = False,
                  check: Callable[[str], None] | None = None) -> None:
     """Write `path` through `write(file)` into a temporary file of the same folder, then rename.

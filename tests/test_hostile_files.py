@@ -111,3 +111,24 @@ def test_hostile_state_files_neither_hang_nor_exhaust_memory(tmp_path):
     # the speed cache: measured again (not cached) and rewritten
     for kind in ("fifo", "zero", "nested", "dicts"):
         assert results["speed " + kind] == [False, True], (kind, results)
+
+
+def test_the_quickstart_refuses_folder_links_planted_at_its_folder_names(tmp_path):
+    import pytest
+
+    from guided_diffusion_rcdm import fileio
+    from guided_diffusion_rcdm.apps import quickstart
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "qs"
+    out.mkdir()
+    (out / "data").symlink_to(elsewhere)
+    with pytest.raises(fileio.UnsafePathError, match="data is a symbolic link"):
+        quickstart.prepare_views(out / "data", 1, 0)
+    (out / "data").unlink()
+    (out / "data").mkdir()
+    (out / "data" / "train").symlink_to(elsewhere)
+    with pytest.raises(fileio.UnsafePathError, match="train is a symbolic link"):
+        quickstart.prepare_views(out / "data", 1, 0)
+    assert not any(elsewhere.iterdir())  # nothing was written through the links

@@ -131,8 +131,8 @@ def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list
     """
     rng = random.Random(seed)
     train_dir, held_dir = data_dir / "train", data_dir / "heldout"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    held_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (data_dir, train_dir, held_dir):  # a planted link there would send the files elsewhere
+        fileio.make_folder(str(folder))
     train, held = [], []
     for photo in PHOTOS:
         image = load_photo(photo.name)
@@ -659,6 +659,7 @@ def run(s: Settings, command: str) -> dict:
     encoder_precision = resolve_precision(s.encoder_precision, device=device)
     print(f"  precision: UNet {unet_speed.precision}"
           f"{', channels-last' if unet_speed.channels_last else ''}, encoder {encoder_precision}", flush=True)
+    fileio.make_folder(str(out / "features"))  # refuses a planted link
     cached = load_cache(str(out / "features"))
     known = set(cached["paths"]) | set(cached["bad"]) if cached else set()
     todo = sum(1 for f in train_files if Path(f).name not in known)
@@ -680,6 +681,8 @@ def run(s: Settings, command: str) -> dict:
     encoder_info = encoder_spec.with_width(features.shape[-1]).to_dict()
     key = training_key(s, encoder_info, train_files)
     run_dir = out / f"model_{key}"
+    if run_dir.is_symlink():  # a planted link would send the checkpoints elsewhere
+        fileio.make_folder(str(run_dir))
     marker = run_dir / MARKER
     record = None
     if marker.is_file() and not s.retrain:
