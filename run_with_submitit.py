@@ -26,27 +26,29 @@ from guided_diffusion_rcdm.cli.flags import Flag, Parser
 from guided_diffusion_rcdm.cli.flags import parse_args as parse_flags
 from guided_diffusion_rcdm.cli.policy import run_main
 from guided_diffusion_rcdm.errors import UsageError
+from guided_diffusion_rcdm.script_util import Range
 
 
 # The launcher's own flags (the training flags are the `train` command's).
 JOB_FLAGS = (
-    Flag("ngpus", 8, int, "GPUs (= training processes) per node"),
-    Flag("nodes", 2, int, "number of nodes"),
-    Flag("timeout", 2800, int, "job duration, in minutes"),
+    Flag("ngpus", 8, int, "GPUs (= training processes) per node", range=Range(1, 1024)),
+    Flag("nodes", 2, int, "number of nodes", range=Range(1, 100000)),
+    Flag("timeout", 2800, int, "job duration, in minutes", range=Range(1, 10**6)),
     Flag("partition", "", str, "SLURM partition"),
     Flag("use_volta32", False, bool, "ask for 32 GB V100s (constraint volta32gb)"),
     Flag("comment", "", str, "comment for the scheduler"),
-    Flag("cpus_per_task", 10, int, "CPU cores per process"),
-    Flag("mem_per_gpu_gb", 40, int, "memory per GPU, in GB"),
+    Flag("cpus_per_task", 10, int, "CPU cores per process", range=Range(1, 4096)),
+    Flag("mem_per_gpu_gb", 40, int, "memory per GPU, in GB", range=Range(1, 10**5)),
     Flag("job_name", "rcdm", str, "the job's name in the queue"),
-    Flag("max_num_timeout", 30, int, "how many times a job that runs out of time is requeued"),
+    Flag("max_num_timeout", 30, int, "how many times a job that runs out of time is requeued", range=Range(0, 10**4)),
     Flag("local", False, bool, "run the job here with submitit's local executor and wait for it"),
 )
 
 
 def create_argparser() -> argparse.ArgumentParser:
     """Every training flag, and the job's."""
-    parser = Parser(description=__doc__, parents=[image_train.create_argparser()], add_help=False)
+    parser = Parser(prog="run_with_submitit.py", description=__doc__, parents=[image_train.create_argparser()],
+                    add_help=False)
     job = parser.add_argument_group("job")
     for flag in JOB_FLAGS:
         flag.add_to(job)

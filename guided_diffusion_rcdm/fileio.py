@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 from typing import Any, Callable, Optional
 
@@ -135,6 +136,19 @@ def refuse_symlink(path: str) -> None:
             f"{path} is a symbolic link (to {os.readlink(path)}): refusing to write through it; "
             "remove the link or choose another output name",
         )
+
+
+def make_folder(path: str) -> str:
+    """Create the folder `path` (and its parents) unless it exists; a symbolic link there (which
+    would send every file written in it elsewhere) raises `UnsafePathError` naming it."""
+    if os.path.islink(path):
+        raise _error(
+            UnsafePathError, errno.ELOOP,
+            f"{path} is a symbolic link (to {os.readlink(path)}): refusing to write through it; "
+            "remove the link or choose another output folder",
+        )
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def atomic_write(path: str, write: Callable, *, text: bool = False,
@@ -293,6 +307,69 @@ def temp_target(name: str) -> Optional[str]:
     return match.group("name") if match else None
 
 
+# ----------------------------------------------------------------------------- reading state files
+
+
+SMALL_FILE_LIMIT = 64 * 1024  # state files (locks, caches of measurements) are a few hundred bytes
+
+
+class NotAPlainFileError(OSError):
+    """A state file that is a link, a FIFO, a device or a folder (never read: it could block or never end)."""
+
+
+def describe_kind(path: str) -> str:
+    """What `path` is, for a message: "a symbolic link to X", "a FIFO", "a folder", "a device", ..."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "missing"
+    if stat.S_ISLNK(st.st_mode):
+        return f"a symbolic link to {os.readlink(path)}"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a FIFO"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return "a device"
+    if stat.S_ISSOCK(st.st_mode):
+        return "a socket"
+    return "a file"
+
+
+def read_small_file(path: str, limit: int = SMALL_FILE_LIMIT) -> bytes:
+    """The bytes of the plain file `path`, read without ever blocking or reading without end.
+
+    A symbolic link (followed by nothing here), a FIFO, a device or a folder raises
+    `NotAPlainFileError` without reading; so does a file larger than `limit` bytes. A missing file
+    raises `FileNotFoundError`.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # ELOOP: a link; ENXIO: a FIFO or socket without a writer; ...
+        raise NotAPlainFileError(err.errno, f"{path} is {describe_kind(path)}, not a plain file") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAPlainFileError(errno.EINVAL, f"{path} is {describe_kind(path)}, not a plain file")
+        if st.st_size > limit:
+            raise NotAPlainFileError(errno.EFBIG, f"{path} is {st.st_size} bytes, larger than such a file can be")
+        return os.read(fd, limit + 1)[:limit]
+    finally:
+        os.close(fd)
+
+
+def read_small_json(path: str, limit: int = SMALL_FILE_LIMIT) -> Any:
+    """`read_small_file` parsed as JSON; `ValueError` for text that is not JSON (or nested too deep)."""
+    data = read_small_file(path, limit)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not JSON ({type(err).__name__})") from None
+
+
 # ----------------------------------------------------------------------------- run lock
 
 
@@ -312,7 +389,10 @@ def _describe(holder: dict) -> str:
 
 def _stale(holder: dict, me: dict) -> bool:
     if holder.get("host") == me["host"]:
-        return not process_alive(int(holder.get("pid") or 0), holder.get("start"))
+        pid, start = holder.get("pid"), holder.get("start")
+        if not isinstance(pid, int) or isinstance(pid, bool) or not (start is None or isinstance(start, int)):
+            return True  # not a record this code writes: nothing to wait for
+        return not process_alive(pid, start)
     # A requeued SLURM job runs again under the same id, maybe elsewhere: its old attempt is over.
     return bool(holder.get("slurm_job")) and holder.get("slurm_job") == me.get("slurm_job") and (
         holder.get("slurm_restart") != me.get("slurm_restart")
@@ -329,8 +409,8 @@ class RunLock:
             return
         _HELD.pop(os.path.dirname(self.path), None)
         try:
-            with open(self.path) as f:
-                mine = json.load(f).get("pid") == self.record["pid"]
+            holder = read_small_json(self.path)
+            mine = isinstance(holder, dict) and holder.get("pid") == self.record["pid"]
         except (OSError, ValueError):
             mine = False
         if mine:
@@ -341,14 +421,20 @@ _HELD: dict[str, RunLock] = {}
 
 
 def _read_holder(path: str) -> Optional[dict]:
+    """The record in the lock file `path`: None when it is gone, {} when it is not a record (a
+    link, a FIFO, a folder or a device raise `NotAPlainFileError`: never read)."""
     for _ in range(20):  # the holder may be writing it this very moment
         try:
-            with open(path) as f:
-                return json.load(f)
+            holder = read_small_json(path)
         except FileNotFoundError:
             return None
+        except NotAPlainFileError:
+            raise
         except ValueError:
             time.sleep(0.05)
+            continue
+        well_formed = isinstance(holder, dict) and isinstance(holder.get("host"), str)
+        return holder if well_formed else {}  # {}: not a record this code writes
     return {}
 
 
@@ -372,7 +458,12 @@ def acquire_run_lock(folder: str, warn: Callable[[str], None] = print) -> RunLoc
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except FileExistsError:
-            holder = _read_holder(path)
+            try:
+                holder = _read_holder(path)
+            except NotAPlainFileError:
+                raise RunLockedError(
+                    f"{path} is {describe_kind(path)}, not a run lock: remove it (if no run is using "
+                    f"{folder}) and run again") from None
             if holder is None:
                 continue  # released meanwhile
             if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
@@ -384,7 +475,8 @@ def acquire_run_lock(folder: str, warn: Callable[[str], None] = print) -> RunLoc
                     f"it to end, choose another --out_dir, or delete {path} if that run is gone"
                 ) from None
             _take_over(path, holder)
-            warn(f"taking over {path}: the run that held it ({_describe(holder) if holder else 'unreadable lock'}) "
+            readable = bool(holder) and isinstance(holder.get("pid"), int)
+            warn(f"taking over {path}: the run that held it ({_describe(holder) if readable else 'unreadable lock'}) "
                  "is no longer running")
             continue
         except OSError as err:

@@ -778,6 +778,12 @@ def load_state_dict_checked(
         raise CheckpointMismatchError(
             _mismatch_message(expected, state_dict, missing, unexpected, mismatched, meta, shown)
         )
+    broken = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()
+              and not v.is_meta and not bool(torch.isfinite(v).all())]
+    if broken:  # a diverged run's weights would only give NaN images
+        raise CheckpointMismatchError(
+            f"the checkpoint holds NaN or infinite weights ({len(broken)} of {len(state_dict)} tensors, "
+            f"first: {broken[0]}): it comes from a run that diverged; use an earlier checkpoint")
     # Copying into a model built on the meta device would be a silent no-op: take the tensors.
     assign = assign or any(t.is_meta for t in expected.values())
     model.load_state_dict(state_dict, strict=strict, assign=assign)

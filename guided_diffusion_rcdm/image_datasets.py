@@ -15,6 +15,7 @@ import multiprocessing.util  # noqa: F401  (registers its exit hook before ours:
 import os
 import random
 import signal
+import warnings
 import weakref
 from pathlib import Path
 from typing import Optional, Union
@@ -37,15 +38,39 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ImageLike = Union[Image.Image, str, Path]
 
 
+# The most pixels an image is decoded at (8192 x 8192): a larger JPEG is decoded at a reduced
+# scale (1/2 .. 1/8, which still leaves far more than the 224-pixel crops need); any other larger
+# image is refused (`ImageTooLargeError`), and so is a decompression bomb (PIL's limit).
+PIXEL_BUDGET = 8192 * 8192
+
+
+class ImageTooLargeError(OSError):
+    """An image file whose size (in pixels) is above `PIXEL_BUDGET`, or a decompression bomb."""
+
+
 def load_rgb_image(path: str | Path) -> Image.Image:
     """Decode an image file (local or blobfile path) into an 8-bit RGB PIL image.
 
     Grayscale, RGBA (composited on white), palette, CMYK and 16-bit images are converted. Raises the
-    decoder's error (`OSError` / `PIL.UnidentifiedImageError`) for a corrupt or non-image file, so
-    callers can decide whether to skip it.
+    decoder's error (`OSError` / `PIL.UnidentifiedImageError`) for a corrupt or non-image file, and
+    `ImageTooLargeError` (an `OSError`) for one above `PIXEL_BUDGET` pixels that cannot be decoded at
+    a reduced scale, so callers can decide whether to skip it.
     """
     with bf.BlobFile(str(path), "rb") as f:
-        image = Image.open(f)
+        try:
+            with warnings.catch_warnings():  # the size is checked below, against our own budget
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(f)
+        except Image.DecompressionBombError as err:
+            raise ImageTooLargeError(f"{path}: {err}") from None
+        width, height = image.size
+        if width * height > PIXEL_BUDGET and image.format == "JPEG":
+            scale = math.ceil(math.sqrt(width * height / PIXEL_BUDGET))
+            image.draft("RGB", (max(1, width // scale), max(1, height // scale)))  # decodes at 1/2..1/8
+        if image.size[0] * image.size[1] > PIXEL_BUDGET:
+            raise ImageTooLargeError(
+                f"{path}: {width}x{height} pixels, above the {PIXEL_BUDGET // 10**6}-megapixel budget of the "
+                "images this reads; not decoded (shrink the file first)")
         image.load()
     return to_rgb(image)
 

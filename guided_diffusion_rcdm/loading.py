@@ -181,6 +181,11 @@ def load_components(
         model, diffusion = create_model_and_diffusion(
             **build, feat_cond=True, ssl_dim=int(flags["ssl_dim"]), G_shared=G_shared
         )
-    hub.load_state_dict_checked(model, state_dict, meta=meta or None, strict=True, assign=True)
+    try:
+        hub.load_state_dict_checked(model, state_dict, meta=meta or None, strict=True, assign=True)
+    except hub.CheckpointMismatchError as err:
+        if "NaN" not in str(err) or not model_path:
+            raise
+        raise hub.CheckpointMismatchError(f"--model_path {model_path}: {err}") from None
     model.to(device).eval()
     return Components(frozen, model, diffusion, device, precision, flags, spec, meta)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import zipfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -724,13 +725,27 @@ def read_sample_file(path: str | Path) -> SampleFile:
         raise MissingInputError(f"{path}: no such sample file")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{path} is not a readable .npz file ({err})") from None
-    with data:
-        samples = images_from_npz(path)  # validates dtype and layout
-        raw = data["samples"] if "samples" in data.files else data["arr_0"] if "arr_0" in data.files else None
-        features = data["features"] if "features" in data.files else None
-        meta = {k: data[k].item() for k in data.files if data[k].ndim == 0}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UsageError(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from None
+    try:
+        with data:
+            if not data.files:
+                raise UsageError(f"{path} is an empty .npz: it holds no arrays (expected 'samples' and 'features')")
+            samples = images_from_npz(path)  # validates dtype and layout
+            raw = data["samples"] if "samples" in data.files else data["arr_0"] if "arr_0" in data.files else None
+            features = data["features"] if "features" in data.files else None
+            meta = {k: data[k].item() for k in data.files if data[k].ndim == 0}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, UsageError):
+            raise
+        # a truncated member, or an object array (never unpickled: allow_pickle=False)
+        raise UsageError(f"{path} is not a readable sample file ({type(err).__name__}: {err})") from None
+    if samples.size == 0:
+        raise UsageError(f"{path} holds no samples (shape {tuple(samples.shape)}): sample again")
+    if features is not None and (features.size == 0 or not np.issubdtype(features.dtype, np.floating)
+                                 or not np.isfinite(features).all()):
+        raise UsageError(f"{path}: its 'features' (shape {tuple(features.shape)}, {features.dtype}) are empty, "
+                         "not numbers, or not finite: sample again")
     if features is None or raw is None:
         return SampleFile(samples.reshape(-1, 1, *samples.shape[-3:]), None, meta)
     lead = features.shape[:-1]

@@ -15,6 +15,7 @@ per machine (`speed_cache_path`). On CUDA: bf16 where supported, else fp16.
 from __future__ import annotations
 
 import contextlib
+import math
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -280,6 +282,19 @@ class _CpuMeasurement:
 _CPU_MEASUREMENT: dict[str, _CpuMeasurement] = {}
 
 
+def _saved_timings(entry: Any) -> dict[str, float] | None:
+    """The timings of a speed-cache entry when every one is a positive finite number; else None
+    (the entry is measured again and rewritten)."""
+    timings = entry.get("timings") if isinstance(entry, dict) else None
+    if not isinstance(timings, dict):
+        return None
+    values = {k: timings.get(k) for k in KERNEL_TIMINGS}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+               for v in values.values()):
+        return None
+    return {k: float(v) for k, v in values.items()}
+
+
 def cpu_kernel_timings() -> _CpuMeasurement:
     """This machine's `measure_cpu_kernels` timings: from the cache file when it has this
     machine's (`_machine_key`), else measured (well under a second) and saved there. Once per
@@ -289,14 +304,15 @@ def cpu_kernel_timings() -> _CpuMeasurement:
     if key in _CPU_MEASUREMENT:
         return _CPU_MEASUREMENT[key]
     path = speed_cache_path()
-    try:
-        saved = json.loads(path.read_text())
+    try:  # never blocks (a FIFO) nor reads without end (a link to /dev/zero): see read_small_json
+        saved = fileio.read_small_json(str(path))
     except (OSError, ValueError):
         saved = {}
-    entry = saved.get(key) if isinstance(saved, dict) else None
-    if isinstance(entry, dict) and set(KERNEL_TIMINGS) <= set(entry.get("timings", {})):
-        result = _CpuMeasurement(features, {k: float(entry["timings"][k]) for k in KERNEL_TIMINGS}, True,
-                                 path=path)
+    if not isinstance(saved, dict):
+        saved = {}
+    cached = _saved_timings(saved.get(key))
+    if cached is not None:
+        result = _CpuMeasurement(features, cached, True, path=path)
     else:
         start = time.perf_counter()
         timings = measure_cpu_kernels()

@@ -96,6 +96,13 @@ class StopOnSignal:
                 signal.signal(sig, previous)
             self._active = False
 
+    def requeues(self, signum: int) -> bool:
+        """Whether the handler `pass_on` hands `signum` to is a job scheduler's requeue (submitit's),
+        so the run resumes by itself rather than by running the command again."""
+        previous = self._previous.get(signum)
+        return callable(previous) and getattr(previous, "__name__", "") == "checkpoint_and_try_requeue" and \
+            "submitit" in (getattr(previous, "__module__", "") or "")
+
     def pass_on(self, signum: int) -> None:
         """Deliver `signum` to the handler that was there before; exit if it does not."""
         previous = self._previous.get(signum)

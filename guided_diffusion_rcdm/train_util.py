@@ -537,8 +537,9 @@ class TrainLoop:
             if saved_at != self.step:
                 self.save()
             if signum:
-                logger.log(f"stopped by {signal_name(signum)} at step {self.step}, checkpoint saved; "
-                           "run the same command again to resume")
+                how = ("the job is requeued and resumes from it" if stop.requeues(signum)
+                       else "run the same command again to resume")
+                logger.log(f"stopped by {signal_name(signum)} at step {self.step}, checkpoint saved; {how}")
                 stop.pass_on(signum)
 
     def _seed_step(self) -> None:

@@ -84,10 +84,10 @@ def test_resolve_takes_given_fields_over_the_record_and_another_name_discards_it
 
 
 def test_flags_and_sample_file_fields_name_the_same_fields():
-    args = {"type_model": "resnet18", "use_head": True, "encoder_normalize": None, "pretrained_encoder": False}
+    args = {"type_model": "dino", "use_head": True, "encoder_normalize": None, "pretrained_encoder": False}
     spec = EncoderSpec.from_flags(args)
-    assert spec == EncoderSpec("resnet18", use_head=True, pretrained=False)
-    assert given_fields(args, {"type_model"}) == {"name": "resnet18"}
+    assert spec == EncoderSpec("dino", use_head=True, pretrained=False)
+    assert given_fields(args, {"type_model"}) == {"name": "dino"}
     assert EncoderSpec.from_dict(sample_file_record(spec.sample_file_fields())) == spec
 
 

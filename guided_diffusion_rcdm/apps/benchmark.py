@@ -14,6 +14,7 @@ import gc
 import json
 import resource
 import statistics
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..cli.flags import Flag, Parser, add_flags
+from ..cli.flags import parse_args as parse_flags
+from ..cli.policy import check_out_dir
+from ..errors import UsageError
 from ..fileio import atomic_write_text
 from ..precision import (
     auto_speed,
@@ -34,7 +38,7 @@ from ..precision import (
     set_fp32_math,
 )
 from ..samplers import sample_images
-from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from ..script_util import Range, create_model_and_diffusion, model_and_diffusion_defaults
 
 # The published 128x128 configuration (MODEL_FLAGS_128), and a small one that trains on a laptop.
 CONFIGS: dict[str, dict] = {
@@ -424,14 +428,14 @@ Prints tables and writes JSON. See docs/speed.md for figures and what the flags 
 BENCHMARK_FLAGS = (
     Flag("configs", "128,small", str, "comma-separated: " + ", ".join(CONFIGS)),
     Flag("batch_sizes", "1,8", str, "forward batch sizes"),
-    Flag("sample_batch", 8, int, "batch size for the sampling figures"),
-    Flag("train_batch", 8, int, "batch size for the training figures"),
-    Flag("iters", 3, int, "timed iterations per figure (median)"),
-    Flag("warmup", 1, int, "untimed iterations first"),
+    Flag("sample_batch", 8, int, "batch size for the sampling figures", range=Range(1, 4096)),
+    Flag("train_batch", 8, int, "batch size for the training figures", range=Range(1, 4096)),
+    Flag("iters", 3, int, "timed iterations per figure (median)", range=Range(1, 100000)),
+    Flag("warmup", 1, int, "untimed iterations first", range=Range(0, 100000)),
     Flag("compile", False, bool, "also time torch.compile variants"),
     Flag("measure_sampling", False, bool, "run the samplers for real (default: model calls x measured forward time)"),
     Flag("skip", "", str, "comma-separated parts to skip: forward, sampling, training"),
-    Flag("threads", None, int, "torch CPU threads"),
+    Flag("threads", None, int, "torch CPU threads", range=Range(1, 4096)),
     Flag("out", "benchmark.json", str, "where to write the JSON results"),
     Flag("smoke", False, bool, "tiny config, one iteration: checks the script runs"),
 )
@@ -463,33 +467,54 @@ def ceiling_note(rows: list[dict], peaks: dict[str, float]) -> str:
 
 def main(argv=None, prog: str | None = None) -> int:
     """`rcdm benchmark` / scripts/benchmark.py: the exit status."""
-    args = parse_args(argv, prog)
+    parser = create_argparser(prog)
+    args = parse_flags(parser, argv)
+
+    def refuse(message: str) -> int:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+    smoke_sets = ("configs", "batch_sizes", "iters", "warmup", "sample_batch", "train_batch", "measure_sampling")
+    overridden = [f"--{name}" for name in smoke_sets if name in args.explicit]
+    if args.smoke and overridden:
+        return refuse(f"--smoke sets its own {', '.join(overridden)}: leave {'it' if len(overridden) == 1 else 'them'} "
+                      "out, or drop --smoke")
     if args.smoke:
         args.configs, args.batch_sizes, args.iters, args.warmup = "tiny", "2", 1, 0
         args.sample_batch, args.train_batch, args.measure_sampling = 2, 2, False
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        return refuse(f"--configs {args.configs!r}: choose from {', '.join(CONFIGS)}")
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        batch_sizes = []
+    if not batch_sizes or min(batch_sizes) < 1:
+        return refuse(f"--batch_sizes {args.batch_sizes!r}: comma-separated positive integers, e.g. 1,8")
+    skip = set(args.skip.split(",")) - {""}
+    if skip - {"forward", "sampling", "training"}:
+        return refuse(f"--skip {args.skip!r}: comma-separated parts among forward, sampling, training")
+    try:
+        check_out_dir(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
+    except UsageError as err:
+        return refuse(str(err))
+    if os.path.isdir(args.out):
+        return refuse(f"--out {args.out}: is a folder; name the JSON file to write")
     try:
         device = torch.device(args.device) if args.device else default_device()
     except RuntimeError:
-        print(f"--device {args.device!r} is not a device name (use cpu, cuda or cuda:N)", file=sys.stderr)
-        return 2
+        return refuse(f"--device {args.device!r} is not a device name (use cpu, cuda or cuda:N)")
     if device_problem(device):
-        print(f"--device {args.device}: {device_problem(device)}", file=sys.stderr)
-        return 2
+        return refuse(f"--device {args.device}: {device_problem(device)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     set_fp32_math(args.tf32, fixed_shapes=True)
-    configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        print(f"unknown --configs {unknown}: choose from {', '.join(CONFIGS)}", file=sys.stderr)
-        return 2
-    skip = set(args.skip.split(",")) - {""}
     features = cpu_features()
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(device)}")
     print(f"CPU: {features.model}: {features.describe()}")
     variants = default_variants(device, args.compile)  # the auto variant measures its choice first
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     report = {
         "device": str(device),

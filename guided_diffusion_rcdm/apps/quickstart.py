@@ -55,7 +55,7 @@ from ..image_datasets import encoder_input, load_data, model_input, to_rgb
 from ..precision import default_device, fastest_thread_count, resolve_precision, resolve_speed
 from ..RCDM import RCDM
 from ..representation_ops import INTERPOLATIONS
-from ..script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from ..script_util import Range, create_model_and_diffusion, model_and_diffusion_defaults
 from ..train_util import TrainLoop, conditioned_batches
 
 REPORT = "index.html"
@@ -132,8 +132,8 @@ def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list
     """
     rng = random.Random(seed)
     train_dir, held_dir = data_dir / "train", data_dir / "heldout"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    held_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (data_dir, train_dir, held_dir):  # a planted link there would send the files elsewhere
+        fileio.make_folder(str(folder))
     train, held = [], []
     for photo in PHOTOS:
         image = load_photo(photo.name)
@@ -261,11 +261,11 @@ class Settings:
 
 # The quickstart's own flags; the others are the declared ones (`cli.flags`) with its defaults.
 QUICKSTART_FLAGS = (
-    Flag("minutes", 5.0, float, "training time budget (the run takes ~2 min more)"),
-    Flag("train_steps", 0, int, "train exactly this many steps instead of --minutes"),
-    Flag("crops_per_photo", 10, int, "training crops cut from each photograph"),
-    Flag("samples_per_image", 4, int, "samples drawn from each held-out view"),
-    Flag("interpolation_points", 8, int, "points of the interpolation, both ends included"),
+    Flag("minutes", 5.0, float, "training time budget (the run takes ~2 min more)", range=Range(0, 100000)),
+    Flag("train_steps", 0, int, "train exactly this many steps instead of --minutes", range=Range(0)),
+    Flag("crops_per_photo", 10, int, "training crops cut from each photograph", range=Range(1, 1000)),
+    Flag("samples_per_image", 4, int, "samples drawn from each held-out view", range=Range(1, 1000)),
+    Flag("interpolation_points", 8, int, "points of the interpolation, both ends included", range=Range(2, 1000)),
     Flag("encoder_weights", "auto", str, "auto: published weights on disk, else downloaded when the network "
                                          "answers (once), else untrained",
          choices=("auto", "published", "untrained")),
@@ -679,6 +679,7 @@ def run(s: Settings, command: str) -> dict:
     encoder_precision = resolve_precision(s.encoder_precision, device=device)
     print(f"  precision: UNet {unet_speed.precision}"
           f"{', channels-last' if unet_speed.channels_last else ''}, encoder {encoder_precision}", flush=True)
+    fileio.make_folder(str(out / "features"))  # refuses a planted link
     cached = load_cache(str(out / "features"))
     known = set(cached["paths"]) | set(cached["bad"]) if cached else set()
     todo = sum(1 for f in train_files if Path(f).name not in known)
@@ -692,7 +693,7 @@ def run(s: Settings, command: str) -> dict:
     logger.configure(dir=str(out / "features"), format_strs="log")
     train_files, features = prepare_feature_cache(
         str(out / "features"), str(out / "data" / "train"), train_files, encoder_spec, make_encoder,
-        batch_size=16, num_workers=0, precision=encoder_precision,
+        batch_size=16, num_workers=0, precision=encoder_precision, progress=s.progress,
     )
     logger.reset()
 
@@ -700,6 +701,8 @@ def run(s: Settings, command: str) -> dict:
     encoder_info = encoder_spec.with_width(features.shape[-1]).to_dict()
     key = training_key(s, encoder_info, train_files)
     run_dir = out / f"model_{key}"
+    if run_dir.is_symlink():  # a planted link would send the checkpoints elsewhere
+        fileio.make_folder(str(run_dir))
     marker = run_dir / MARKER
     record = None
     if marker.is_file() and not s.retrain:

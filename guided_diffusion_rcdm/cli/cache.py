@@ -20,13 +20,13 @@ from ..encoders import EncoderSpec
 from ..feature_cache import prepare_feature_cache
 from ..image_datasets import scan_images
 from .flags import ENCODER_FLAGS, Parser, add_flags
-from .policy import run_command
+from .policy import check_out_dir, run_command
 
 
 def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=__doc__)
-    add_flags(parser, "data_dir", "feat_cache", "feat_cache_dtype", *ENCODER_FLAGS, "batch_size", "num_workers", "encoder_precision",
-              defaults={"batch_size": 64, "num_workers": 2},
+    add_flags(parser, "data_dir", "feat_cache", "feat_cache_dtype", *ENCODER_FLAGS, "batch_size", "num_workers",
+              "encoder_precision", "progress", defaults={"batch_size": 64, "num_workers": 2},
               helps={"feat_cache": "folder for the cache (required)",
                      "encoder_precision": "the encoder's compute precision (recorded in the cache): fp32 "
                                           "(exact), auto (bf16 only where this machine runs it natively and "
@@ -37,6 +37,8 @@ def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:
 def cache(args: argparse.Namespace) -> None:
     if not args.feat_cache:
         raise UsageError("--feat_cache is required: the folder to write the cached representations in")
+    check_out_dir(args.feat_cache, "--feat_cache")  # a folder; not a file, nor under one
+    EncoderSpec.from_flags(args)  # flags that cannot name an encoder: before the folder is made
     dist_util.setup_dist()
     listing = scan_images(args.data_dir, index_dir=args.feat_cache)  # rank 0 lists, the others receive
     spec = EncoderSpec.from_flags(args)
@@ -46,7 +48,7 @@ def cache(args: argparse.Namespace) -> None:
     kept, feats = prepare_feature_cache(
         args.feat_cache, args.data_dir, listing.files, spec, make_encoder=lambda: encoder,
         batch_size=args.batch_size, num_workers=args.num_workers, precision=args.encoder_precision,
-        dtype=args.feat_cache_dtype,
+        dtype=args.feat_cache_dtype, progress=args.progress,
     )
     logger.log(f"{len(kept)} images cached, representation width {feats.shape[-1]}")
     dist_util.cleanup()

@@ -22,15 +22,18 @@ from typing import Any
 from ..metrics import FID_WEIGHTS_FILE, METRICS, REF_RESIZE
 from ..precision import PRECISION_CHOICES
 from ..representation_ops import INTERPOLATIONS
+from ..resample import SCHEDULE_SAMPLERS
 from ..samplers import SAMPLERS
 from ..vit_encoders import POOLINGS as VIT_POOLINGS
-from ..script_util import MODEL_FLAGS, str2bool
+from ..script_util import MODEL_FLAGS, NON_NEGATIVE, POSITIVE, Range, str2bool
 
 
 @dataclass(frozen=True)
 class Flag:
     """One flag: `--name`, parsed with `type` (`bool`: the boolean convention), and its old names
-    (`aliases`), which still parse but are not shown by --help."""
+    (`aliases`), which still parse but are not shown by --help. A numeric flag states its `range`
+    (`script_util.Range`): the parser refuses a value outside it, NaN included, before any work,
+    and --help shows it."""
 
     name: str
     default: Any = None
@@ -38,6 +41,7 @@ class Flag:
     help: str = ""
     choices: Sequence[Any] | None = None
     aliases: tuple[str, ...] = ()
+    range: Range | None = None
 
     def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
                default: Any = ..., help: str | None = None, choices: Sequence[Any] | None = None) -> None:
@@ -47,7 +51,9 @@ class Flag:
             # `--flag`, `--flag True`, `--flag no`, ...: one convention for every boolean.
             kwargs.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
         elif self.type is not None:
-            kwargs.update(type=self.type)
+            kwargs.update(type=self.type if self.range is None else _in_range(self.type, self.range))
+        if self.range is not None and kwargs["help"] is not argparse.SUPPRESS:
+            kwargs["help"] += f" [range: {self.range}]"
         if choices or self.choices:
             kwargs["choices"] = tuple(choices or self.choices)
         parser.add_argument(f"--{self.name}", dest=self.name, **kwargs)
@@ -56,10 +62,25 @@ class Flag:
                                                                   "default": argparse.SUPPRESS})
 
 
+def _in_range(parse: Callable[[str], Any], allowed: Range) -> Callable[[str], Any]:
+    """`parse`, then a refusal (argparse's one line naming the flag) of a value outside `allowed`."""
+
+    def parse_in_range(text: str) -> Any:
+        value = parse(text)  # a ValueError here is argparse's "invalid int value"
+        problem = allowed.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse_in_range.__name__ = getattr(parse, "__name__", "value")
+    parse_in_range.__wrapped__ = parse  # type: ignore[attr-defined]
+    return parse_in_range
+
+
 def _model_flag(name: str) -> Flag:
     spec = MODEL_FLAGS[name]
     kind = type(spec.default)
-    return Flag(name, spec.default, bool if kind is bool else kind, spec.help)
+    return Flag(name, spec.default, bool if kind is bool else kind, spec.help, range=spec.range)
 
 
 ENCODER_HELP = ("encoder: dino, simclr, barlow, vicreg, supervised (the published ResNet-50s), a Vision "
@@ -75,9 +96,9 @@ _DECLARED: list[Flag] = [
     Flag("name", "samples", help="file name (without extension) of the outputs"),
     Flag("model_path", "", help="RCDM checkpoint (default: the published one for --type_model/--use_head, "
                                 "downloaded once)"),
-    Flag("num_images", 1, int, "conditioning images taken from --data_dir"),
-    Flag("batch_size", 16, int, "images per batch"),
-    Flag("seed", 0, int, "random seed: the same seed gives the same result"),
+    Flag("num_images", 1, int, "conditioning images taken from --data_dir", range=Range(1, 100000)),
+    Flag("batch_size", 16, int, "images per batch", range=Range(1, 1 << 20)),
+    Flag("seed", 0, int, "random seed: the same seed gives the same result", range=Range(0, 2**31 - 1)),
     Flag("device", "", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)"),
     Flag("progress", True, bool, "tqdm progress bars"),
     # ---------------------------------------------------------------- the encoder
@@ -94,7 +115,7 @@ _DECLARED: list[Flag] = [
     Flag("encoder_weights", None, help="local weights file of a timm: or open_clip: encoder (timm loads it through "
          "pretrained_cfg_overlay; default: the library's own, from its cache)"),
     Flag("encoder_input_size", None, int, "side of the square crop the encoder sees (default: the encoder's own, "
-         "224 for the ResNets)"),
+         "224 for the ResNets)", range=Range(16, 4096)),
     Flag("encoder_precision", "fp32", help="the frozen encoder's compute precision, separate from the UNet's: "
          "fp32 (exact, default), auto (bf16 only where this machine runs it natively and faster), bf16 or fp16",
          choices=PRECISION_CHOICES),
@@ -114,12 +135,12 @@ _DECLARED: list[Flag] = [
     # ---------------------------------------------------------------- sampling
     Flag("sampler", None, help="ddpm, ddim or dpm++ (default: ddim with --use_ddim, else ddpm)", choices=SAMPLERS),
     Flag("steps", None, int, "model calls of the sampler (default: the --timestep_respacing steps)",
-         aliases=("sampling_steps",)),
+         aliases=("sampling_steps",), range=Range(1, 100000)),
     Flag("use_ddim", False, bool, "sample with DDIM (the original's switch; see --sampler)"),
     Flag("clip_denoised", True, bool, "clip each predicted clean image to [-1, 1]"),
-    Flag("eta", 0.0, float, "DDIM stochasticity (0: deterministic)"),
+    Flag("eta", 0.0, float, "DDIM stochasticity (0: deterministic)", range=Range(0, 1)),
     Flag("guidance_scale", 1.0, float,
-         "representation guidance (1: none; needs a model trained with --feat_drop_prob > 0)"),
+         "representation guidance (1: none; needs a model trained with --feat_drop_prob > 0)", range=Range(0, 100)),
     Flag("dist", False, bool, "also report the representation distance between each sample and its target"),
     Flag("first_image_path", "", help="image at alpha 0"),
     Flag("second_image_path", "", help="image at alpha 1"),
@@ -128,21 +149,25 @@ _DECLARED: list[Flag] = [
     Flag("image_path", "", help="image whose representation is edited"),
     Flag("folder_nn_path", "", help="folder of images to find neighbours in"),
     Flag("image_target_path", "", help="image whose values are transplanted"),
-    Flag("n_common", 14, int, "a dimension is shared when non-zero in more than this many neighbours"),
-    Flag("n_neighbors", 20, int, "size of the neighbourhood (the original's 20)"),
+    Flag("n_common", 14, int, "a dimension is shared when non-zero in more than this many neighbours",
+         range=NON_NEGATIVE),
+    Flag("n_neighbors", 20, int, "size of the neighbourhood (the original's 20)", range=Range(1, 100000)),
     Flag("knn_backend", "auto", help="neighbour search: faiss if installed (auto), or exact torch",
          choices=("auto", "faiss", "torch")),
     # ---------------------------------------------------------------- training
-    Flag("schedule_sampler", "uniform", help="timestep sampling: uniform or loss-second-moment"),
-    Flag("lr", 1e-4, float, "learning rate (AdamW)"),
-    Flag("weight_decay", 0.0, float, "AdamW weight decay"),
-    Flag("lr_anneal_steps", 0, int, "decay the learning rate linearly to 0 over this many steps (0: constant)"),
-    Flag("microbatch", -1, int, "split each batch into microbatches of this size (-1: off)"),
-    Flag("ema_rate", "0.9999", help="comma-separated EMA rates of the weights"),
-    Flag("log_interval", 10, int, "steps between log lines"),
-    Flag("save_interval", 10000, int, "steps between checkpoints"),
+    Flag("schedule_sampler", "uniform", help="timestep sampling: uniform or loss-second-moment",
+         choices=SCHEDULE_SAMPLERS),
+    Flag("lr", 1e-4, float, "learning rate (AdamW)", range=Range(0, 10, low_open=True)),
+    Flag("weight_decay", 0.0, float, "AdamW weight decay", range=Range(0, 10)),
+    Flag("lr_anneal_steps", 0, int, "decay the learning rate linearly to 0 over this many steps (0: constant)",
+         range=NON_NEGATIVE),
+    Flag("microbatch", -1, int, "split each batch into microbatches of this size (-1: off)",
+         range=Range(1, also=(-1, 0))),
+    Flag("ema_rate", "0.9999", help="comma-separated EMA rates of the weights", range=Range(0, 1, True, True)),
+    Flag("log_interval", 10, int, "steps between log lines", range=POSITIVE),
+    Flag("save_interval", 10000, int, "steps between checkpoints", range=POSITIVE),
     Flag("resume_checkpoint", "", help="model checkpoint to resume from (default: the newest in --out_dir)"),
-    Flag("fp16_scale_growth", 1e-3, float, "the original's loss-scale growth (fp16 training)"),
+    Flag("fp16_scale_growth", 1e-3, float, "the original's loss-scale growth (fp16 training)", range=Range(0, 1)),
     Flag("init_from", "", help="start a new run from a published diffusion model or a checkpoint file (a resumed "
          "run ignores it): openai_64, openai_128, openai_256, openai_256_uncond, openai_512 (guided-diffusion's "
          "ImageNet models), rcdm_<encoder>[_head] (the published RCDMs, e.g. rcdm_dino, rcdm_simclr_head) or a "
@@ -150,11 +175,11 @@ _DECLARED: list[Flag] = [
     Flag("feat_cache", "", help="folder of cached representations: encode the dataset once, then train from it"),
     Flag("feat_cache_dtype", "fp32", help="how --feat_cache stores the representations: fp32 (exact), bf16 or fp16 "
          "(half the size); recorded in the cache, which another dtype refuses", choices=("fp32", "bf16", "fp16")),
-    Flag("max_steps", 0, int, "stop after this many steps (0: never)"),
+    Flag("max_steps", 0, int, "stop after this many steps (0: never)", range=NON_NEGATIVE),
     Flag("max_minutes", 0.0, float, "stop after this many minutes of training and save a checkpoint (0: no "
-         "limit); set it under a job's time limit so the job ends with a checkpoint"),
+         "limit); set it under a job's time limit so the job ends with a checkpoint", range=NON_NEGATIVE),
     Flag("num_workers", None, int, "data loading processes per rank (default: the CPUs each rank may use, "
-         "less one, at most 8)"),
+         "less one, at most 8)", range=Range(0, 256)),
     Flag("random_crop", False, bool, "random crops instead of centre crops"),
     Flag("random_flip", True, bool, "random horizontal flips"),
     Flag("sync_bn", False, bool, "with --norm_style cbn: batch statistics over all processes (SyncBatchNorm)"),
@@ -162,7 +187,8 @@ _DECLARED: list[Flag] = [
     Flag("fidelity", True, bool, "compute representation fidelity (needs the file's 'features')"),
     Flag("metric", "cosine", help="similarity between representations: cosine or (minus squared) L2",
          choices=METRICS),
-    Flag("num_shuffles", 10, int, "random permutations averaged in the shuffled-conditioning control"),
+    Flag("num_shuffles", 10, int, "random permutations averaged in the shuffled-conditioning control",
+         range=Range(1, 100000)),
     Flag("ref", "", help="FID/IS reference: folder of images, .npz of images, or .npz with mu/sigma "
          "(omit to skip FID and IS)"),
     Flag("inception_path", "", help=f"local {FID_WEIGHTS_FILE} (default: the torch.hub cache or RCDM_MIRROR, "
@@ -173,13 +199,13 @@ _DECLARED: list[Flag] = [
     Flag("ref_resize", "network", help="an .npz reference of another image size than the samples: 'network' "
          "feeds each image to the Inception network, which resizes it to 299 (pytorch-fid's way, comparable "
          "with published FIDs); 'crop' centre-crops it to the samples' size first", choices=REF_RESIZE),
-    Flag("splits", 10, int, "Inception Score splits"),
+    Flag("splits", 10, int, "Inception Score splits", range=Range(1, 1000)),
     Flag("out_json", "", help="where to write the scores (default: NPZ_eval.json)"),
     # ---------------------------------------------------------------- the original's, no effect
     Flag("no_shared", False, bool, NO_EFFECT),
     Flag("G_shared", False, bool, NO_EFFECT),
     Flag("submitit", False, bool, NO_EFFECT),
-    Flag("local_rank", 0, int, NO_EFFECT + " (the launcher's environment names the rank)"),
+    Flag("local_rank", 0, int, NO_EFFECT + " (the launcher's environment names the rank)", range=NON_NEGATIVE),
     Flag("dist_url", "env://", help=NO_EFFECT + " (the launcher's environment gives the rendezvous)"),
 ]
 FLAGS: dict[str, Flag] = {f.name: f for f in _DECLARED}

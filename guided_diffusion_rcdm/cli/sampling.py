@@ -26,7 +26,7 @@ from torchvision.utils import make_grid
 from .. import fileio, loading, logger
 from ..fileio import save_npz  # noqa: F401 (the commands write sample files with it)
 from ..errors import UsageError
-from ..image_datasets import find_images, load_rgb_image, model_input
+from ..image_datasets import ImageTooLargeError, find_images, load_rgb_image, model_input
 from ..loading import Components, check_model_path, resolve_device  # noqa: F401 (the commands use them)
 from ..RCDM import component_kwargs, explicit_settings
 from ..representation_ops import faiss_available
@@ -232,6 +232,8 @@ def load_folder_views(paths: Sequence[str], wanted: int, rcdm, flag: str,
             break
         try:
             image = load_rgb_image(path)
+        except ImageTooLargeError as err:
+            raise UsageError(f"{flag} {folder}: {err}; remove it or shrink it") from None
         except OSError as err:
             warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
             continue

@@ -15,11 +15,13 @@ import argparse
 import random
 from collections.abc import Sequence
 
+import blobfile as bf
 import numpy as np
 import torch
 
 from .. import dist_util, foundations, hub, logger
 from ..encoders import EncoderSpec
+from ..errors import MissingInputError
 from ..feature_cache import prepare_feature_cache
 from ..fileio import RunLockedError, UnwritableFolderError
 from ..image_datasets import ImageListing, default_num_workers, load_data, scan_images
@@ -28,6 +30,7 @@ from ..resample import create_named_schedule_sampler
 from ..script_util import (
     MODEL_FLAGS,
     args_to_dict,
+    check_diffusion_flags,
     check_model_flags,
     create_model_and_diffusion,
     recorded_model_flags,
@@ -35,7 +38,7 @@ from ..script_util import (
 from ..run_control import lock_out_dir
 from ..train_util import TrainLoop, conditioned_batches, list_checkpoint_steps
 from .flags import ENCODER_FLAGS, ORIGINAL_NO_EFFECT, SPEED_FLAGS, Parser, add_flags
-from .policy import run_command
+from .policy import check_out_dir, run_command
 
 DEFAULT_SSL_DIM = 2048  # the original's width when training without --feat_cond
 TRAIN_FLAGS = ("data_dir", "out_dir", "feat_cond", *ENCODER_FLAGS, "schedule_sampler", "lr", "weight_decay",
@@ -72,6 +75,7 @@ def check_model_flags_of(args: argparse.Namespace) -> None:
     """The model flags of `args` can build a model (`UsageError` naming the flag otherwise)."""
     # ssl_dim is measured from the encoder later; everything else is checked before heavy work.
     check_model_flags(**{k: getattr(args, k) for k in MODEL_FLAGS}, feat_cond=bool(args.feat_cond))
+    check_diffusion_flags(**{k: getattr(args, k) for k in ("diffusion_steps", "noise_schedule", "timestep_respacing")})
 
 
 def check_inputs(args) -> ImageListing:
@@ -80,6 +84,11 @@ def check_inputs(args) -> ImageListing:
     (or reuses the listing a previous run left in --out_dir, see `ImageListing`)."""
     listing = scan_images(args.data_dir, index_dir=args.out_dir)
     check_model_flags_of(args)
+    EncoderSpec.from_flags(args)  # encoder flags that cannot apply (e.g. --use_head without a head)
+    if args.feat_cache:
+        check_out_dir(args.feat_cache, "--feat_cache")  # a folder; not a file, nor under one
+    if args.resume_checkpoint and not bf.exists(args.resume_checkpoint):
+        raise MissingInputError(f"--resume_checkpoint {args.resume_checkpoint}: no such file")
     return listing
 
 
@@ -131,6 +140,8 @@ def train(args: argparse.Namespace) -> None:
     # encoder, or weights that cannot be downloaded, fail before the output folder is touched.
     spec = EncoderSpec.from_flags(args)
     encoder = spec.build(dist_util.dev()) if args.feat_cond and not args.feat_cache else None  # frozen
+    precision = resolve_precision(args.precision, args.use_fp16, dist_util.dev())  # fp16 on a CPU: refused
+    encoder_precision = resolve_precision(args.encoder_precision, device=dist_util.dev())
     # One run per folder, and a folder we can write to, before anything else touches it.
     notes: list[str] = []
     try:
@@ -153,11 +164,9 @@ def train(args: argparse.Namespace) -> None:
         f"this one on {dist_util.dev()}"
     )
 
-    precision = resolve_precision(args.precision, args.use_fp16, dist_util.dev())
     set_fp32_math(args.tf32, fixed_shapes=True)  # a training batch always has the same shape
     if args.num_workers is None:
         args.num_workers = default_num_workers()
-    encoder_precision = resolve_precision(args.encoder_precision, device=dist_util.dev())
     logger.log(f"{len(image_paths)} images in {args.data_dir}; precision {precision} "
                f"(encoder {encoder_precision}); {args.num_workers} data loading process(es) per rank")
 
@@ -167,7 +176,7 @@ def train(args: argparse.Namespace) -> None:
             image_paths, features = prepare_feature_cache(
                 args.feat_cache, args.data_dir, image_paths, spec,
                 batch_size=max(args.batch_size, 16), num_workers=args.num_workers, precision=encoder_precision,
-                dtype=args.feat_cache_dtype,
+                dtype=args.feat_cache_dtype, progress=args.progress,
             )
             spec = spec.with_width(features.shape[-1])
         else:

@@ -570,6 +570,21 @@ def native_pooling(model: str) -> str:
     return ""
 
 
+def head_problem(model: str) -> str | None:
+    """Why `--use_head` cannot apply to the encoder named `model` (a Vision Transformer whose
+    method publishes no projector head, or a torchvision classifier), without building or reading
+    anything; None when it has a head or cannot tell by the name (a local file)."""
+    key = model.lower()
+    if key in vit_encoders.VIT_ENCODERS and not vit_encoders.VIT_ENCODERS[key].has_head:
+        with_head = ", ".join(n for n, spec in vit_encoders.VIT_ENCODERS.items() if spec.has_head)
+        return (f"--use_head: {model} has no projector head (its method publishes none); leave --use_head "
+                f"out, or choose an encoder with one (dino, simclr, barlow, vicreg, {with_head})")
+    if key not in ENCODER_NAMES and key in torchvision_names():
+        return (f"--use_head: {model} is a torchvision classifier, without a projector head; leave --use_head "
+                "out, or choose an encoder with one (dino, simclr, barlow, vicreg)")
+    return None
+
+
 def _vit_encoder(trunk: nn.Module, head: nn.Module | None, use_head: bool) -> FrozenEncoder:
     encoder = FrozenEncoder(trunk, head, use_head, input_normalize=vit_encoders.INPUT_NORMALIZE)
     encoder.input_size = trunk.vit.patch_embed.img_size[0]

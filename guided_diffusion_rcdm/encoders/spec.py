@@ -35,7 +35,8 @@ from .. import hub, logger
 from ..errors import MissingInputError, UsageError, UserError
 from . import adapters
 from . import vits as vit_encoders
-from .resnets import FrozenEncoder, get_model, native_input_normalize, native_input_size, native_pooling, representation_dim
+from .resnets import (FrozenEncoder, get_model, head_problem, native_input_normalize, native_input_size,
+                      native_pooling, representation_dim)
 from ..image_datasets import (
     arr_to_tensor,
     center_crop_arr,
@@ -162,6 +163,8 @@ class EncoderSpec:
         set_(self, "input_size", int(self.input_size or native_input_size(name)))
         if self.width is not None:
             set_(self, "width", int(self.width))
+        if self.use_head and head_problem(name):
+            raise UsageError(head_problem(name))
         try:
             parse_normalization(self.input_normalize)
         except UsageError:
