@@ -212,3 +212,19 @@ def test_the_run_ends_with_the_command_that_explores_its_model(first_run):
     last = proc.stdout.strip().splitlines()[-1]
     checkpoints = list(out.glob("model_*/ema_*.pt"))
     assert len(checkpoints) == 1 and "rcdm explore --model_path" in last and str(checkpoints[0]) in last, last
+
+
+def test_the_quickstart_takes_a_library_encoder_and_its_weights_file(tmp_path):
+    """`--type_model timm:NAME` (or hf:, open_clip:, py:) in the quickstart: the library's model,
+    untrained on request or with a weights file; a weights file for a published encoder is refused."""
+    from guided_diffusion_rcdm.apps.quickstart import choose_encoder
+    from guided_diffusion_rcdm.errors import UsageError
+
+    spec, sentence = choose_encoder("timm:resnet18", "untrained")
+    assert spec.name == "timm:resnet18" and spec.pretrained is False and "untrained" in sentence
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"not read until the encoder is built")
+    spec, sentence = choose_encoder("timm:resnet18", str(weights))
+    assert spec.weights == str(weights) and str(weights) in sentence
+    with pytest.raises(UsageError, match="--encoder_weights"):
+        choose_encoder("dino", str(weights))

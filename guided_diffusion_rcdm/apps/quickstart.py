@@ -50,6 +50,7 @@ from ..cli.policy import run_main
 from ..errors import UsageError
 from ..feature_cache import load_cache, prepare_feature_cache
 from ..encoders import EncoderSpec, encode_images, encode_views
+from ..encoders.adapters import source_of
 from ..get_ssl_models import ENCODER_NAMES, fetch_weights, weights_file, weights_on_disk
 from ..image_datasets import encoder_input, load_data, model_input, to_rgb
 from ..precision import default_device, fastest_thread_count, resolve_precision, resolve_speed
@@ -175,6 +176,15 @@ def choose_encoder(type_model: str, weights: str) -> tuple[EncoderSpec, str]:
     fallback = "dino" if type_model == "auto" else type_model
     if os.path.isfile(type_model):
         return EncoderSpec(type_model), f"the encoder in the local file {type_model}"
+    if source_of(type_model):  # timm:, hf:, open_clip:, py: the library finds (or refuses) its weights
+        if weights == "untrained":
+            return EncoderSpec(type_model, pretrained=False), f"{type_model} with untrained (random) weights"
+        if weights not in ("auto", "published"):
+            return EncoderSpec(type_model, weights=weights), f"{type_model} with the weights in {weights}"
+        return EncoderSpec(type_model), f"{type_model} with its library's trained weights"
+    if weights not in ("auto", "published", "untrained"):
+        raise UsageError(f"--encoder_weights {weights}: a weights file is for a timm: or open_clip: "
+                         "--type_model; otherwise use auto, published or untrained")
 
     def published(name: str) -> tuple[EncoderSpec, str] | None:
         try:
@@ -267,8 +277,8 @@ QUICKSTART_FLAGS = (
     Flag("samples_per_image", 4, int, "samples drawn from each held-out view", range=Range(1, 1000)),
     Flag("interpolation_points", 8, int, "points of the interpolation, both ends included", range=Range(2, 1000)),
     Flag("encoder_weights", "auto", str, "auto: published weights on disk, else downloaded when the network "
-                                         "answers (once), else untrained",
-         choices=("auto", "published", "untrained")),
+                                         "answers (once), else untrained; published; untrained; or, for a "
+                                         "timm: or open_clip: --type_model, a weights file"),
     Flag("retrain", False, bool, "train again even if a trained model exists (the previous one is kept under "
                                  "another name)"),
 )
