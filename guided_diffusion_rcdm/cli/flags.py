@@ -157,7 +157,7 @@ _DECLARED: list[Flag] = [
     # ---------------------------------------------------------------- training
     Flag("schedule_sampler", "uniform", help="timestep sampling: uniform or loss-second-moment",
          choices=SCHEDULE_SAMPLERS),
-    Flag("lr", 1e-4, float, "learning rate (AdamW)", range=Range(0, 10, low_open=True)),
+    Flag("lr", 1e-4, float, "learning rate (AdamW)", range=Range(0, 10)),
     Flag("weight_decay", 0.0, float, "AdamW weight decay", range=Range(0, 10)),
     Flag("lr_anneal_steps", 0, int, "decay the learning rate linearly to 0 over this many steps (0: constant)",
          range=NON_NEGATIVE),
