@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +10,13 @@ import pytest
 import torch
 
 from _train_photos import make_photo_dir
+from helpers_hub import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run_with_submitit.py
 WORKER = REPO / "tests" / "_train_dist_worker.py"
 STEPS = 3
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +59,7 @@ def _check_two_ranks(out: Path, launcher: str) -> None:
 def test_torchrun_two_cpu_ranks_stay_identical(photos, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(WORKER), photos, str(out), str(STEPS)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -216,7 +211,7 @@ dist_util.cleanup()
 def scenarios(tmp_path_factory):
     """The two ranks' outputs (text) and results folder of SCENARIOS_WORKER."""
     root = tmp_path_factory.mktemp("ddp_scenarios")
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in (0, 1):
         env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -387,7 +382,7 @@ torch.save({"resumed": resumed, "opened": opened_before_training,
 
 def test_on_resume_only_rank_0_reads_the_checkpoint_and_every_rank_gets_its_state(tmp_path):
     def launch(steps):
-        port = _free_port()
+        port = free_port()
         procs = [subprocess.Popen([sys.executable, "-c", RESUME_WORKER, str(tmp_path), str(steps)],
                                   env=dict(_env(), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),

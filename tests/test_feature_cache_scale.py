@@ -6,7 +6,6 @@ rank 0 alone listing the data folder, and the peak memory of building, appending
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from guided_diffusion_rcdm import feature_cache as fc
 from guided_diffusion_rcdm import hub
 from guided_diffusion_rcdm.cli import cache as cache_cli
 from guided_diffusion_rcdm.image_datasets import LISTING_FILE, contiguous_share, find_images, scan_images
+from helpers_hub import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_cache_dist_worker.py"
@@ -39,11 +39,6 @@ def _env():
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
@@ -60,7 +55,7 @@ def built(photos, tmp_path_factory):
     kept, feats = fc.prepare_feature_cache(single, photos, files, SPEC, StubEncoder, num_workers=0, progress=False)
     procs = {}
     for world in (2, 3):
-        out, port = root / f"world{world}", _free_port()
+        out, port = root / f"world{world}", free_port()
         out.mkdir()
         for rank in range(world):
             env = dict(_env(), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),

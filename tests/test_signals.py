@@ -3,7 +3,6 @@
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import torch
 
 from _train_photos import make_photo_dir
 from guided_diffusion_rcdm.train_util import list_checkpoint_steps
+from helpers_hub import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "image_train.py")
@@ -121,15 +121,10 @@ def test_a_second_signal_ends_the_process_at_once():
     assert proc.returncode == -signal.SIGUSR1, proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_ranks_agree_on_the_step_they_save_when_one_is_signalled(photos, tmp_path):
     out = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, SCRIPT, *_argv(photos, out, 100000)],
                               env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port),

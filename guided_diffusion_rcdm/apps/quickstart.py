@@ -117,10 +117,27 @@ def load_photo(name: str) -> Image.Image:
     return to_rgb(Image.fromarray(np.asarray(getattr(skimage.data, name)())))
 
 
-def _save_view(image: Image.Image, box: tuple[int, int, int], path: Path) -> None:
+def crop_view(image: Image.Image, box: tuple[int, int, int]) -> Image.Image:
+    """The square `box` (left, top, side) of `image`, resized to VIEW_SIZE x VIEW_SIZE."""
     left, top, side = box
-    view = image.crop((left, top, left + side, top + side)).resize((VIEW_SIZE, VIEW_SIZE), Image.BICUBIC)
-    fileio.save_image(view, str(path))
+    return image.crop((left, top, left + side, top + side)).resize((VIEW_SIZE, VIEW_SIZE), Image.BICUBIC)
+
+
+def view_boxes(crops_per_photo: int, seed: int):
+    """For each photo: `(photo, image, training boxes, held-out box)`. Training boxes are
+    `crops_per_photo` random squares (CROP_SCALES of the shorter side; none for UNSEEN_PHOTOS),
+    the held-out box the centre square; a box is (left, top, side). The same seed, the same boxes."""
+    rng = random.Random(seed)
+    for photo in PHOTOS:
+        image = load_photo(photo.name)
+        w, h = image.size
+        short = min(w, h)
+        boxes = []
+        if photo.name not in UNSEEN_PHOTOS:
+            for _ in range(crops_per_photo):
+                side = max(16, round(short * rng.uniform(*CROP_SCALES)))
+                boxes.append((rng.randrange(w - side + 1), rng.randrange(h - side + 1), side))
+        yield photo, image, boxes, ((w - short) // 2, (h - short) // 2, short)
 
 
 def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list[str], list[dict]]:
@@ -131,26 +148,19 @@ def prepare_views(data_dir: Path, crops_per_photo: int, seed: int) -> tuple[list
     crop, which are smaller) including the unseen ones. File names encode the crop box, so a file
     of a given name always has the same content (the feature cache relies on it).
     """
-    rng = random.Random(seed)
     train_dir, held_dir = data_dir / "train", data_dir / "heldout"
     for folder in (data_dir, train_dir, held_dir):  # a planted link there would send the files elsewhere
         fileio.make_folder(str(folder))
     train, held = [], []
-    for photo in PHOTOS:
-        image = load_photo(photo.name)
-        w, h = image.size
-        short = min(w, h)
-        if photo.name not in UNSEEN_PHOTOS:
-            for i in range(crops_per_photo):
-                side = max(16, round(short * rng.uniform(*CROP_SCALES)))
-                left, top = rng.randrange(w - side + 1), rng.randrange(h - side + 1)
-                path = train_dir / f"{photo.name}_{i:02d}_x{left}_y{top}_s{side}.png"
-                if not path.exists():
-                    _save_view(image, (left, top, side), path)
-                train.append(str(path))
+    for photo, image, boxes, centre in view_boxes(crops_per_photo, seed):
+        for i, (left, top, side) in enumerate(boxes):
+            path = train_dir / f"{photo.name}_{i:02d}_x{left}_y{top}_s{side}.png"
+            if not path.exists():
+                fileio.save_image(crop_view(image, (left, top, side)), str(path))
+            train.append(str(path))
         path = held_dir / f"{photo.name}.png"
         if not path.exists():
-            _save_view(image, ((w - short) // 2, (h - short) // 2, short), path)
+            fileio.save_image(crop_view(image, centre), str(path))
         held.append({"name": photo.name, "path": str(path), "unseen_photo": photo.name in UNSEEN_PHOTOS})
     return train, held
 

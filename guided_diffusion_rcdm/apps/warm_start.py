@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import tempfile
 import time
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from ..errors import UsageError
 from ..image_datasets import model_input
 from ..script_util import create_model_and_diffusion
 from ..train_util import TrainLoop
-from .quickstart import CROP_SCALES, PHOTOS, UNSEEN_PHOTOS, load_photo
+from .quickstart import crop_view, view_boxes
 
 BENCH_FLAGS = (
     Flag("pretrain_steps", 200, int, "steps of the unconditional foundation's pre-training"),
@@ -81,19 +80,10 @@ def model_flags(image_size: int, num_channels: int) -> dict:
 def views(crops_per_photo: int, seed: int) -> tuple[list[Image.Image], list[Image.Image]]:
     """Training crops (random squares of every photo but the unseen ones) and held-out views (every
     photo's centre square), as PIL images."""
-    rng = random.Random(seed)
     train, held = [], []
-    for photo in PHOTOS:
-        image = load_photo(photo.name)
-        w, h = image.size
-        short = min(w, h)
-        if photo.name not in UNSEEN_PHOTOS:
-            for _ in range(crops_per_photo):
-                side = max(16, round(short * rng.uniform(*CROP_SCALES)))
-                left, top = rng.randrange(w - side + 1), rng.randrange(h - side + 1)
-                train.append(image.crop((left, top, left + side, top + side)).resize((224, 224), Image.BICUBIC))
-        left, top = (w - short) // 2, (h - short) // 2
-        held.append(image.crop((left, top, left + short, top + short)).resize((224, 224), Image.BICUBIC))
+    for _, image, boxes, centre in view_boxes(crops_per_photo, seed):
+        train.extend(crop_view(image, box) for box in boxes)
+        held.append(crop_view(image, centre))
     return train, held
 
 
