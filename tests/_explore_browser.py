@@ -57,10 +57,19 @@ def wait_for_images(page, where: str, count: int) -> list[int]:
 
 
 def upload(page, photo: str) -> None:
-    """Upload `photo` in the Samples tab's file box and wait until the box names it."""
+    """Upload `photo` in the Samples tab's file box and wait until the box names it. The page may
+    still be wiring its components when the button first shows (a busy machine): the files are set
+    again if the box has not taken them."""
     box = page.locator("#samples-upload")
-    box.locator("input[type=file]").set_input_files(photo)
-    box.get_by_text(Path(photo).name).first.wait_for()
+    name = box.get_by_text(Path(photo).name).first
+    for attempt in range(3):
+        box.locator("input[type=file]").set_input_files(photo)
+        try:
+            name.wait_for(timeout=TIMEOUT_MS // 3)
+            return
+        except Exception:
+            if attempt == 2:
+                raise
 
 
 def upload_and_sample(url: str, photo: str, screenshot: str | Path, num_samples: int = 4) -> list[int]:
