@@ -57,19 +57,37 @@ def wait_for_images(page, where: str, count: int) -> list[int]:
 
 
 def upload(page, photo: str) -> None:
-    """Upload `photo` in the Samples tab's file box and wait until the box names it. The page may
-    still be wiring its components when the button first shows (a busy machine): the files are set
-    again if the box has not taken them."""
-    box = page.locator("#samples-upload")
-    name = box.get_by_text(Path(photo).name).first
+    """Upload `photo` in the Samples tab's file box and wait until the upload has finished (the box
+    names the file and no longer says "Uploading").
+
+    On a busy machine the page may still be wiring its components when the Sample button first shows,
+    or lose its connection and redraw: when the box neither names the file nor offers its file input,
+    the page is reloaded and the file set again (three tries). A failure says what the box and the
+    page showed, and what the browser's console said."""
+    stem = Path(photo).stem
+    done = """([stem]) => {
+        const box = document.querySelector('#samples-upload');
+        return !!box && box.innerText.includes(stem) && !box.innerText.includes('Uploading');
+    }"""
+    console = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"[:300]) if m.type in ("error", "warning") else None)
+    seen = []
     for attempt in range(3):
-        box.locator("input[type=file]").set_input_files(photo)
+        box = page.locator("#samples-upload")
+        field = box.locator("input[type=file]")
         try:
-            name.wait_for(timeout=TIMEOUT_MS // 3)
+            field.wait_for(state="attached", timeout=TIMEOUT_MS // 3)
+            field.set_input_files(photo)
+            page.wait_for_function(done, arg=[stem], timeout=TIMEOUT_MS // 3)
             return
-        except Exception:
-            if attempt == 2:
-                raise
+        except Exception as e:  # playwright's TimeoutError; what the page showed goes in the message
+            shown = box.inner_text(timeout=1000)[:200] if box.count() else "(no upload box) " + page.inner_text("body", timeout=1000)[:300]
+            seen.append(f"try {attempt + 1}: {type(e).__name__}; showed {shown!r}")
+        if attempt < 2:
+            page.reload()
+            page.locator("#sample-button").wait_for()
+    raise AssertionError("the upload box did not take the photo: " + " / ".join(seen)
+                         + "; console: " + " | ".join(console[-8:]))
 
 
 def upload_and_sample(url: str, photo: str, screenshot: str | Path, num_samples: int = 4) -> list[int]:
