@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
+from .errors import UsageError, UserError
 
 LOCK_NAME = "train.lock"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]*)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
@@ -517,3 +517,18 @@ def _release_all() -> None:
     for lock in list(_HELD.values()):
         lock.count = 1
         lock.release()
+
+
+def check_out_dir(folder: str, flag: str = "`out_dir`") -> None:
+    """Fail, naming the argument (`flag`), when `folder` could not be created or written; creates nothing."""
+    path = os.path.abspath(folder or ".")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing != path and not os.path.isdir(existing):
+        raise UsageError(f"{flag} {folder}: cannot create it ({existing} is a file); choose another folder")
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {folder}: is a file, not a folder; choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: cannot write in {existing} (permission denied); "
+                         "choose a folder you can write to")

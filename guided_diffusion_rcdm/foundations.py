@@ -44,7 +44,8 @@ import torch
 
 from . import hub
 from .errors import MissingInputError, UsageError
-from .get_rcdm_models import MODEL_FLAGS_128, check_rcdm_layout, published_ssl_dim, rcdm_checkpoint_url
+from .config import ModelConfig, published_128, rcdm_256
+from .get_rcdm_models import check_rcdm_layout, published_ssl_dim, rcdm_checkpoint_url
 from .get_ssl_models import ENCODER_NAMES
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
@@ -52,12 +53,12 @@ OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021
 # The architecture and diffusion flags of guided-diffusion's release (its README's MODEL_FLAGS),
 # less the two that describe the foundation rather than the model trained from it: `class_cond`
 # (an RCDM takes a representation instead; `Foundation.class_cond` records the file's) and
-# `use_fp16` (a speed choice here: --precision).
-_OPENAI_256 = {
-    "attention_resolutions": "32,16,8", "diffusion_steps": 1000, "image_size": 256, "learn_sigma": True,
-    "noise_schedule": "linear", "num_channels": 256, "num_head_channels": 64, "num_res_blocks": 2,
-    "resblock_updown": True, "use_scale_shift_norm": True,
-}
+# `use_fp16` (a speed choice here: --precision). The 128x128 and 256x256 ones are the presets.
+def _release_flags(config: ModelConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.flags().items() if k not in ("class_cond", "use_fp16")}
+
+
+_OPENAI_256 = _release_flags(rcdm_256())
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def _openai(name: str, file_name: str, class_cond: bool, **flags: Any) -> Founda
 
 
 def _published_rcdms() -> dict[str, Foundation]:
-    flags = {k: v for k, v in MODEL_FLAGS_128.items() if k not in ("class_cond", "use_fp16")}
+    flags = _release_flags(published_128())
     out = {}
     for encoder in ENCODER_NAMES:
         for head in ((False,) if encoder == "supervised" else (False, True)):
@@ -96,9 +97,7 @@ FOUNDATIONS: dict[str, Foundation] = {
                 dropout=0.1, image_size=64, learn_sigma=True, noise_schedule="cosine", num_channels=192,
                 num_head_channels=64, num_res_blocks=3, resblock_updown=True, use_new_attention_order=True,
                 use_scale_shift_norm=True),
-        _openai("openai_128", "128x128_diffusion.pt", True, attention_resolutions="32,16,8", diffusion_steps=1000,
-                image_size=128, learn_sigma=True, noise_schedule="linear", num_channels=256, num_heads=4,
-                num_res_blocks=2, resblock_updown=True, use_scale_shift_norm=True),
+        _openai("openai_128", "128x128_diffusion.pt", True, **_release_flags(published_128())),
         _openai("openai_256", "256x256_diffusion.pt", True, **_OPENAI_256),
         _openai("openai_256_uncond", "256x256_diffusion_uncond.pt", False, **_OPENAI_256),
         _openai("openai_512", "512x512_diffusion.pt", True, **{**_OPENAI_256, "image_size": 512}),
@@ -108,7 +107,7 @@ FOUNDATIONS: dict[str, Foundation] = {
 
 # An RCDM at 256 px (the paper published none): the 256x256 foundations' architecture, as
 # MODEL_FLAGS_128 is the published RCDMs'. docs/training.md gives it as a shell variable.
-MODEL_FLAGS_256: dict[str, Any] = {**FOUNDATIONS["openai_256"].flags, "class_cond": False, "use_fp16": False}
+MODEL_FLAGS_256: dict[str, Any] = rcdm_256().flags()
 
 # The tensors a warm start may create (`new`) or drop without the architecture differing.
 NEW_OK = ("ssl_emb.weight", "ssl_emb.bias", "null_feat")

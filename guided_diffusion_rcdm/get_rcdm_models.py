@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from .config import published_128
 from .errors import UsageError
 from . import hub
 from .encoders import EncoderSpec
@@ -20,21 +21,8 @@ from .get_ssl_models import ENCODER_NAMES, HEAD_DIMS
 
 RCDM_BASE_URL = "https://dl.fbaipublicfiles.com/rcdm/"
 
-# The flags every published checkpoint was trained with (the README's MODEL_FLAGS_128).
-MODEL_FLAGS_128 = {
-    "attention_resolutions": "32,16,8",
-    "class_cond": False,
-    "diffusion_steps": 1000,
-    "image_size": 128,
-    "learn_sigma": True,
-    "noise_schedule": "linear",
-    "num_channels": 256,
-    "num_heads": 4,
-    "num_res_blocks": 2,
-    "resblock_updown": True,
-    "use_fp16": False,
-    "use_scale_shift_norm": True,
-}
+# The flags every published checkpoint was trained with (the README's $MODEL_FLAGS_128).
+MODEL_FLAGS_128 = published_128().flags()
 
 
 def _check_name(model: str) -> str:
@@ -77,7 +65,7 @@ def published_meta(model: str = "dino", use_head: bool = False) -> dict:
     # Trained on [-1, 1] inputs, the supervised ResNet-50's included: the original fed them that.
     encoder = EncoderSpec(model, use_head, input_normalize="minus_one_one", input_size=224, width=ssl_dim)
     return {
-        "model_flags": {**MODEL_FLAGS_128, "feat_cond": True, "ssl_dim": ssl_dim},
+        "model_flags": published_128(ssl_dim=ssl_dim).to_record(),
         "encoder": encoder.to_dict(),
     }
 

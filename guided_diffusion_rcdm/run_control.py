@@ -8,6 +8,7 @@ and the stop rule every rank agrees on.
   step, a checkpoint is saved, and only then is the signal passed on (submitit requeues the job;
   otherwise the process exits with status 128 + the signal's number, SIGINT raises
   KeyboardInterrupt). A second signal ends the process at once.
+- `seed_everything(seed)`: torch (CPU and GPUs), numpy and random, so a seed decides a run.
 - `StopRule`: a step target, a wall-clock budget (`max_seconds`) and the signals, decided the same
   on every rank with a collective only every `agree_seconds` of training.
 """
@@ -15,11 +16,22 @@ and the stop rule every rank agrees on.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 import time
 
+import numpy as np
+import torch
+
 from . import dist_util, fileio, logger
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and GPUs), numpy and random: the same seed, the same samples and batches."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 # ------------------------------------------------------------------------------- the folder

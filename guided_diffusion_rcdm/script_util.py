@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from . import gaussian_diffusion as gd
+from .config import FRACTION, MODEL_FLAGS, NON_NEGATIVE, OFF_OR_POSITIVE, POSITIVE, ModelConfig, ModelFlag, Range  # noqa: F401
 from .errors import UsageError
 from .nn import NUM_NORM_GROUPS
 from .respace import SpacedDiffusion, space_timesteps
@@ -31,128 +30,19 @@ DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     64: (1, 2, 3, 4),
 }
 
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric flag accepts: from `low` to `high` (None: unbounded), both ends
-    included unless `low_open`/`high_open`, plus the special values in `also` (e.g. -1: off).
-    NaN and the infinities are in no range. A text flag with a range (e.g. --ema_rate) is a
-    comma-separated list whose every number must be in it."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    also: tuple = ()
-
-    def __str__(self) -> str:
-        def num(v: float) -> str:
-            return str(int(v)) if float(v).is_integer() else f"{v:g}"
-
-        lo = None if self.low is None else f"{'>' if self.low_open else '>='} {num(self.low)}"
-        hi = None if self.high is None else f"{'<' if self.high_open else '<='} {num(self.high)}"
-        if lo and hi:
-            text = (f"{'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}"
-                    f"{')' if self.high_open else ']'}")
-        else:
-            text = lo or hi or "any finite number"
-        return " or ".join([*map(num, self.also), text])
-
-    def contains(self, value: float) -> bool:
-        if value in self.also:
-            return True
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
-
-    def problem(self, value: Any) -> str | None:
-        """Why `value` (a number, or for a text flag a comma-separated list of numbers) is not
-        accepted; None when it is."""
-        if isinstance(value, str):
-            items = [v.strip() for v in value.split(",")]
-            try:
-                numbers = [float(v) for v in items]
-            except ValueError:
-                return f"{value!r} is not a comma-separated list of numbers in {self}"
-            bad = [v for v, x in zip(items, numbers) if not self.contains(x)]
-            return f"{bad[0]} is outside the accepted range {self}" if bad else None
-        if value is None or isinstance(value, bool):
-            return None
-        return None if self.contains(value) else f"{value} is outside the accepted range {self}"
+# Keywords `create_model_and_diffusion` takes besides MODEL_FLAGS: the conditioning (ModelConfig's
+# defaults) and the original's no-op switches.
+EXTRA_MODEL_KWARGS: dict[str, Any] = {"feat_cond": ModelConfig.feat_cond, "ssl_dim": ModelConfig.ssl_dim,
+                                      "G_shared": False, "pretrained": False}
 
 
-POSITIVE = Range(1)  # counts of at least one
-NON_NEGATIVE = Range(0)
-FRACTION = Range(0, 1, high_open=True)  # rates in [0, 1)
-OFF_OR_POSITIVE = Range(1, also=(-1,))  # -1: off
-
-
-@dataclass(frozen=True)
-class ModelFlag:
-    """One model or diffusion flag: its default (the original's), what it means, and which part
-    of `create_model_and_diffusion` it builds ("model": the UNet, "diffusion": the schedule)."""
-
-    default: Any
-    help: str
-    part: str = "model"
-    range: Range | None = None  # the values a numeric flag accepts (checked when parsing flags)
-
-
-# The one declaration of the model and diffusion flags: the defaults (`model_and_diffusion_defaults`),
-# the builder (`create_model_and_diffusion`), the flags a checkpoint records and the command-line
-# flags (with this help) are all read from it. Order: the original's.
-MODEL_FLAGS: dict[str, ModelFlag] = {
-    "image_size": ModelFlag(64, "image side in pixels (the published models: 128)", range=Range(8, 1024)),
-    "num_channels": ModelFlag(128, "base channel count of the UNet (a multiple of 32)", range=Range(32, 4096)),
-    "num_res_blocks": ModelFlag(2, "residual blocks per resolution level", range=Range(1, 64)),
-    "num_heads": ModelFlag(4, "attention heads (when --num_head_channels is -1)", range=Range(1, 1024)),
-    "num_heads_upsample": ModelFlag(-1, "attention heads in the upsampling half (-1: --num_heads)",
-                                    range=Range(1, 1024, also=(-1,))),
-    "num_head_channels": ModelFlag(-1, "fixed channels per attention head, overriding --num_heads (-1: off)",
-                                   range=Range(1, 4096, also=(-1,))),
-    "attention_resolutions": ModelFlag("16,8", "comma-separated resolutions with self-attention, e.g. 32,16,8"),
-    "channel_mult": ModelFlag("", "comma-separated channel multiplier per level (default: by --image_size)"),
-    "dropout": ModelFlag(0.0, "dropout rate in the residual blocks", range=FRACTION),
-    "class_cond": ModelFlag(False, "condition on an ImageNet class label"),
-    "use_checkpoint": ModelFlag(False, "gradient checkpointing (less memory, slower)"),
-    "use_scale_shift_norm": ModelFlag(True, "scale-shift (FiLM) conditioning in the residual blocks"),
-    "resblock_updown": ModelFlag(False, "residual blocks with built-in up/downsampling"),
-    "use_fp16": ModelFlag(False, "the original's half-precision switch (here: fp16 autocast on GPU, bf16 on CPU)"),
-    "use_new_attention_order": ModelFlag(False, "split q/k/v before the heads"),
-    # Beyond the original (the defaults build the published architecture):
-    "norm_style": ModelFlag("gn", "gn: GroupNorm (published); cbn: the paper's conditional batch norm"),
-    "shared_dim": ModelFlag(128, "with --norm_style cbn: width of the shared projection of the representation",
-                            range=Range(0, 65536)),
-    "feat_drop_prob": ModelFlag(0.0, "train with a learned null representation for this fraction of "
-                                     "examples (enables --guidance_scale when sampling)", range=FRACTION),
-    "learn_sigma": ModelFlag(False, "the UNet also predicts the variance (6 output channels)", "diffusion"),
-    "diffusion_steps": ModelFlag(1000, "steps of the forward diffusion", "diffusion", Range(1, 100000)),
-    "noise_schedule": ModelFlag("linear", "beta schedule: linear or cosine", "diffusion"),
-    "timestep_respacing": ModelFlag("", "sampling steps: e.g. 100, ddim25 or 10,20,30 (default: every step)",
-                                    "diffusion"),
-    "use_kl": ModelFlag(False, "train with the variational bound (rescaled KL) loss", "diffusion"),
-    "predict_xstart": ModelFlag(False, "the UNet predicts the clean image instead of the noise", "diffusion"),
-    "rescale_timesteps": ModelFlag(False, "feed the UNet timesteps scaled to 0..1000", "diffusion"),
-    "rescale_learned_sigmas": ModelFlag(False, "rescaled MSE loss with a learned variance", "diffusion"),
-}
-
-# Flags a checkpoint records besides `model_and_diffusion_defaults()` to rebuild its model.
-CONDITIONING_KEYS = ("feat_cond", "ssl_dim")
-
-# Keywords `create_model_and_diffusion` takes besides MODEL_FLAGS: the conditioning and the
-# original's no-op switches.
-EXTRA_MODEL_KWARGS: dict[str, Any] = {"feat_cond": False, "ssl_dim": 2048, "G_shared": False, "pretrained": False}
-
-
-def diffusion_defaults() -> dict[str, Any]:
-    """Defaults of the diffusion flags."""
+def diffusion_defaults() -> dict[str, Any]:  # the original's name: its users may import it
     return {k: f.default for k, f in MODEL_FLAGS.items() if f.part == "diffusion"}
 
 
 def model_and_diffusion_defaults() -> dict[str, Any]:
     """Defaults of every model and diffusion flag (the original's names and values)."""
-    return {k: f.default for k, f in MODEL_FLAGS.items()}
+    return ModelConfig().flags()
 
 
 def complete_model_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,13 +52,6 @@ def complete_model_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"create_model_and_diffusion() got unexpected keyword argument(s): {', '.join(unknown)}")
     return {**model_and_diffusion_defaults(), **EXTRA_MODEL_KWARGS, **flags}
-
-
-def recorded_model_flags(flags: Mapping[str, Any], *, feat_cond: bool, ssl_dim: int) -> dict[str, Any]:
-    """The model flags a checkpoint records (`meta["model_flags"]`): every MODEL_FLAGS entry and
-    the conditioning, enough to rebuild the model with `create_model_and_diffusion`."""
-    return {**{k: flags.get(k, f.default) for k, f in MODEL_FLAGS.items()},
-            "feat_cond": bool(feat_cond), "ssl_dim": int(ssl_dim)}
 
 
 def create_model_and_diffusion(**flags: Any) -> tuple[UNetModel, SpacedDiffusion]:
@@ -425,14 +308,10 @@ def _parse_ints(text: str, flag: str) -> list[int]:
 
 
 def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Mapping[str, Any]) -> None:
-    """Add `--key value` options for every entry; booleans take yes/no/true/false/1/0."""
+    """The original's helper (its users may call it): `--key value` options for every entry;
+    booleans take yes/no/true/false/1/0. The commands declare their flags in `cli.flags`."""
     for k, v in default_dict.items():
-        v_type: Any = type(v)
-        if v is None:
-            v_type = str
-        elif isinstance(v, bool):
-            v_type = str2bool
-        parser.add_argument(f"--{k}", default=v, type=v_type)
+        parser.add_argument(f"--{k}", default=v, type=str2bool if isinstance(v, bool) else (str if v is None else type(v)))
 
 
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:

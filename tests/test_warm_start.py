@@ -13,6 +13,7 @@ import torch
 from _train_photos import make_photo_dir
 from guided_diffusion_rcdm import foundations, hub, logger
 from guided_diffusion_rcdm.cli import train as train_cli
+from guided_diffusion_rcdm.config import MODEL_FLAGS, ModelConfig
 from guided_diffusion_rcdm.cli.flags import parse_args
 from guided_diffusion_rcdm.script_util import create_model_and_diffusion
 from guided_diffusion_rcdm.train_util import TrainLoop
@@ -156,12 +157,12 @@ def test_a_named_foundation_comes_through_the_hub(files, tmp_path, monkeypatch):
 
 def test_a_name_sets_the_flags_it_needs_unless_given():
     args = parse_args(train_cli.create_argparser(), ["--init_from", "openai_256", "--num_channels", "128"])
-    changed = train_cli.set_foundation_flags(args)
-    assert (args.image_size, args.num_head_channels, args.resblock_updown, args.num_channels) == (256, 64, True, 128)
-    assert "num_channels" not in changed and changed["image_size"] == 256
-    assert args.class_cond is False  # an RCDM takes a representation, not the foundation's classes
+    config, notes = train_cli.model_config(args)
+    assert (config.image_size, config.num_head_channels, config.resblock_updown, config.num_channels) == (256, 64, True, 128)
+    assert len(notes) == 1 and "--image_size 256" in notes[0] and "--num_channels" not in notes[0], notes
+    assert config.class_cond is False  # an RCDM takes a representation, not the foundation's classes
     file_args = parse_args(train_cli.create_argparser(), ["--init_from", "some/file.pt"])
-    assert train_cli.set_foundation_flags(file_args) == {}
+    assert train_cli.model_config(file_args) == (ModelConfig(**{k: getattr(file_args, k) for k in MODEL_FLAGS}), [])
 
 
 @pytest.mark.parametrize("case", ["shapes", "payload", "missing_name", "unknown_name"])
@@ -192,7 +193,8 @@ def test_named_foundation_flags_build_guided_diffusions_architecture(name, refer
     ref = json.loads((reference_dir / f"{name}_keys.json").read_text())
     f = foundations.FOUNDATIONS[name]
     assert f.class_cond == ref["flags"]["class_cond"]
-    assert {k: v for k, v in ref["flags"].items() if k not in ("class_cond", "use_fp16")} == f.flags
+    release = {k: v for k, v in ref["flags"].items() if k not in ("class_cond", "use_fp16")}
+    assert ModelConfig(**f.flags) == ModelConfig(**release)  # the same configuration as the release's flags
     with torch.device("meta"):
         model, _ = create_model_and_diffusion(**f.flags, class_cond=f.class_cond)
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == ref["state_dict"]

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import UsageError, UserError
+from ..fileio import check_out_dir as _check_out_dir
 from .flags import parse_args
 
 DEBUG_ENV = "RCDM_DEBUG"  # set to 1 to get full tracebacks instead of one-line errors
@@ -58,14 +59,4 @@ def run_command(main: Callable[[argparse.Namespace], Any], parser: argparse.Argu
 
 def check_out_dir(folder: str, flag: str = "--out_dir") -> None:
     """Fail, naming the flag, when `folder` could not be created or written; creates nothing."""
-    path = os.path.abspath(folder or ".")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if existing != path and not os.path.isdir(existing):
-        raise UsageError(f"{flag} {folder}: cannot create it ({existing} is a file); choose another folder")
-    if not os.path.isdir(existing):
-        raise UsageError(f"{flag} {folder}: is a file, not a folder; choose another folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {folder}: cannot write in {existing} (permission denied); "
-                         "choose a folder you can write to")
+    _check_out_dir(folder, flag)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from ..image_datasets import ImageTooLargeError, find_images, load_rgb_image, mo
 from ..loading import Components, check_model_path, resolve_device  # noqa: F401 (the commands use them)
 from ..RCDM import component_kwargs, explicit_settings
 from ..representation_ops import faiss_available
+from ..run_control import seed_everything  # noqa: F401 (the commands seed with it)
 from ..script_util import MODEL_FLAGS
 from .policy import check_out_dir  # noqa: F401 (the commands use it)
 from .flags import ENCODER_FLAGS, ORIGINAL_NO_EFFECT, SPEED_FLAGS, Parser, add_flags
@@ -82,13 +82,6 @@ def complete_args(args: argparse.Namespace | dict | None = None, **overrides) ->
 def sampler_name(args: argparse.Namespace) -> str:
     """`--sampler`, else the original's choice: DDIM with `--use_ddim`, DDPM otherwise."""
     return args.sampler or ("ddim" if args.use_ddim else "ddpm")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and GPUs), numpy and random, so the same seed gives the same samples."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 # ----------------------------------------------------------------------------- model and encoder

@@ -1,0 +1,266 @@
+"""`train(...)`: train an RCDM on a folder of images, with plain keyword arguments.
+
+    >>> from guided_diffusion_rcdm import ModelConfig, train
+    >>> run = train("photos", "runs/photos", model=ModelConfig.preset("quickstart"), encoder="dino",
+    ...             batch_size=8, lr=1e-4, max_steps=1000)
+    >>> run.checkpoint   # runs/photos/ema_0.9999_001000.pt, ready for RCDM.from_checkpoint
+
+Every launcher (`rcdm train`, scripts/image_train.py, torchrun, srun, mpiexec, submitit) and the
+quickstart call it. Several processes: the process group comes from the launcher's environment
+(`dist_util.setup_dist`). Calling it again on the same `out_dir` resumes from the newest complete
+checkpoint there. SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 make it finish the step, save and return.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import blobfile as bf
+import torch
+
+from . import dist_util, foundations, logger
+from .config import ModelConfig
+from .encoders import EncoderSpec
+from .errors import MissingInputError, UsageError
+from .feature_cache import prepare_feature_cache
+from .fileio import RunLockedError, UnwritableFolderError, check_out_dir
+from .image_datasets import ImageListing, default_num_workers, load_data, scan_images
+from .precision import resolve_precision, set_fp32_math
+from .resample import create_named_schedule_sampler
+from .run_control import lock_out_dir, seed_everything
+from .train_util import TrainLoop, checkpoint_paths, conditioned_batches, list_checkpoint_steps
+
+
+@dataclass
+class TrainResult:
+    """What a `train` call did: the step reached, the steps and seconds of this call, and the
+    EMA checkpoint of the first rate at that step (the file to sample from)."""
+
+    step: int
+    steps_this_run: int
+    seconds: float
+    checkpoint: str
+
+
+def _model_config(model: ModelConfig | str | None, init_from: Any) -> ModelConfig:
+    if isinstance(model, ModelConfig):
+        return model
+    if isinstance(model, str):
+        return ModelConfig.preset(model)
+    if isinstance(init_from, str) and init_from in foundations.FOUNDATIONS:
+        return ModelConfig(**foundations.FOUNDATIONS[init_from].flags)  # the foundation's architecture
+    return ModelConfig.preset("published_128")
+
+
+def _encoder_spec(encoder: EncoderSpec | str | dict | None) -> EncoderSpec | None:
+    if encoder is None or isinstance(encoder, EncoderSpec):
+        return encoder
+    return EncoderSpec.from_dict(encoder) if isinstance(encoder, dict) else EncoderSpec(encoder)
+
+
+def _load_init_from(init_from, model: ModelConfig, out_dir: str, resume_checkpoint: str, progress: bool):
+    """The foundation's weights, checked on the meta device against `model` (any representation
+    width fits: `ssl_emb` is made for it); the name itself when the run resumes (TrainLoop says the
+    foundation is ignored)."""
+    if not init_from or not isinstance(init_from, str):
+        return init_from or None
+    if resume_checkpoint or list_checkpoint_steps(out_dir):
+        return init_from
+    weights = foundations.load_foundation(init_from, progress=progress)
+    foundations.check_fits(weights, lambda: model.build()[0])
+    return weights
+
+
+def check_inputs(data_dir: str, out_dir: str, *, model: ModelConfig, encoder: EncoderSpec | None,
+                 image_paths: Sequence[str] | None = None, features: torch.Tensor | None = None,
+                 feat_cache: str = "", resume_checkpoint: str = "") -> ImageListing:
+    """The checks `train` makes before any work, without training: the images (listed, or the
+    listing a previous run left in `out_dir`), the model settings and the input files. Returns the
+    images; raises a `UserError` naming the argument otherwise. Writes nothing."""
+    if image_paths is None:
+        listing = scan_images(data_dir, index_dir=out_dir)
+    else:
+        listing = ImageListing(data_dir, list(image_paths))
+    model.replace(feat_cond=encoder is not None or features is not None).check()
+    if feat_cache:
+        check_out_dir(feat_cache, "`feat_cache`")  # a folder; not a file, nor under one
+    if resume_checkpoint and not bf.exists(resume_checkpoint):
+        raise MissingInputError(f"`resume_checkpoint` {resume_checkpoint}: no such file")
+    if features is not None and (encoder is None or len(features) != len(listing.files)):
+        raise UsageError(f"`features` ({len(features)} rows) needs the `encoder` that computed them and one row "
+                         f"per image ({len(listing.files)} images)")
+    return listing
+
+
+def train(
+    data_dir: str,
+    out_dir: str,
+    *,
+    model: ModelConfig | str | None = None,
+    encoder: EncoderSpec | str | dict | None = "dino",
+    image_paths: Sequence[str] | None = None,
+    features: torch.Tensor | None = None,
+    feat_cache: str = "",
+    feat_cache_dtype: str = "fp32",
+    init_from: str | None = None,
+    max_steps: int = 0,
+    max_minutes: float = 0.0,
+    batch_size: int = 1,
+    microbatch: int = -1,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    lr_anneal_steps: int = 0,
+    ema_rate: str = "0.9999",
+    log_interval: int = 10,
+    save_interval: int = 10000,
+    resume_checkpoint: str = "",
+    schedule_sampler: str = "uniform",
+    fp16_scale_growth: float = 1e-3,
+    precision: str | None = None,
+    encoder_precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
+    tf32: bool = False,
+    num_workers: int | None = None,
+    random_crop: bool = False,
+    random_flip: bool = False,
+    sync_bn: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    log_formats: str | None = None,
+    notes: Sequence[str] = (),
+    train_meta: dict | None = None,
+    on_start: Callable[[TrainLoop], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) an RCDM in `out_dir` on the images of `data_dir`.
+
+    :param model: a `ModelConfig`, a preset name, or None: the architecture of a named `init_from`
+        foundation, else `published_128`. Its `feat_cond`/`ssl_dim` follow the encoder.
+    :param encoder: the frozen encoder (an `EncoderSpec`, its name, or its record); None trains an
+        unconditional model.
+    :param image_paths: the images to train on (default: every image under `data_dir`).
+    :param features: their representations, already computed (N x D, one row per image): the
+        encoder is then not run, only recorded.
+    :param feat_cache: a folder where the representations are computed once and reused.
+    :param init_from: a warm start: a UNet state-dict file, or a foundation name
+        (`foundations.FOUNDATIONS`: openai_64 ... openai_512, rcdm_<encoder>[_head]).
+    :param max_steps, max_minutes: stop after this many steps / minutes of training (0: never),
+        saving a checkpoint. `lr_anneal_steps` also ends the run (the original's).
+    :param precision: the UNet's compute precision: fp32, bf16, fp16 or auto (None: fp32; with
+        `model.use_fp16`, fp16 on a GPU and bf16 on a CPU). `encoder_precision` is the encoder's.
+    :param seed: the data order, crops, flips, timesteps and noise (per rank and step, so a resumed
+        run continues the same streams).
+    :param log_formats: the logger's outputs (default: stdout, log.txt, progress.csv).
+    :param notes: lines for the top of the run's log (how the settings were chosen).
+    :param train_meta: more entries for the checkpoints' `train_flags` record.
+    :param on_start: called with the `TrainLoop` before its first step (e.g. to tune threads).
+    Other keywords are TrainLoop's (the original's training flags of the same names).
+    """
+    dist_util.setup_dist()
+    config = _model_config(model, init_from)
+    spec = _encoder_spec(encoder)
+    conditioned = spec is not None or features is not None
+    # Cheap checks first: a mistake in the settings or the data writes nothing and builds nothing.
+    listing = check_inputs(data_dir, out_dir, model=config, encoder=spec, image_paths=image_paths,
+                           features=features, feat_cache=feat_cache, resume_checkpoint=resume_checkpoint)
+    # The foundation next: a missing name offline, an unsafe file or one that does not fit the
+    # model fails before anything is written.
+    init_weights = _load_init_from(init_from, config, out_dir, resume_checkpoint, progress)
+    # The encoder next (unless its representations are given or cached): a file that is not an
+    # encoder, or weights that cannot be downloaded, fail before the output folder is touched.
+    device = dist_util.dev()
+    built = spec.build(device) if spec is not None and features is None and not feat_cache else None  # frozen
+    requested, precision = precision, resolve_precision(precision, config.use_fp16, device)  # fp16 on a CPU: refused
+    encoder_precision = resolve_precision(encoder_precision, device=device)
+    # One run per folder, and a folder we can write to, before anything else touches it.
+    lock_notes: list[str] = []
+    try:
+        run_lock = lock_out_dir(out_dir, warn=lock_notes.append)
+    except (RunLockedError, UnwritableFolderError) as err:
+        raise type(err)(f"`out_dir`: {err}") from None
+    logger.configure(dir=out_dir, format_strs=log_formats.split(",") if log_formats else None)
+    listing.save(out_dir)  # a requeued job reads it instead of listing the data folder again
+    for note in lock_notes:
+        logger.warn(note)
+    for note in notes:
+        logger.log(note)
+    seed_everything(seed + dist_util.get_rank())
+    logger.log(f"{dist_util.get_world_size()} process(es) launched by {dist_util.launcher()}, this one on {device}")
+
+    set_fp32_math(tf32, fixed_shapes=True)  # a training batch always has the same shape
+    if num_workers is None:
+        num_workers = default_num_workers()
+    image_paths = listing.files
+    logger.log(f"{len(image_paths)} images in {data_dir}; precision {precision} "
+               f"(encoder {encoder_precision}); {num_workers} data loading process(es) per rank")
+
+    if features is not None:
+        spec = spec.with_width(features.shape[-1])
+    elif feat_cache and spec is not None:
+        image_paths, features = prepare_feature_cache(
+            feat_cache, data_dir, image_paths, spec, batch_size=max(batch_size, 16), num_workers=num_workers,
+            precision=encoder_precision, dtype=feat_cache_dtype, progress=progress,
+        )
+        spec = spec.with_width(features.shape[-1])
+    elif built is not None:
+        spec = built.spec
+    if spec is not None:
+        logger.log(f"encoder {spec.describe()}")
+    config = config.replace(feat_cond=conditioned, ssl_dim=spec.width if spec is not None else config.ssl_dim)
+
+    logger.log("creating model and diffusion...")
+    unet, diffusion = config.build()
+    if sync_bn and dist_util.get_world_size() > 1:
+        # Conditional batch norm statistics over the global batch instead of each rank's share.
+        unet = torch.nn.SyncBatchNorm.convert_sync_batchnorm(unet)
+    unet.to(device)
+
+    logger.log("creating data loader...")
+    stream = load_data(
+        data_dir=data_dir, batch_size=batch_size, image_size=config.image_size, class_cond=config.class_cond,
+        random_crop=random_crop, random_flip=random_flip, num_workers=num_workers,
+        encoder_normalize=spec.input_normalize if spec is not None else "minus_one_one", features=features,
+        image_paths=image_paths, seed=seed, encoder_size=spec.input_size if built is not None else None,
+    )
+    meta = {
+        "model_flags": config.to_record(),
+        "encoder": spec.to_dict() if spec is not None else None,
+        "train_flags": {
+            "lr": lr, "weight_decay": weight_decay, "lr_anneal_steps": lr_anneal_steps, "batch_size": batch_size,
+            "microbatch": microbatch, "ema_rate": ema_rate, "schedule_sampler": schedule_sampler,
+            "use_fp16": config.use_fp16, "fp16_scale_growth": fp16_scale_growth, "data_dir": data_dir,
+            "feat_cache": feat_cache, "init_from": init_from if isinstance(init_from, str) else None,
+            "precision": precision, "encoder_precision": encoder_precision,
+            "world_size": dist_util.get_world_size(), **(train_meta or {}),
+        },
+    }
+    logger.log("training...")
+    loop = TrainLoop(
+        model=unet, diffusion=diffusion, data=conditioned_batches(stream, built, device, encoder_precision),
+        batch_size=batch_size, microbatch=microbatch, lr=lr, ema_rate=ema_rate, log_interval=log_interval,
+        save_interval=save_interval, resume_checkpoint=resume_checkpoint, use_fp16=config.use_fp16,
+        fp16_scale_growth=fp16_scale_growth, schedule_sampler=create_named_schedule_sampler(schedule_sampler, diffusion),
+        weight_decay=weight_decay, lr_anneal_steps=lr_anneal_steps, out_dir=out_dir,
+        precision="auto" if requested == "auto" else precision, checkpoint_meta=meta,
+        max_steps=max_steps, max_seconds=60.0 * max_minutes, progress=progress, channels_last=channels_last,
+        compile=compile, seed=seed, init_from=init_weights,
+    )
+    del init_weights  # the foundation's tensors are in the model now: free the file's copy
+    if on_start is not None:
+        on_start(loop)
+    first, start = loop.step, time.monotonic()
+    loop.run_loop()
+    seconds = time.monotonic() - start
+    if stream.bad_files:
+        logger.warn(f"{len(stream.bad_files)} unreadable image(s) were skipped on this rank")
+    logger.log("done.")
+    paths = checkpoint_paths(out_dir, loop.step, loop.ema_rate)
+    result = TrainResult(loop.step, loop.step - first, seconds,
+                         paths["ema"][loop.ema_rate[0]] if loop.ema_rate else paths["model"])
+    if run_lock is not None:
+        run_lock.release()
+    dist_util.cleanup()
+    return result
