@@ -3,16 +3,19 @@
 From Python, build it with plain keyword arguments:
 `RCDM.from_checkpoint("run/ema_0.9999_010000.pt", sampler="dpm++", steps=20)` or
 `RCDM.from_pretrained("dino", use_head=True)` (the published checkpoint, through the hub cache or
-`RCDM_MIRROR`). `RCDM(args)` keeps taking the original's flags (an argparse namespace, a dict or
-keyword arguments) and maps them onto the same path. `rcdm(images, num_samples)` returns
-`num_samples` samples for each image (paths, PIL images or tensors), each conditioned on that
-image's own representation, computed once for the whole batch. `sample_shared_noise` draws the
-samples of several representations from the same noise, so that only the representation differs.
+`RCDM_MIRROR`); both build `RCDM(components, sampling)`: the loaded parts (`loading.Components`) and
+how to sample (`SamplingConfig`). `RCDM(args)` keeps taking the original's flags (an argparse
+namespace, a dict or keyword arguments): `from_flags` maps them onto the same path.
+`rcdm(images, num_samples)` returns `num_samples` samples for each image (paths, PIL images or
+tensors), each conditioned on that image's own representation, computed once for the whole batch.
+`sample_shared_noise` draws the samples of several representations from the same noise, so that
+only the representation differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,217 +25,169 @@ import torch
 import torch.nn as nn
 
 from . import representation_ops as ops
+from .config import SamplingConfig
 from .encoders import Images, check_paths_exist, encode_images
 from .image_datasets import find_images
-from .loading import Components, UsageError, load_components
+from .loading import ENCODER_KEYWORDS, Components, UsageError, load_components
 from .precision import prepare_model
 from .samplers import SAMPLERS, respace_for_sampler, sample_images
 from .script_util import model_and_diffusion_defaults
 
 ImageInput = Images
 
-# The sampling settings and their defaults, under the original's flag names (`RCDM(args)`).
-SAMPLING_SETTINGS: dict[str, Any] = dict(
-    model_path="",
-    type_model="dino",
-    use_head=False,
-    pretrained_encoder=True,
-    encoder_normalize=None,
-    encoder_pooling=None,
-    encoder_input_size=None,
-    encoder_weights=None,
-    device="",
-    precision="",
-    tf32=False,
-    channels_last=False,
-    compile=False,
-    sampler=None,
-    use_ddim=False,
-    steps=None,
-    eta=0.0,
-    guidance_scale=1.0,
-    clip_denoised=True,
-    progress=True,
-    seed=0,
-    G_shared=False,
+# The original's sampling flags that are not `SamplingConfig` fields, with their defaults.
+_FLAG_DEFAULTS: dict[str, Any] = dict(
+    model_path="", type_model="dino", use_head=False, pretrained_encoder=True, encoder_normalize=None,
+    encoder_pooling=None, encoder_input_size=None, encoder_weights=None, use_ddim=False, G_shared=False,
+    sampler=None, device="", precision="",
 )
 
 
-def _flag_defaults() -> dict[str, Any]:
-    return {**model_and_diffusion_defaults(), **SAMPLING_SETTINGS}
+def from_flags(args: argparse.Namespace | Mapping | None = None,
+               **overrides) -> tuple[Components, SamplingConfig]:
+    """The original's `RCDM(args)`: its sampling flags (an argparse namespace, a dict or keywords;
+    model flags included) -> `(Components, SamplingConfig)`.
 
-
-def explicit_settings(args: argparse.Namespace | Mapping | None = None,
-                      **overrides) -> tuple[dict[str, Any], frozenset[str]]:
-    """All settings (given ones over the defaults) and the names the caller gave.
-
-    Given: `args.explicit` when the namespace records it (the scripts' parser does), else the
-    values that differ from the default (one equal to the default cannot be told apart, and then
-    the checkpoint's recorded value is the better choice anyway).
+    Which flags count as given: `args.explicit` when the namespace records it (the commands' parser
+    does), else those whose value differs from the default (one equal to the default cannot be told
+    apart, and then the checkpoint's recorded value is the better choice anyway). The encoder flags
+    count only when given (else the checkpoint's record decides); the model flags likewise, but
+    for the sampling-time ones (`loading.SAMPLING_TIME_FLAGS`).
     """
     given = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
     given.update(overrides)
     explicit = given.pop("explicit", None)
-    defaults = _flag_defaults()
+    model_defaults = model_and_diffusion_defaults()
+    sampling_fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+    defaults = {**model_defaults, **{k: getattr(SamplingConfig, k) for k in sampling_fields}, **_FLAG_DEFAULTS}
     if explicit is None:
         explicit = {k for k, v in given.items() if k not in defaults or defaults[k] != v}
-    return {**defaults, **given}, frozenset(explicit)
-
-
-def component_kwargs(settings: Mapping[str, Any], explicit: frozenset[str] | set[str]) -> dict[str, Any]:
-    """`loading.load_components` keyword arguments from flag-named settings: the encoder fields
-    only when given (else the checkpoint's), the model flags given plus the sampling-time ones."""
-    model_keys = model_and_diffusion_defaults()
-
-    def chosen(name: str) -> Any:
-        return settings[name] if name in explicit else None
-
-    return dict(
-        model_path=settings["model_path"],
-        type_model=chosen("type_model") or (None if settings["model_path"] else settings["type_model"]),
-        use_head=chosen("use_head") if settings["model_path"] else bool(settings["use_head"]),
-        encoder_normalize=chosen("encoder_normalize"),
-        pretrained_encoder=chosen("pretrained_encoder"),
-        encoder_pooling=chosen("encoder_pooling"),
-        encoder_input_size=chosen("encoder_input_size"),
-        encoder_weights=chosen("encoder_weights") if "encoder_weights" in settings else None,
-        device=settings["device"] or None,
-        precision=settings["precision"] or None,
-        tf32=bool(settings["tf32"]),
-        model_flags={k: settings[k] for k in model_keys
+    settings = {**defaults, **given}
+    path = settings["model_path"]
+    encoder = {k: settings[k] if k in explicit else None for k in ENCODER_KEYWORDS}
+    if not path:  # the published checkpoint of the named encoder
+        encoder["type_model"] = encoder["type_model"] or settings["type_model"]
+        encoder["use_head"] = bool(settings["use_head"])
+    sampling = SamplingConfig(**{k: settings[k] for k in sampling_fields if k not in ("sampler", "device", "precision")},
+                              sampler=settings["sampler"] or ("ddim" if settings["use_ddim"] else "ddpm"),
+                              device=settings["device"] or None, precision=settings["precision"] or None)
+    parts = load_components(
+        path, **encoder, device=sampling.device, precision=sampling.precision, tf32=sampling.tf32,
+        model_flags={k: settings[k] for k in model_defaults
                      if k in explicit or k in ("timestep_respacing", "use_fp16", "use_checkpoint")},
         G_shared=bool(settings["G_shared"]),
     )
+    return parts, sampling
 
 
 class RCDM(nn.Module):
     """Representation-conditioned diffusion model, ready to sample.
 
-    Attributes keep the original's names: `ssl_model` (frozen encoder), `rcdm_model` (UNet),
-    `diffusion`, `ssl_dim`, `args` (the sampling settings, as a namespace).
+    `RCDM(components, sampling)`: the loaded parts and a `SamplingConfig` (default: DDPM over every
+    step). Attributes keep the original's names: `ssl_model` (frozen encoder), `rcdm_model` (UNet),
+    `diffusion`, `ssl_dim`; `sampling` is how the next samples are drawn (`configure_sampling`
+    changes it), `model_flags` the UNet's settings, `encoder_spec` the encoder.
     """
 
-    def __init__(self, args: argparse.Namespace | Mapping | None = None, **overrides):
-        """The original's constructor: the sampling scripts' flags, as a namespace, dict or keywords."""
+    def __init__(self, components: Components | argparse.Namespace | Mapping | None = None,
+                 sampling: SamplingConfig | None = None, **overrides):
+        """`RCDM(components, sampling)`; or the original's `RCDM(args)`: its sampling flags as a
+        namespace, a dict or keywords (`from_flags`)."""
         super().__init__()
-        settings, explicit = explicit_settings(args, **overrides)
-        parts = load_components(**component_kwargs(settings, explicit))
-        sampler = settings["sampler"] or ("ddim" if settings["use_ddim"] else "ddpm")
-        self._setup(parts, argparse.Namespace(**{**settings, "sampler": sampler, "explicit": explicit}))
+        if not isinstance(components, Components):
+            if sampling is not None:
+                raise TypeError("RCDM(args) takes the original's flags; RCDM(components, sampling) the loaded parts")
+            components, sampling = from_flags(components, **overrides)
+        elif overrides:
+            raise TypeError(f"RCDM(components, sampling) takes no other arguments: {', '.join(overrides)}")
+        self._setup(components, sampling or SamplingConfig())
 
     @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | Path,
-        *,
-        device: str | torch.device | None = None,
-        precision: str | None = None,
-        sampler: str = "ddpm",
-        steps: int | None = None,
-        guidance_scale: float = 1.0,
-        eta: float = 0.0,
-        clip_denoised: bool = True,
-        timestep_respacing: str = "",
-        type_model: str | None = None,
-        use_head: bool | None = None,
-        encoder_normalize: str | None = None,
-        pretrained_encoder: bool | None = None,
-        encoder_pooling: str | None = None,
-        encoder_input_size: int | None = None,
-        encoder_weights: str | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
-        progress: bool = True,
-        model_flags: Mapping[str, Any] | None = None,
-    ) -> "RCDM":
+    def from_checkpoint(cls, path: str | Path, *, model_flags: Mapping[str, Any] | None = None,
+                        timestep_respacing: str = "", sampling: SamplingConfig | None = None,
+                        **keywords: Any) -> "RCDM":
         """An RCDM from a checkpoint file (the project's own, a published-style state dict or
         `.safetensors`).
 
-        The architecture and the encoder come from the checkpoint's record; `type_model`,
-        `use_head`, `encoder_normalize`, `pretrained_encoder`, `encoder_pooling` ("cls" or
-        "mean_patch" for a Vision Transformer), `encoder_input_size` and `encoder_weights` (a timm or
-        OpenCLIP weights file) override the encoder, and
-        `model_flags` gives the architecture of a checkpoint that records none.
-        `sampler` is ddpm, ddim or dpm++; `steps` its number of model calls (default: every step
-        of the diffusion, or of `timestep_respacing`); `precision` fp32, bf16, fp16 or auto (default
-        fp32); `device` cpu, cuda, cuda:N (default: a GPU if there is one).
+        The architecture and the encoder come from the checkpoint's record. Keywords:
+        - how to sample, `SamplingConfig`'s fields: `sampler` (ddpm, ddim, dpm++), `steps` (model
+          calls; default every step of the diffusion, or of `timestep_respacing`), `eta`,
+          `guidance_scale`, `clip_denoised`, `device` (cpu, cuda, cuda:N; default a GPU if there is
+          one), `precision` (fp32, bf16, fp16, auto; default fp32), `tf32`, `channels_last`,
+          `compile`, `progress`; or a whole `sampling` config, the keywords on top of it;
+        - the encoder, over the checkpoint's record (`loading.ENCODER_KEYWORDS`): `type_model`,
+          `use_head`, `encoder_normalize`, `pretrained_encoder`, `encoder_pooling` ("cls" or
+          "mean_patch" for a Vision Transformer), `encoder_input_size`, `encoder_weights` (a timm or
+          OpenCLIP weights file);
+        - `model_flags`: the architecture of a checkpoint that records none.
         """
         if not str(path):
             raise UsageError("RCDM.from_checkpoint needs a checkpoint path; for a published model use "
                              "RCDM.from_pretrained(type_model, use_head=...)")
-        return cls._from_keywords(
-            str(path), type_model=type_model, use_head=use_head, encoder_normalize=encoder_normalize,
-            pretrained_encoder=pretrained_encoder, encoder_pooling=encoder_pooling,
-            encoder_input_size=encoder_input_size, encoder_weights=encoder_weights, model_flags=model_flags,
-            timestep_respacing=timestep_respacing, device=device, precision=precision, sampler=sampler,
-            steps=steps, guidance_scale=guidance_scale, eta=eta, clip_denoised=clip_denoised,
-            channels_last=channels_last, compile=compile, progress=progress,
-        )
+        return cls._load(str(path), model_flags, timestep_respacing, sampling, keywords)
 
     @classmethod
     def from_pretrained(cls, type_model: str = "dino", *, use_head: bool = False,
-                        pretrained_encoder: bool = True, **kwargs) -> "RCDM":
+                        pretrained_encoder: bool = True, **keywords: Any) -> "RCDM":
         """A published 128x128 RCDM (dino, simclr, barlow, vicreg or supervised; trunk, or head
         with `use_head`), downloaded once into the torch hub cache (or taken from `RCDM_MIRROR`).
 
-        Other keyword arguments are `from_checkpoint`'s (`device`, `precision`, `sampler`, `steps`,
+        Other keywords are `from_checkpoint`'s (`device`, `precision`, `sampler`, `steps`,
         `guidance_scale`, ...); `pretrained_encoder=False` gives the encoder random weights.
         """
-        return cls._from_keywords("", type_model=type_model, use_head=use_head,
-                                  pretrained_encoder=pretrained_encoder, **kwargs)
+        keywords.update(type_model=type_model, use_head=use_head, pretrained_encoder=pretrained_encoder)
+        return cls._load("", keywords.pop("model_flags", None), keywords.pop("timestep_respacing", ""),
+                         keywords.pop("sampling", None), keywords)
 
     @classmethod
-    def _from_keywords(cls, model_path: str, *, type_model, use_head, encoder_normalize=None,
-                       pretrained_encoder=None, encoder_pooling=None, encoder_input_size=None,
-                       encoder_weights=None, model_flags=None, timestep_respacing: str = "", device=None, precision=None, sampler: str = "ddpm", steps=None,
-                       guidance_scale: float = 1.0, eta: float = 0.0, clip_denoised: bool = True,
-                       channels_last: bool = False, compile: bool = False, progress: bool = True) -> "RCDM":
-        flags = {**(model_flags or {}), "timestep_respacing": timestep_respacing}
-        parts = load_components(model_path, type_model=type_model, use_head=use_head,
-                                encoder_normalize=encoder_normalize, pretrained_encoder=pretrained_encoder,
-                                encoder_pooling=encoder_pooling, encoder_input_size=encoder_input_size,
-                                encoder_weights=encoder_weights, device=device, precision=precision, model_flags=flags)
-        settings = {
-            **SAMPLING_SETTINGS, **flags, "model_path": model_path, "type_model": parts.encoder_info["type_model"],
-            "use_head": parts.encoder_info["use_head"], "device": str(parts.device), "precision": precision or "",
-            "sampler": sampler, "use_ddim": sampler == "ddim", "steps": steps, "eta": eta,
-            "guidance_scale": guidance_scale, "clip_denoised": clip_denoised, "channels_last": channels_last,
-            "compile": compile, "progress": progress,
-        }
-        rcdm = cls.__new__(cls)
-        nn.Module.__init__(rcdm)
-        rcdm._setup(parts, argparse.Namespace(**settings, explicit=frozenset(settings)))
-        return rcdm
+    def _load(cls, path: str, model_flags, timestep_respacing: str, sampling: SamplingConfig | None,
+              keywords: dict) -> "RCDM":
+        encoder = {k: keywords.pop(k) for k in ENCODER_KEYWORDS if k in keywords}
+        sampling = (sampling or SamplingConfig()).replace(**keywords)  # an unknown keyword: TypeError
+        parts = load_components(path, **encoder, device=sampling.device, precision=sampling.precision,
+                                tf32=sampling.tf32,
+                                model_flags={**(model_flags or {}), "timestep_respacing": timestep_respacing})
+        return cls(parts, sampling)
 
-    def _setup(self, parts: Components, args: argparse.Namespace) -> None:
-        self.args = args
+    def _setup(self, parts: Components, sampling: SamplingConfig) -> None:
         self.ssl_model = parts.encoder
         self.rcdm_model = parts.model
         self.diffusion = parts.diffusion
         self.precision = parts.precision
         self.model_flags = parts.model_flags
+        self.model_path = parts.model_path
         self.encoder_spec = parts.encoder_spec
         self.encoder_info = parts.encoder_info  # its record, as a dict
         self.meta = parts.meta
         self.ssl_dim = parts.ssl_dim
         self.image_size = int(parts.model_flags["image_size"])
-        self.sampler = args.sampler
         self._runner: tuple[torch.device, nn.Module] | None = None
-        self._check_sampling()
+        self._check_sampling(sampling)
+        self.sampling = sampling
 
-    def _check_sampling(self) -> None:
-        args = self.args
-        if self.sampler not in SAMPLERS:
-            raise UsageError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        if args.steps is not None and int(args.steps) < 1:
-            raise UsageError(f"--steps must be at least 1, got {args.steps}")
-        if args.steps is not None:  # steps the diffusion cannot give fail now, not after the first writes
-            respace_for_sampler(self.diffusion, self.sampler, int(args.steps))
-        if float(args.guidance_scale) != 1.0 and not getattr(self.rcdm_model, "supports_guidance", False):
+    @property
+    def sampler(self) -> str:
+        return self.sampling.sampler
+
+    @property
+    def args(self) -> argparse.Namespace:
+        """The original's view of the settings, under its flag names (read-only: a copy)."""
+        return argparse.Namespace(**self.model_flags, **dataclasses.asdict(self.sampling), model_path=self.model_path,
+                                  use_ddim=self.sampler == "ddim", type_model=self.encoder_spec.name,
+                                  use_head=self.encoder_spec.use_head)
+
+    def _check_sampling(self, sampling: SamplingConfig) -> None:
+        if sampling.sampler not in SAMPLERS:
+            raise UsageError(f"`sampler` {sampling.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if sampling.steps is not None and int(sampling.steps) < 1:
+            raise UsageError(f"`steps` must be at least 1, got {sampling.steps}")
+        if sampling.steps is not None:  # steps the diffusion cannot give fail now, not after the first writes
+            respace_for_sampler(self.diffusion, sampling.sampler, int(sampling.steps))
+        if float(sampling.guidance_scale) != 1.0 and not getattr(self.rcdm_model, "supports_guidance", False):
             raise UsageError(
-                f"--guidance_scale {args.guidance_scale} needs a model trained with --feat_drop_prob > 0 "
+                f"`guidance_scale` {sampling.guidance_scale} needs a model trained with `feat_drop_prob` > 0 "
                 "(it learns the null representation guidance contrasts with); this checkpoint was not: "
-                "leave --guidance_scale at 1"
+                "leave `guidance_scale` at 1"
             )
 
     def configure_sampling(self, *, sampler: str | None = None, steps: int | None = None,
@@ -241,22 +196,12 @@ class RCDM(nn.Module):
         (ddpm, ddim, dpm++), `steps` (model calls), `guidance_scale`, `eta`; None keeps the current
         value. Checked as at construction (a mistake raises `UsageError` and changes nothing).
         Returns the module itself."""
-        before = (self.sampler, self.args.use_ddim, self.args.steps, self.args.guidance_scale, self.args.eta)
-        if sampler is not None:
-            self.sampler = self.args.sampler = sampler
-            self.args.use_ddim = sampler == "ddim"
-        if steps is not None:
-            self.args.steps = int(steps)
-        if guidance_scale is not None:
-            self.args.guidance_scale = float(guidance_scale)
-        if eta is not None:
-            self.args.eta = float(eta)
-        try:
-            self._check_sampling()
-        except Exception:
-            self.sampler, self.args.use_ddim, self.args.steps, self.args.guidance_scale, self.args.eta = before
-            self.args.sampler = self.sampler
-            raise
+        changes = dict(sampler=sampler, steps=None if steps is None else int(steps),
+                       guidance_scale=None if guidance_scale is None else float(guidance_scale),
+                       eta=None if eta is None else float(eta))
+        sampling = self.sampling.replace(**{k: v for k, v in changes.items() if v is not None})
+        self._check_sampling(sampling)
+        self.sampling = sampling
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -265,11 +210,6 @@ class RCDM(nn.Module):
     def device(self) -> torch.device:
         return next(self.rcdm_model.parameters()).device
 
-    def sample_fn(self, model, shape, **kwargs) -> torch.Tensor:
-        """The original's `sample_fn(model, shape, ...)`: the diffusion's DDPM or DDIM loop."""
-        loop = self.diffusion.ddim_sample_loop if self.sampler == "ddim" else self.diffusion.p_sample_loop
-        return loop(model, shape, **kwargs)
-
     def _model_for_sampling(self) -> nn.Module:
         # Rebuilt when the module moved device, since autocast is bound to a device type.
         device = self.device
@@ -277,10 +217,10 @@ class RCDM(nn.Module):
             runner = prepare_model(
                 self.rcdm_model,
                 # auto: the measured kernel choices too (the precision is the one already chosen)
-                precision="auto" if self.args.precision == "auto" else self.precision,
+                precision="auto" if self.sampling.precision == "auto" else self.precision,
                 device=device,
-                channels_last=bool(self.args.channels_last),
-                compile=bool(self.args.compile),
+                channels_last=bool(self.sampling.channels_last),
+                compile=bool(self.sampling.compile),
                 freeze=True,  # the weights are fixed while sampling
             )
             # A plain tuple attribute: the wrapper must not register the UNet a second time.
@@ -317,15 +257,15 @@ class RCDM(nn.Module):
             self._model_for_sampling(),
             self.diffusion,
             shape,
-            sampler=self.sampler,
-            steps=self.args.steps,
+            sampler=self.sampling.sampler,
+            steps=self.sampling.steps,
             model_kwargs={"feat": feat},
             noise=noise,
-            clip_denoised=bool(self.args.clip_denoised),
-            eta=float(self.args.eta),
-            guidance_scale=float(self.args.guidance_scale),
+            clip_denoised=bool(self.sampling.clip_denoised),
+            eta=float(self.sampling.eta),
+            guidance_scale=float(self.sampling.guidance_scale),
             device=self.device,
-            progress=self.args.progress if progress is None else progress,
+            progress=self.sampling.progress if progress is None else progress,
             noise_fn=noise_fn,
         )
 
@@ -372,7 +312,7 @@ class RCDM(nn.Module):
         bad file in a folder of neighbours does not stop the run.
         """
         paths = [str(p) for p in paths]
-        show = self.args.progress if progress is None else progress
+        show = self.sampling.progress if progress is None else progress
         done = encode_images(self.ssl_model, paths, batch_size=batch_size, device=self.device,
                              out_device=self.device, progress=show, desc="encoding")
         skipped = [(paths[i], reason) for i, reason in sorted(done.skipped.items())]

@@ -375,8 +375,7 @@ def _gather_device_identities() -> list[str]:
     return identities
 
 
-def init_distributed_mode(args=None) -> DistInfo:
-    """The original scripts' entry point: set up, and record rank/gpu/world_size on `args`."""
+def init_distributed_mode(args=None) -> DistInfo:  # the original's name (its users may call it)
     info = setup_dist()
     if args is not None:
         args.rank, args.world_size, args.gpu = info.rank, info.world_size, dev()
@@ -405,15 +404,6 @@ def sync_params(params: Iterable[torch.Tensor]) -> None:
     with torch.no_grad():
         for p in params:
             dist.broadcast(p.data, 0)
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any rank (so that all ranks take the same branch)."""
-    if not is_initialized():
-        return bool(flag)
-    box = torch.tensor([1.0 if flag else 0.0], device=dev())
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return bool(box.item())
 
 
 _CONTROL_GROUP = None

@@ -301,12 +301,6 @@ def writer_is_dead(name: str, max_foreign_age_s: float = 3600.0, folder: str = "
     return age > max_foreign_age_s
 
 
-def temp_target(name: str) -> Optional[str]:
-    """The file a temporary name made by `temp_name` stands for, or None."""
-    match = _TMP_RE.match(os.path.basename(name))
-    return match.group("name") if match else None
-
-
 # ----------------------------------------------------------------------------- reading state files
 
 

@@ -40,6 +40,7 @@ class Components:
     model_flags: dict
     encoder_spec: EncoderSpec
     meta: dict = field(default_factory=dict)
+    model_path: str = ""  # the checkpoint file ("" for a published one)
 
     @property
     def ssl_dim(self) -> int:
@@ -116,6 +117,11 @@ def _describe_encoder(spec: EncoderSpec) -> str:
     return f"--type_model {spec.name}" + (" --use_head" if spec.use_head else "")
 
 
+# The keywords of `load_components` that choose the encoder over the checkpoint's record.
+ENCODER_KEYWORDS = ("type_model", "use_head", "encoder_normalize", "pretrained_encoder", "encoder_pooling",
+                    "encoder_input_size", "encoder_weights")
+
+
 def load_components(
     model_path: str = "",
     *,
@@ -188,4 +194,4 @@ def load_components(
             raise
         raise hub.CheckpointMismatchError(f"--model_path {model_path}: {err}") from None
     model.to(device).eval()
-    return Components(frozen, model, diffusion, device, precision, flags, spec, meta)
+    return Components(frozen, model, diffusion, device, precision, flags, spec, meta, model_path)

@@ -91,7 +91,7 @@ def run_script(name: str, *argv, check: bool = True, timeout: float = 240) -> su
 
 
 def grid_cells(path, rows: int, cols: int, size: int, padding: int = 2) -> np.ndarray:
-    """Cut a grid image written by `sample_util.save_grid` into its cells: rows x cols x S x S x 3."""
+    """Cut a grid image written by `cli.sampling.save_grid` into its cells: rows x cols x S x S x 3."""
     arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
     assert arr.shape == (rows * (size + padding) + padding, cols * (size + padding) + padding, 3), arr.shape
     cells = np.empty((rows, cols, size, size, 3), dtype=np.int16)

@@ -165,12 +165,12 @@ def test_sampling_jobs_wait_in_one_queue_per_model(server):
 
 def test_configure_sampling_checks_and_keeps_the_settings_on_a_mistake(server):
     rcdm = server.explorer.rcdm
-    before = (rcdm.sampler, rcdm.args.steps, rcdm.args.guidance_scale)
+    before = (rcdm.sampler, rcdm.sampling.steps, rcdm.sampling.guidance_scale)
     for bad in (dict(sampler="euler"), dict(steps=0), dict(guidance_scale=2.0)):  # no null representation
         with pytest.raises(explore.UsageError):
             rcdm.configure_sampling(**bad)
-        assert (rcdm.sampler, rcdm.args.steps, rcdm.args.guidance_scale) == before
-    assert rcdm.configure_sampling(sampler="dpm++", steps=2).sampler == "dpm++" and rcdm.args.steps == 2
+        assert (rcdm.sampler, rcdm.sampling.steps, rcdm.sampling.guidance_scale) == before
+    assert rcdm.configure_sampling(sampler="dpm++", steps=2).sampler == "dpm++" and rcdm.sampling.steps == 2
     rcdm.configure_sampling(sampler=before[0], steps=before[1])
 
 

@@ -16,8 +16,8 @@ PACKAGE = "guided_diffusion_rcdm"
 CORE, CLI, APPS, SCRIPTS = 0, 1, 2, 3
 LAYER_NAMES = {CORE: "core", CLI: "command-line layer", APPS: "applications", SCRIPTS: "scripts"}
 # The command-line layer: flag declarations, flags -> keyword arguments, the error policy, output
-# files. `sample_util` keeps the original's sampling-script helpers importable on top of it.
-CLI_MODULES = (f"{PACKAGE}.cli", f"{PACKAGE}.sample_util")
+# files. Every other module of the package folder is core.
+CLI_MODULES = (f"{PACKAGE}.cli",)
 APPS_PACKAGE = f"{PACKAGE}.apps"
 # The `rcdm` console command (`python -m guided_diffusion_rcdm`) runs the applications too.
 TOP_MODULES = (APPS_PACKAGE, f"{PACKAGE}.__main__")
@@ -87,7 +87,7 @@ def package_modules() -> list[tuple[Path, str, bool]]:
 def test_the_package_is_read():
     modules = {name: layer_of(name) for _, name, _ in package_modules()}
     assert modules[f"{PACKAGE}.unet"] == CORE and modules[f"{PACKAGE}.train_util"] == CORE
-    assert modules[f"{PACKAGE}.sample_util"] == CLI
+    assert modules[f"{PACKAGE}.cli.sampling"] == CLI and modules[f"{PACKAGE}.training"] == CORE
     assert modules[f"{APPS_PACKAGE}.quickstart"] == APPS and modules[f"{APPS_PACKAGE}.benchmark"] == APPS
     assert sum(layer == CORE for layer in modules.values()) >= 20
 
@@ -102,11 +102,11 @@ def test_nothing_in_the_package_imports_upward():
 @pytest.mark.parametrize("module, source, reported", [
     # top-level and function-level imports, absolute and relative, module and package forms
     (f"{PACKAGE}.unet", "from .apps import quickstart\n", f"{APPS_PACKAGE}.quickstart"),
-    (f"{PACKAGE}.train_util", "def f():\n    from . import sample_util\n", f"{PACKAGE}.sample_util"),
+    (f"{PACKAGE}.train_util", "def f():\n    from .cli import sampling\n", f"{PACKAGE}.cli.sampling"),
     (f"{PACKAGE}.hub", "import guided_diffusion_rcdm.cli.flags as flags\n", f"{PACKAGE}.cli.flags"),
     (f"{PACKAGE}.metrics", "class A:\n    def m(self):\n        from .cli import policy\n", f"{PACKAGE}.cli"),
     (f"{PACKAGE}.cli.flags", "from ..apps.benchmark import main\n", f"{APPS_PACKAGE}.benchmark"),
-    (f"{PACKAGE}.sample_util", "from guided_diffusion_rcdm import apps\n", APPS_PACKAGE),
+    (f"{PACKAGE}.cli.sampling", "from guided_diffusion_rcdm import apps\n", APPS_PACKAGE),
     (f"{PACKAGE}.apps.quickstart", "from scripts import image_train\n", "scripts"),
     (f"{PACKAGE}", "from .apps import benchmark\n", APPS_PACKAGE),  # the package's __init__
 ])
@@ -116,8 +116,8 @@ def test_an_upward_import_is_reported(module, source, reported):
 
 
 @pytest.mark.parametrize("module, source", [
-    (f"{PACKAGE}.apps.quickstart", "from .. import fileio, sample_util\nfrom ..train_util import TrainLoop\n"),
-    (f"{PACKAGE}.sample_util", "from .cli.flags import parse_args\nfrom .script_util import str2bool\n"),
+    (f"{PACKAGE}.apps.quickstart", "from .. import fileio\nfrom ..cli import sampling\nfrom ..train_util import TrainLoop\n"),
+    (f"{PACKAGE}.cli.sampling", "from .flags import parse_args\nfrom ..script_util import str2bool\n"),
     (f"{PACKAGE}.unet", "import torch\nfrom . import nn\nfrom .nn import conv_nd\n"),
 ])
 def test_downward_and_outside_imports_pass(module, source):

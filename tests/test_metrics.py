@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from guided_diffusion_rcdm.cli.flags import parse_args  # noqa: E402
 from guided_diffusion_rcdm import metrics as M
 from guided_diffusion_rcdm.encoders import encode_images
 
@@ -355,14 +356,14 @@ def test_image_eval_perfect_samples_and_fid_with_a_local_inception_file(sample_n
 
 
 def test_image_eval_use_head_is_a_switch_as_in_the_other_scripts():
-    from guided_diffusion_rcdm import sample_util as su
+    from guided_diffusion_rcdm.cli import sampling as su
     from guided_diffusion_rcdm.cli import evaluate as image_eval
 
     parser = image_eval.create_argparser()
     recorded = {"type_model": "dino", "use_head": False}  # the sample file's own fields
-    args = su.parse_args(parser, ["samples.npz", "--use_head"])
+    args = parse_args(parser, ["samples.npz", "--use_head"])
     assert args.use_head is True and image_eval.encoder_of_samples(args, recorded)[0].use_head is True
-    args = su.parse_args(parser, ["samples.npz"])
+    args = parse_args(parser, ["samples.npz"])
     assert args.use_head is False and image_eval.encoder_of_samples(args, recorded)[0].use_head is False
 
 

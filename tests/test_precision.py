@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from guided_diffusion_rcdm.cli.flags import parse_args  # noqa: E402
 from guided_diffusion_rcdm.precision import AutocastModel, cpu_features, prepare_model, resolve_precision
 from guided_diffusion_rcdm.script_util import create_model
 
@@ -235,8 +236,9 @@ def test_every_script_takes_tf32_and_sampling_applies_it(saved_fp32_math, tmp_pa
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from _sampling_helpers import make_tiny_checkpoint
-    from guided_diffusion_rcdm import sample_util as su
+    from guided_diffusion_rcdm.cli import sampling as su
     from guided_diffusion_rcdm.precision import fp32_math_mode
+    from guided_diffusion_rcdm.RCDM import from_flags
     from guided_diffusion_rcdm.cli import evaluate as image_eval, train as image_train
     from guided_diffusion_rcdm.apps import benchmark
 
@@ -246,9 +248,9 @@ def test_every_script_takes_tf32_and_sampling_applies_it(saved_fp32_math, tmp_pa
     assert image_eval.create_argparser().parse_args(["x.npz", "--tf32"]).tf32
     ckpt = make_tiny_checkpoint(tmp_path / "model.pt")
     for flags, mode in (([], "exact"), (["--tf32"], "tf32")):
-        args = su.parse_args(su.create_argparser(), ["--model_path", ckpt, "--pretrained_encoder", "False",
+        args = parse_args(su.create_argparser(), ["--model_path", ckpt, "--pretrained_encoder", "False",
                                                      "--device", "cpu", *flags])
-        su.load_components(args)
+        from_flags(args)  # what RCDM(args) does: the commands' path
         assert fp32_math_mode() == mode
 
 

@@ -14,7 +14,7 @@ from guided_diffusion_rcdm.encoders import EncoderSpec
 from guided_diffusion_rcdm.image_datasets import encoder_input
 from guided_diffusion_rcdm.precision import AutocastModel
 from guided_diffusion_rcdm.RCDM import RCDM
-from guided_diffusion_rcdm.sample_util import UsageError
+from guided_diffusion_rcdm.errors import UsageError
 
 
 # Samples of one representation and one noise in two rows of a batch: equal in exact arithmetic, but
@@ -186,7 +186,7 @@ def test_guidance_and_new_architectures_come_from_the_checkpoint(files):
     a = plain.sample(feat, noise=noise.clone())
     b = guided.sample(feat, noise=noise.clone())
     assert torch.isfinite(b).all() and (a - b).abs().mean() > 1e-3
-    with pytest.raises(UsageError, match="--guidance_scale 2.0 needs a model trained with --feat_drop_prob"):
+    with pytest.raises(UsageError, match="`guidance_scale` 2.0 needs a model trained with `feat_drop_prob`"):
         RCDM(model_path=files["ckpt"], guidance_scale=2.0, progress=False)
 
 
@@ -206,7 +206,7 @@ def test_from_checkpoint_matches_the_flag_constructor(rcdm, files):
     torch.testing.assert_close(kw.sample(feat.expand(2, -1)), want)
     # the sampler and its number of steps are plain keywords
     fast = RCDM.from_checkpoint(files["ckpt"], sampler="dpm++", steps=3, progress=False)
-    assert fast.sampler == "dpm++" and fast.args.steps == 3 and fast.diffusion.num_timesteps == 100
+    assert fast.sampler == "dpm++" and fast.sampling.steps == 3 and fast.diffusion.num_timesteps == 100
     assert fast.sample(feat.expand(2, -1)).shape == (2, 3, 32, 32)
 
 
@@ -242,9 +242,9 @@ def test_interpolate_and_manipulate_take_images(rcdm, files):
 
 
 def test_keyword_mistakes_are_named(files):
-    with pytest.raises(UsageError, match="--sampler 'euler': choose one of"):
+    with pytest.raises(UsageError, match="`sampler` 'euler': choose one of"):
         RCDM.from_checkpoint(files["ckpt"], sampler="euler", progress=False)
-    with pytest.raises(UsageError, match="--steps must be at least 1"):
+    with pytest.raises(UsageError, match="`steps` must be at least 1"):
         RCDM.from_checkpoint(files["ckpt"], steps=0, progress=False)
     with pytest.raises(UsageError, match="no such file"):
         RCDM.from_checkpoint(files["root"] / "missing.pt")

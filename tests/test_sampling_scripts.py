@@ -19,6 +19,7 @@ from _sampling_helpers import (
     run_script,
     write_photos,
 )
+from guided_diffusion_rcdm.cli.flags import parse_args  # noqa: E402
 from guided_diffusion_rcdm.get_ssl_models import get_model
 from guided_diffusion_rcdm.image_datasets import encoder_input, model_input
 
@@ -161,14 +162,14 @@ def test_manipulation_script(env, encoder):
 
 
 def test_encoder_input_scaling_is_the_checkpoints_else_the_encoders_own():
-    from guided_diffusion_rcdm import sample_util as su
+    from guided_diffusion_rcdm.cli import sampling as su
     from guided_diffusion_rcdm.encoders import EncoderSpec, given_fields
     from guided_diffusion_rcdm.get_rcdm_models import published_meta
 
     parser = su.create_argparser()
 
     def scaling(argv, meta):
-        args = su.parse_args(parser, argv)
+        args = parse_args(parser, argv)
         return EncoderSpec.resolve(given_fields(args, args.explicit), meta.get("encoder")).input_normalize
 
     # a published RCDM checkpoint: [-1, 1], as its encoder was fed in training

@@ -211,8 +211,8 @@ class Explorer:
         """Switch to the checkpoint at `path`; on failure the current model stays."""
         if not path or not path.strip():
             raise UsageError("give the path of a checkpoint to load")
-        rcdm = RCDM.from_checkpoint(path.strip(), device=device or self.rcdm.args.device or None,
-                                    precision=precision or self.rcdm.args.precision or None,
+        rcdm = RCDM.from_checkpoint(path.strip(), device=device or self.rcdm.sampling.device or None,
+                                    precision=precision or self.rcdm.sampling.precision or None,
                                     sampler=self.default_sampler, steps=self.default_steps, progress=True)
         self._set_model(rcdm, path.strip())
 
@@ -264,7 +264,7 @@ class Explorer:
         self.rcdm.configure_sampling(sampler=sampler, steps=int(steps),
                                      guidance_scale=1.0 if guidance_scale in (None, "") else float(guidance_scale))
         return {"model": self.model_label, "sampler": sampler, "steps": int(steps),
-                "guidance_scale": float(self.rcdm.args.guidance_scale)}
+                "guidance_scale": float(self.rcdm.sampling.guidance_scale)}
 
     def _save(self, kind: str, rows: Sequence[torch.Tensor], settings: dict) -> str:
         """A PNG grid of `rows` and its settings (PNG text chunk and a JSON next to it); its path."""

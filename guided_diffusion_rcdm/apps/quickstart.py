@@ -52,12 +52,13 @@ from ..feature_cache import load_cache, prepare_feature_cache
 from ..encoders import EncoderSpec, encode_images, encode_views
 from ..encoders.adapters import source_of
 from ..get_ssl_models import ENCODER_NAMES, fetch_weights, weights_file, weights_on_disk
-from ..image_datasets import encoder_input, load_data, model_input, to_rgb
+from ..image_datasets import encoder_input, model_input, to_rgb
 from ..precision import default_device, fastest_thread_count, resolve_precision, resolve_speed
 from ..RCDM import RCDM
 from ..representation_ops import INTERPOLATIONS
-from ..script_util import Range, create_model_and_diffusion, model_and_diffusion_defaults
-from ..train_util import TrainLoop, conditioned_batches
+from ..config import ModelConfig, Range
+from ..train_util import TrainLoop
+from ..training import train as train_rcdm
 
 REPORT = "index.html"
 REPORT_TEMPLATE = "quickstart_report.html"  # shipped as package data
@@ -268,15 +269,13 @@ class Settings:
     guidance_scale: float = 1.0
     init_from: str = ""
 
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.preset("quickstart", image_size=self.image_size, num_channels=self.num_channels,
+                                  num_res_blocks=self.num_res_blocks, predict_xstart=self.predict_xstart,
+                                  norm_style=self.norm_style, feat_drop_prob=self.feat_drop_prob)
+
     def model_flags(self) -> dict:
-        mult = "1,2,2" if self.image_size == 32 else "1,2,2,2" if self.image_size == 64 else ""
-        return {**model_and_diffusion_defaults(),
-                "image_size": self.image_size, "num_channels": self.num_channels,
-                "num_res_blocks": self.num_res_blocks, "channel_mult": mult, "attention_resolutions": "8",
-                "num_head_channels": 32, "learn_sigma": False, "noise_schedule": "cosine",
-                "predict_xstart": self.predict_xstart,
-                "norm_style": self.norm_style, "feat_drop_prob": self.feat_drop_prob,
-                "diffusion_steps": 1000, "resblock_updown": False, "use_scale_shift_norm": True}
+        return self.model_config().flags()
 
 
 # The quickstart's own flags; the others are the declared ones (`cli.flags`) with its defaults.
@@ -347,7 +346,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     su.check_out_dir(s.out_dir)  # a folder that cannot be created or written: before any work
     if s.init_from:  # a foundation that cannot be read or does not fit: before any work
         weights = foundations.load_foundation(s.init_from, progress=s.progress)
-        foundations.check_fits(weights, lambda: create_model_and_diffusion(**s.model_flags(), feat_cond=True)[0])
+        foundations.check_fits(weights, lambda: s.model_config().build()[0])
     return s
 
 
@@ -368,50 +367,31 @@ def training_key(s: Settings, encoder: dict, train_files: Sequence[str]) -> str:
 
 
 def train(s: Settings, run_dir: Path, train_files: list[str], features, encoder: dict) -> dict:
-    """Train (or resume) in `run_dir`; returns the marker record naming the EMA checkpoint."""
+    """Train (or resume) in `run_dir` with the package's `train`; returns the marker record naming
+    the EMA checkpoint."""
 
-    torch.manual_seed(s.seed)
-    np.random.seed(s.seed)
-    random.seed(s.seed)
-    logger.configure(dir=str(run_dir), format_strs="log,csv")
-    flags = s.model_flags()
-    ssl_dim = int(features.shape[-1])
-    model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=ssl_dim, G_shared=False)
     device = default_device()
     speed = resolve_speed(s.precision, device=device, channels_last=_bf16_on_cpu(s.precision, device))
-    stream = load_data(data_dir=str(Path(train_files[0]).parent), batch_size=s.batch_size,
-                       image_size=s.image_size, random_flip=True, num_workers=0, features=features,
-                       image_paths=train_files, seed=s.seed)
-    meta = {
-        "model_flags": {**flags, "feat_cond": True, "ssl_dim": ssl_dim},
-        "encoder": encoder,
-        "train_flags": {"lr": s.lr, "batch_size": s.batch_size, "ema_rate": s.ema_rate, "precision": speed.precision,
-                        "data": "scikit-image photographs (quickstart)"},
-    }
+
+    def on_start(loop: TrainLoop) -> None:
+        if device.type == "cpu":
+            _choose_threads(loop, s, int(features.shape[-1]), device, speed.channels_last)
+        if loop.step:
+            print(f"  resuming the unfinished training in {run_dir} at step {loop.step}", flush=True)
+
     # Every 10 steps, or ~10 points for a short --train_steps run, so the loss curve has points.
     log_interval = 10 if not s.train_steps or s.train_steps >= 100 else max(1, s.train_steps // 10)
-    start = time.monotonic()
-    loop = TrainLoop(
-        model=model, diffusion=diffusion, data=conditioned_batches(stream, None, device),
-        batch_size=s.batch_size, microbatch=-1, lr=s.lr, ema_rate=s.ema_rate, log_interval=log_interval,
-        save_interval=500, resume_checkpoint="", out_dir=str(run_dir), precision=s.precision,
-        channels_last=speed.channels_last, checkpoint_meta=meta, max_steps=s.train_steps, progress=s.progress,
-        max_seconds=0.0 if s.train_steps else 60.0 * s.minutes, init_from=s.init_from or None,
+    run = train_rcdm(
+        str(Path(train_files[0]).parent), str(run_dir), model=s.model_config(), encoder=encoder,
+        image_paths=train_files, features=features, batch_size=s.batch_size, lr=s.lr, ema_rate=s.ema_rate,
+        log_interval=log_interval, save_interval=500, precision=s.precision, channels_last=speed.channels_last,
+        max_steps=s.train_steps, max_minutes=0.0 if s.train_steps else s.minutes, random_flip=True, num_workers=0,
+        seed=s.seed, progress=s.progress, init_from=s.init_from or None, log_formats="log,csv",
+        train_meta={"data": "scikit-image photographs (quickstart)"}, on_start=on_start,
     )
-    if device.type == "cpu":
-        _choose_threads(loop, s, ssl_dim, device, speed.channels_last)
-    first = loop.step
-    if first:
-        print(f"  resuming the unfinished training in {run_dir} at step {first}", flush=True)
-    loop.run_loop()
-    seconds = time.monotonic() - start
-    rate = s.ema_rate.split(",")[0].strip()
-    ckpt = run_dir / f"ema_{float(rate)}_{loop.step:06d}.pt"
-    if not ckpt.is_file():  # TrainLoop names EMA files by the rate as written
-        ckpt = run_dir / f"ema_{rate}_{loop.step:06d}.pt"
-    record = {"checkpoint": ckpt.name, "steps": loop.step, "steps_this_run": loop.step - first,
-              "seconds": round(seconds, 1), "images_per_second": round((loop.step - first) * s.batch_size
-                                                                       / max(seconds, 1e-9), 2)}
+    record = {"checkpoint": os.path.basename(run.checkpoint), "steps": run.step, "steps_this_run": run.steps_this_run,
+              "seconds": round(run.seconds, 1),
+              "images_per_second": round(run.steps_this_run * s.batch_size / max(run.seconds, 1e-9), 2)}
     logger.reset()
     return record
 
@@ -751,10 +731,9 @@ def run(s: Settings, command: str) -> dict:
 
     stages.start("sampling", "sampling: from the representations of the held-out views")
 
-    rcdm = RCDM({"model_path": str(ckpt), "sampler": s.sampler, "steps": s.sampling_steps, "seed": s.seed,
-                 "guidance_scale": s.guidance_scale,
-                 "device": str(device), "precision": s.precision, "progress": s.progress,
-                 "channels_last": _bf16_on_cpu(s.precision, device), "clip_denoised": True})
+    rcdm = RCDM.from_checkpoint(ckpt, sampler=s.sampler, steps=s.sampling_steps, guidance_scale=s.guidance_scale,
+                                device=str(device), precision=s.precision or None, progress=s.progress,
+                                channels_last=_bf16_on_cpu(s.precision, device))
     su.seed_everything(s.seed)
     held_paths = [h["path"] for h in heldout]
     feats = rcdm.encode(held_paths)
@@ -773,7 +752,7 @@ def run(s: Settings, command: str) -> dict:
     samples = flat.view(len(held_paths), k, *flat.shape[1:]).cpu()
     su.save_grid([su.row(images[i], samples[i]) for i in range(len(held_paths))], str(out / "samples.jpeg"))
     samples_u8 = su.to_uint8(samples)
-    meta = su.run_metadata(rcdm.args, rcdm)
+    meta = su.run_metadata(rcdm, s.seed)
     su.save_npz(str(out / "samples.npz"), samples=samples_u8, features=feats, images=su.to_uint8(images),
                 paths=held_paths, **meta)
 

@@ -56,7 +56,7 @@ def sample(args: argparse.Namespace) -> None:
     grid, npz = su.output_paths(args)
     su.save_grid([su.row(images[i], samples[i]) for i in range(len(used))], grid)
     su.save_npz(npz, samples=su.to_uint8(su.stack(samples)), features=feats, images=su.to_uint8(images),
-                paths=used, **extra, **su.run_metadata(args, rcdm))
+                paths=used, **extra, **su.run_metadata(rcdm, args.seed))
     logger.log(f"wrote {grid} and {npz}")
 
 
@@ -103,7 +103,7 @@ def interpolate(args: argparse.Namespace) -> None:
     su.save_grid([su.row(first, s, last=second) for s in samples], grid)
     su.save_npz(npz, samples=su.to_uint8(samples), features=out["features"], alphas=out["alphas"],
                 methods=out["methods"], endpoint_features=ends, images=su.to_uint8(su.stack([first, second])),
-                paths=[args.first_image_path, args.second_image_path], **extra, **su.run_metadata(args, rcdm))
+                paths=[args.first_image_path, args.second_image_path], **extra, **su.run_metadata(rcdm, args.seed))
     logger.log(f"wrote {grid} and {npz}")
 
 
@@ -173,7 +173,7 @@ def manipulate(args: argparse.Namespace) -> None:
         counts=out["counts"], source_feature=feats[0], target_feature=feats[1],
         neighbors=[hood_paths[i] for i in out["neighbors"].tolist()], neighbor_distances=out["distances"],
         images=su.to_uint8(su.stack([source, target])), paths=[args.image_path, args.image_target_path],
-        rows=["original", "zeroed", "transplanted"], **extra, **su.run_metadata(args, rcdm),
+        rows=["original", "zeroed", "transplanted"], **extra, **su.run_metadata(rcdm, args.seed),
     )
     logger.log(f"wrote {grid} and {npz}")
 

@@ -22,12 +22,11 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from .. import fileio, loading, logger
+from .. import fileio, logger
 from ..fileio import save_npz  # noqa: F401 (the commands write sample files with it)
 from ..errors import UsageError
 from ..image_datasets import ImageTooLargeError, find_images, load_rgb_image, model_input
 from ..loading import Components, check_model_path, resolve_device  # noqa: F401 (the commands use them)
-from ..RCDM import component_kwargs, explicit_settings
 from ..representation_ops import faiss_available
 from ..run_control import seed_everything  # noqa: F401 (the commands seed with it)
 from ..script_util import MODEL_FLAGS
@@ -61,29 +60,6 @@ def create_argparser(description: str | None = None, name: str = "samples",
     return parser
 
 
-def complete_args(args: argparse.Namespace | dict | None = None, **overrides) -> argparse.Namespace:
-    """A full namespace from a partial one (e.g. the original's argparse namespace, or a dict).
-
-    Flags it does not have take the defaults. Which flags count as given: `args.explicit` when
-    present, else those whose value differs from the default.
-    """
-    base = vars(create_argparser().parse_args([]))
-    given = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
-    given.update(overrides)
-    explicit = given.pop("explicit", None)
-    merged = {**base, **given}
-    if explicit is None:
-        explicit = {k for k, v in given.items() if k not in base or base[k] != v}
-    ns = argparse.Namespace(**merged)
-    ns.explicit = frozenset(explicit)
-    return ns
-
-
-def sampler_name(args: argparse.Namespace) -> str:
-    """`--sampler`, else the original's choice: DDIM with `--use_ddim`, DDPM otherwise."""
-    return args.sampler or ("ddim" if args.use_ddim else "ddpm")
-
-
 # ----------------------------------------------------------------------------- model and encoder
 
 
@@ -112,12 +88,6 @@ def load_image_views(path: str, rcdm, flag: str) -> tuple[torch.Tensor, torch.Te
 def list_folder_images(folder: str, flag: str) -> list[str]:
     """The images under `folder` (recursively, sorted), or a user error naming `flag`."""
     return find_images(folder, flag=flag)
-
-
-def load_components(args: argparse.Namespace) -> Components:
-    """Build the frozen encoder, the UNet (weights loaded, eval mode) and the diffusion from the
-    flags (`loading.load_components`; without `--model_path`, the published checkpoint)."""
-    return loading.load_components(**component_kwargs(*explicit_settings(args)))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -153,17 +123,17 @@ def output_paths(args: argparse.Namespace) -> tuple[str, str]:
     return base + ".jpeg", base + ".npz"
 
 
-def run_metadata(args: argparse.Namespace, rcdm) -> dict[str, Any]:
+def run_metadata(rcdm, seed: int) -> dict[str, Any]:
     """Scalars saved in every `.npz`, so a file says how it was made."""
     return dict(
-        seed=args.seed,
+        seed=seed,
         sampler=rcdm.sampler,
-        guidance_scale=float(args.guidance_scale),
-        steps=-1 if args.steps is None else args.steps,
-        timestep_respacing=str(args.timestep_respacing),
+        guidance_scale=float(rcdm.sampling.guidance_scale),
+        steps=-1 if rcdm.sampling.steps is None else rcdm.sampling.steps,
+        timestep_respacing=str(rcdm.model_flags["timestep_respacing"]),
         **rcdm.encoder_spec.sample_file_fields(),
         precision=rcdm.precision,
-        model_path=args.model_path,
+        model_path=rcdm.model_path,
     )
 
 
@@ -171,7 +141,7 @@ def describe(rcdm) -> str:
     """One log line: what is sampled, how and where."""
     return (
         f"RCDM {rcdm.image_size}x{rcdm.image_size}, encoder {rcdm.encoder_spec.describe()}, sampler {rcdm.sampler} "
-        f"({rcdm.args.steps or rcdm.diffusion.num_timesteps} steps), {rcdm.precision} on {rcdm.device}"
+        f"({rcdm.sampling.steps or rcdm.diffusion.num_timesteps} steps), {rcdm.precision} on {rcdm.device}"
     )
 
 

@@ -156,10 +156,6 @@ _RESIZE_RULE = {  # family (dinov2 with registers separately) -> (offset, antial
 }
 
 
-def is_vit_encoder(name: str) -> bool:
-    return name.lower() in VIT_ENCODERS
-
-
 def vit_spec(name: str) -> ViTSpec:
     try:
         return VIT_ENCODERS[name.lower()]
