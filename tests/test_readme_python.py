@@ -29,7 +29,8 @@ def python_examples() -> list[str]:
 def test_the_readme_python_examples_run_as_written(tmp_path):
     blocks = python_examples()
     assert len(blocks) >= 4 and any("RCDM.from_checkpoint" in b for b in blocks)
-    assert any("TrainLoop(" in b for b in blocks) and any("RCDM.from_pretrained" in b for b in blocks)
+    assert any("train(" in b for b in blocks) and any("RCDM.from_pretrained" in b for b in blocks)
+    assert any("from guided_diffusion_rcdm import RCDM" in b for b in blocks)
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -59,3 +60,4 @@ def test_the_readme_python_examples_run_as_written(tmp_path):
     assert "torch.Size([1, 5, 1, 3, 32, 32]) torch.Size([3, 2, 3, 32, 32])" in proc.stdout
     assert "128 256 dino" in proc.stdout  # the published DINO-head model and its 256-d head
     assert (tmp_path / "runs" / "photos" / "ema_0.9999_000003.pt").is_file()
+    assert "3 runs/photos/ema_0.9999_000003.pt" in proc.stdout
