@@ -19,20 +19,14 @@ import torch
 from PIL import Image
 
 import _train_photos
+from guided_diffusion_rcdm.config import MODEL_FLAGS, ModelConfig
 from _train_photos import PHOTOS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 
-TINY_FLAGS = dict(
-    image_size=32,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2",
-    attention_resolutions="16",
-    learn_sigma=True,
-    diffusion_steps=100,
-)
+# The "tiny" preset's flags that differ from the defaults (what a command line gives).
+TINY_FLAGS = {k: v for k, v in ModelConfig.preset("tiny").flags().items() if v != MODEL_FLAGS[k].default}
 TINY_ARGV = ["--timestep_respacing", "5"]
 ENCODER = {"type_model": "resnet18", "use_head": False, "normalize": "minus_one_one", "pretrained": False}
 SSL_DIM = 512  # resnet18's pooled features

@@ -38,23 +38,14 @@ from ..precision import (
     set_fp32_math,
 )
 from ..samplers import sample_images
-from ..script_util import Range, create_model_and_diffusion, model_and_diffusion_defaults
+from ..config import ModelConfig, Range
 
-# The published 128x128 configuration (MODEL_FLAGS_128), and a small one that trains on a laptop.
-CONFIGS: dict[str, dict] = {
-    "128": dict(
-        image_size=128, num_channels=256, num_res_blocks=2, num_heads=4, attention_resolutions="32,16,8",
-        learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True, ssl_dim=2048,
-    ),
-    "small": dict(
-        image_size=64, num_channels=64, num_res_blocks=2, channel_mult="1,2,2,2", num_heads=4,
-        attention_resolutions="16,8", learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True,
-        ssl_dim=2048,
-    ),
-    "tiny": dict(
-        image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16",
-        learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True, ssl_dim=64,
-    ),
+# The published 128x128 configuration, a small one that trains on a laptop, and a tiny one.
+CONFIGS: dict[str, ModelConfig] = {
+    "128": ModelConfig.preset("published_128"),
+    "small": ModelConfig.preset("published_128", image_size=64, num_channels=64, channel_mult="1,2,2,2",
+                                attention_resolutions="16,8"),
+    "tiny": ModelConfig.preset("tiny", resblock_updown=True, diffusion_steps=1000, ssl_dim=64),
 }
 
 
@@ -116,12 +107,10 @@ class Result:
 
 def build(config: str, device: torch.device, seed: int = 0):
     """The UNet (random weights, eval mode) and diffusion of a named configuration."""
-    flags = model_and_diffusion_defaults()
-    cfg = dict(CONFIGS[config])
-    ssl_dim = cfg.pop("ssl_dim")
-    flags.update(cfg)
+    cfg = CONFIGS[config]
+    flags, ssl_dim = cfg.flags(), cfg.ssl_dim
     torch.manual_seed(seed)
-    model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=ssl_dim, G_shared=False)
+    model, diffusion = cfg.build()
     with torch.no_grad():
         for p in model.parameters():  # zero-initialised layers would make the output trivial
             p.mul_(0).add_(torch.randn_like(p) * 0.02)
