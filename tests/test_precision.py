@@ -84,7 +84,7 @@ def test_precision_choice():
     assert resolve_precision(None, use_fp16=True, device="cpu") == "bf16"
     assert resolve_precision("bf16", device="cpu") == "bf16"
     assert resolve_precision(None, use_fp16=True, device="cuda") == "fp16"
-    with pytest.raises(ValueError, match="--precision"):
+    with pytest.raises(ValueError, match="`precision`"):
         resolve_precision("int8", device="cpu")
 
 
