@@ -403,7 +403,7 @@ def check_model_flags(**flags: Any) -> tuple[float, ...]:
                     )
             elif heads != -1 and (heads < 1 or width % heads):
                 raise UsageError(
-                    f"--{flag} {heads} does not divide the {width} channels of the attention at "
+                    f"`{flag}` {heads} does not divide the {width} channels of the attention at "
                     f"resolution {res}"
                 )
     return mult
@@ -418,7 +418,7 @@ def _parse_ints(text: str, flag: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise UsageError(f"--{flag} {text!r} must be comma-separated integers, e.g. 32,16,8") from None
+        raise UsageError(f"`{flag}` {text!r} must be comma-separated integers, e.g. 32,16,8") from None
 
 
 # --------------------------------------------------------------------------- argparse helpers
