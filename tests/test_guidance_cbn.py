@@ -172,7 +172,7 @@ def test_cbn_converts_to_sync_batch_norm():
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [(dict(norm_style="layer"), "--norm_style"), (dict(feat_drop_prob=1.0), "--feat_drop_prob")],
+    [(dict(norm_style="layer"), "`norm_style`"), (dict(feat_drop_prob=1.0), "`feat_drop_prob`")],
 )
 def test_invalid_options(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -258,7 +258,7 @@ def test_a_gpu_that_is_not_there_is_named_in_one_line():
     assert device_problem(torch.device("cpu"), 0) is None
     assert device_problem(torch.device("cuda"), 1) is None and device_problem(torch.device("cuda:1"), 2) is None
     assert device_problem(torch.device("cuda:9"), 2) == "this machine has 2 GPU(s): cuda:0 to cuda:1"
-    assert device_problem(torch.device("cuda:0"), 0) == "no GPU is available here; use --device cpu"
+    assert device_problem(torch.device("cuda:0"), 0) == "no GPU is available here; use `device` cpu"
     from guided_diffusion_rcdm.apps import benchmark
 
     assert benchmark.main(["--device", "cuda:9"]) == 2 and benchmark.main(["--device", "gpu"]) == 2
