@@ -35,7 +35,8 @@ def library_calls(tmp_path, diffusion):
         ("model_path", lambda: load_components(str(tmp_path / "missing.pt"), device="cpu")),
         ("device", lambda: resolve_device("not-a-device")),
         ("use_head", lambda: EncoderSpec("timm:resnet18", use_head=True)),
-        ("encoder_input_size", lambda: EncoderSpec("resnet18", input_size=-1)),
+        ("input_size", lambda: EncoderSpec("resnet18", input_size=-1)),
+        ("weights", lambda: EncoderSpec("timm:resnet18", weights=str(tmp_path / "none.pth"))),
         ("image_size", lambda: check_model_flags(image_size=0)),
         ("dtype", lambda: prepare_feature_cache(str(tmp_path), str(tmp_path), [], EncoderSpec("dino"), dtype="int8")),
         ("path", lambda: load_inception(str(tmp_path / "no_inception.pth"), download=False)),
@@ -58,12 +59,13 @@ def parser_with(*flags: str) -> argparse.ArgumentParser:
 
 
 def test_flag_message_names_the_commands_flag():
-    parser = parser_with("--steps", "--feat_cache", "--inception_path")
+    parser = parser_with("--steps", "--feat_cache", "--inception_path", "--encoder_pooling")
     # A keyword spelled as the flag; a renamed one (the table); one the command has no flag for.
     assert flag_message("`steps` must be at least 1, got 0", parser) == "--steps must be at least 1, got 0"
     assert KEYWORD_FLAGS["cache_dir"] == "--feat_cache"
     assert flag_message("pass another `cache_dir` folder", parser) == "pass another --feat_cache folder"
     assert flag_message("`path` x.pth: no such file", parser) == "--inception_path x.pth: no such file"
+    assert flag_message("`pooling` 'max': choose one of", parser) == "--encoder_pooling 'max': choose one of"
     assert flag_message("`n_common` must be >= 0, got -1", parser) == "n_common must be >= 0, got -1"
     # A renamed keyword whose flag this command lacks reads bare, not as another command's flag.
     assert flag_message("`path` x.pth", parser_with("--model_path")) == "path x.pth"

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..encoders.spec import FLAGS as ENCODER_FLAGS
 from ..errors import UsageError, UserError
 from .flags import parse_args
 
@@ -35,6 +36,8 @@ INTERRUPTED_STATUS = 130
 # Core keyword -> command-line flag, for the keywords the commands spell differently. A keyword
 # that is not here reads as `--KEYWORD`; either only where the command has that flag.
 KEYWORD_FLAGS = {
+    # The encoder's fields (`EncoderSpec`, `get_model`): `pooling` is --encoder_pooling, ...
+    **{field: f"--{flag}" for field, flag in ENCODER_FLAGS.items() if field != flag},
     "path": "--inception_path",       # metrics.load_inception / inception_weights_path
     "cache_dir": "--feat_cache",      # feature_cache.prepare_feature_cache
     "dtype": "--feat_cache_dtype",    # feature_cache.prepare_feature_cache

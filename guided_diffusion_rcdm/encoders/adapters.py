@@ -127,7 +127,7 @@ def _timm_create(name: str, pretrained: bool, weights: str) -> nn.Module:
         raise MissingInputError(
             f"`type_model` timm:{name}: its trained weights are not on this machine ({type(err).__name__}): "
             f"fetch them into the Hugging Face cache {hf_cache_dir()} (e.g. `hf download {where}` where "
-            "there is a network), or pass the file with `encoder_weights` FILE, or `pretrained_encoder` "
+            "there is a network), or pass the file with `weights` FILE, or `pretrained` "
             "False for random weights") from None
 
 
@@ -141,10 +141,10 @@ class TimmEncoder(nn.Module):
         if pooling:
             prefix = getattr(model, "num_prefix_tokens", None)
             if prefix is None:
-                raise UsageError(f"`encoder_pooling` {pooling}: {type(model).__name__} has no tokens; leave "
-                                 "`encoder_pooling` out (its own pooled features)")
+                raise UsageError(f"`pooling` {pooling}: {type(model).__name__} has no tokens; leave "
+                                 "`pooling` out (its own pooled features)")
             if pooling == "cls" and prefix < 1:
-                raise UsageError(f"`encoder_pooling` cls: {type(model).__name__} has no class token; use "
+                raise UsageError(f"`pooling` cls: {type(model).__name__} has no class token; use "
                                  "mean_patch or leave it out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,8 +238,8 @@ class HFEncoder(nn.Module):
         config = getattr(model.config, "vision_config", model.config)
         self.patch = getattr(config, "patch_size", None)
         if pooling and not self.patch:
-            raise UsageError(f"`encoder_pooling` {pooling}: {type(model).__name__} has no patch tokens; leave "
-                             "`encoder_pooling` out (its pooled output)")
+            raise UsageError(f"`pooling` {pooling}: {type(model).__name__} has no patch tokens; leave "
+                             "`pooling` out (its pooled output)")
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         tower = getattr(self.model, "vision_model", self.model) if self.projects else self.model
@@ -248,7 +248,7 @@ class HFEncoder(nn.Module):
         prefix = tokens.shape[1] - (x.shape[-2] // patch) * (x.shape[-1] // patch)
         if self.pooling == "cls":
             if prefix < 1:
-                raise UsageError(f"`encoder_pooling` cls: {type(self.model).__name__} has no class token; use "
+                raise UsageError(f"`pooling` cls: {type(self.model).__name__} has no class token; use "
                                  "mean_patch or leave it out")
             return tokens[:, 0]
         return tokens[:, prefix:].mean(1)
@@ -264,7 +264,7 @@ class HFEncoder(nn.Module):
             value = getattr(out, key, None)
             if value is not None:
                 return value.flatten(1)
-        raise UsageError(f"{type(self.model).__name__} has no pooled output: pass `encoder_pooling` "
+        raise UsageError(f"{type(self.model).__name__} has no pooled output: pass `pooling` "
                          "mean_patch (or cls)")
 
 
@@ -335,7 +335,7 @@ def _open_clip_model(rest: str, weights: str, pretrained: bool):
                          "(open_clip.list_models() lists them)")
     if pretrained and tag is None:
         raise UsageError(f"`type_model` open_clip:{arch} names no weights: add :TAG "
-                         "(open_clip.list_pretrained_tags_by_model) or :FILE, or pass `pretrained_encoder` False "
+                         "(open_clip.list_pretrained_tags_by_model) or :FILE, or pass `pretrained` False "
                          "for random weights")
     if tag and not os.path.isfile(tag) and (os.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         raise MissingInputError(f"`type_model` open_clip:{rest}: no such weights file {tag}")
@@ -436,13 +436,13 @@ def build_library_encoder(name: str, *, pretrained: bool, weights: str, revision
     and what identifies its weights: `revision` (HF commit) and/or `weights_file` (to hash)."""
     source, rest = split_name(name)
     if weights and source not in ("timm", "open_clip"):
-        raise UsageError(f"`encoder_weights`: {source}: encoders take their weights from "
+        raise UsageError(f"`weights`: {source}: encoders take their weights from "
                          + ("the folder or repo" if source == "hf" else "the factory"))
     if weights and not os.path.isfile(weights):
-        raise MissingInputError(f"`encoder_weights` {weights}: no such file")
+        raise MissingInputError(f"`weights` {weights}: no such file")
     if pooling and source in ("open_clip", "py"):
-        raise UsageError(f"`encoder_pooling` {pooling}: {source}: encoders give one representation "
-                         "(leave `encoder_pooling` out)")
+        raise UsageError(f"`pooling` {pooling}: {source}: encoders give one representation "
+                         "(leave `pooling` out)")
     ident: dict[str, str] = {}
     if source == "timm":
         module = TimmEncoder(_timm_create(rest, pretrained, weights), pooling)

@@ -593,8 +593,8 @@ def _vit_encoder(trunk: nn.Module, head: nn.Module | None, use_head: bool) -> Fr
 
 def _no_pooling_choice(model: str, pooling: str) -> None:
     if pooling:
-        raise UsageError(f"`encoder_pooling` {pooling!r}: {model} is not a Vision Transformer; its features "
-                         "are pooled one way (leave `encoder_pooling` out)")
+        raise UsageError(f"`pooling` {pooling!r}: {model} is not a Vision Transformer; its features "
+                         "are pooled one way (leave `pooling` out)")
 
 
 def get_model(model: str = "dino", use_head: bool = False, pretrained: bool = True, *,
