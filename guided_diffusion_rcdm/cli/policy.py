@@ -10,7 +10,7 @@
 - Anything else is a bug: its traceback is kept (exit status 1).
 `RCDM_DEBUG=1` shows the traceback of user errors too.
 
-The core's messages name an argument by its keyword in backticks (`` `steps` must be at least 1 ``),
+The core's messages name an argument by its keyword in backticks (`` `steps` must be between 1 and 1000 ``),
 the way a library user passed it; `flag_message` turns each into the command's flag (`--steps`),
 here and nowhere else.
 """
@@ -33,8 +33,8 @@ USER_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130
 
 
-# Core keyword -> command-line flag, for the keywords the commands spell differently. A keyword
-# that is not here reads as `--KEYWORD`; either only where the command has that flag.
+# Core keyword -> command-line flag, for the keywords the commands spell differently; any other
+# keyword reads as `--KEYWORD`. Either way only where the command has that flag, else bare.
 KEYWORD_FLAGS = {
     # The encoder's fields (`EncoderSpec`, `get_model`): `pooling` is --encoder_pooling, ...
     **{field: f"--{flag}" for field, flag in ENCODER_FLAGS.items() if field != flag},
