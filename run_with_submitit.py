@@ -210,8 +210,9 @@ def launch(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> int:
     """Parse the flags and submit the job (one line and exit status 2 for a mistake); the exit status."""
-    args = parse_args(argv)
-    return run_main(lambda: launch(args), "run_with_submitit.py")
+    parser = create_argparser()
+    args = parse_flags(parser, argv)  # records the flags given (for --init_from's)
+    return run_main(lambda: launch(args), parser.prog, parser)
 
 
 if __name__ == "__main__":

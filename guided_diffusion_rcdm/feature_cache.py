@@ -71,7 +71,7 @@ def _relative(path: str, root: str) -> str:
 
 
 def _bad(path: str, problem: str) -> UsageError:
-    return UsageError(f"feature cache {path}: {problem}; delete the cache folder (or pass another --feat_cache) "
+    return UsageError(f"feature cache {path}: {problem}; delete the cache folder (or pass another `cache_dir`) "
                       "and build it again")
 
 
@@ -126,7 +126,7 @@ def _load_file(path: str, what: str) -> dict:
     try:
         obj = safe_torch_load(path, mmap=True, what=what)
     except CheckpointError as err:
-        raise UsageError(f"{err}; delete the cache folder (or pass another --feat_cache) and build it again") from None
+        raise UsageError(f"{err}; delete the cache folder (or pass another `cache_dir`) and build it again") from None
     if not isinstance(obj, dict):
         raise _bad(path, f"holds a {type(obj).__name__}, not a feature cache")
     return obj
@@ -139,7 +139,7 @@ def _legacy_index(cache_dir: str) -> Optional[dict]:
         return None
     old = _load_file(path, "feature cache")
     if old.get("format") != CACHE_FORMAT:
-        raise UsageError(f"{path} is not a feature cache ({CACHE_FORMAT}); pass another --feat_cache")
+        raise UsageError(f"{path} is not a feature cache ({CACHE_FORMAT}); pass another `cache_dir`")
     features, paths = old.get("features"), old.get("paths")
     if not torch.is_tensor(features) or not isinstance(paths, list):
         raise _bad(path, "no features tensor or path list")
@@ -328,19 +328,19 @@ def _check_identity(where: str, index: Mapping, spec: EncoderSpec, precision: st
     if EncoderSpec.from_dict(index["encoder"]) != spec:
         raise UsageError(
             f"feature cache {where} was made with encoder {EncoderSpec.from_dict(index['encoder']).describe()}, "
-            f"not {spec.describe()}: pass another --feat_cache folder (or delete this one)"
+            f"not {spec.describe()}: pass another `cache_dir` folder (or delete this one)"
         )
     cached = index.get("encoder_precision", "fp32")
     if cached != precision:
         raise UsageError(
             f"feature cache {where} holds {cached} representations, but this run encodes in {precision}: "
-            f"pass --encoder_precision {cached} to reuse it, or another --feat_cache folder"
+            f"pass `encoder_precision` {cached} to reuse it, or another `cache_dir` folder"
         )
     stored = index.get("dtype", "fp32")
     if stored != dtype:
         raise UsageError(
-            f"feature cache {where} stores its features in {stored}, not {dtype}: pass --feat_cache_dtype "
-            f"{stored} to reuse it, or another --feat_cache folder"
+            f"feature cache {where} stores its features in {stored}, not {dtype}: pass `dtype` "
+            f"{stored} to reuse it, or another `cache_dir` folder"
         )
 
 
@@ -380,7 +380,7 @@ def prepare_feature_cache(
     cache. Every rank must call it; each checks the rows of its share for NaN.
     """
     if dtype not in DTYPES:
-        raise UsageError(f"--feat_cache_dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        raise UsageError(f"`dtype` {dtype!r}: use one of {', '.join(DTYPES)}")
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.from_dict(encoder)
     make_encoder = make_encoder or (lambda: spec.build(dist_util.dev()))

@@ -466,7 +466,7 @@ def acquire_run_lock(folder: str, warn: Callable[[str], None] = print) -> RunLoc
             if holder and not _stale(holder, me):
                 raise RunLockedError(
                     f"{folder} is in use by another training run ({_describe(holder)}): wait for "
-                    f"it to end, choose another --out_dir, or delete {path} if that run is gone"
+                    f"it to end, choose another `out_dir`, or delete {path} if that run is gone"
                 ) from None
             _take_over(path, holder)
             readable = bool(holder) and isinstance(holder.get("pid"), int)

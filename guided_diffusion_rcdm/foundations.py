@@ -176,11 +176,11 @@ def load_foundation(init_from: str, *, progress: bool = True) -> FoundationWeigh
     else:
         if not os.path.exists(init_from):
             if os.sep not in init_from and "." not in init_from:
-                raise UsageError(f"--init_from {init_from!r}: no such foundation name or file; the names are "
+                raise UsageError(f"`init_from` {init_from!r}: no such foundation name or file; the names are "
                                  f"{names_text()}")
-            raise MissingInputError(f"--init_from {init_from}: no such file")
+            raise MissingInputError(f"`init_from` {init_from}: no such file")
         if os.path.isdir(init_from):
-            raise UsageError(f"--init_from {init_from}: is a folder; give a checkpoint file (e.g. "
+            raise UsageError(f"`init_from` {init_from}: is a folder; give a checkpoint file (e.g. "
                              f"{os.path.join(init_from, 'model010000.pt')}) or a foundation name")
         path, name, flags = init_from, None, None
     state_dict, meta = hub.load_checkpoint(path)
@@ -204,8 +204,8 @@ def _inferred_flags(state_dict: Mapping[str, torch.Tensor]) -> dict:
 def _fix_hint(foundation: FoundationWeights | None, state_dict) -> str:
     flags = foundation.flags if foundation is not None and foundation.flags else None
     if flags:
-        return f"train with the foundation's flags: {hub.format_flags(flags)}"
-    hint = hub.format_flags(_inferred_flags(state_dict))
+        return f"train with the foundation's flags: {hub.format_keywords(flags)}"
+    hint = hub.format_keywords(_inferred_flags(state_dict))
     return ("give the flags the file was trained with" + (f" (its shapes say {hint})" if hint else "")
             + "; see docs/training.md")
 
@@ -232,7 +232,7 @@ class WarmStart:
 
 
 def warm_start_state_dict(target: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
-                          foundation: FoundationWeights | None = None, what: str = "--init_from") -> WarmStart:
+                          foundation: FoundationWeights | None = None, what: str = "`init_from`") -> WarmStart:
     """Map the foundation's `source` state dict onto a model whose state dict is `target` (its
     tensors may live on the meta device: only names, shapes and dtypes are read). See the module
     docstring for the rules; raises `WarmStartError` when the architectures differ."""

@@ -29,9 +29,9 @@ def _check_name(model: str) -> str:
     key = model.lower()
     if key not in ENCODER_NAMES:
         raise UsageError(
-            f"no published RCDM checkpoint for --type_model {model!r}: there is one for each of "
-            f"{', '.join(ENCODER_NAMES)} (trunk, or head with --use_head; supervised has no head). "
-            "For another encoder, train a model and pass it with --model_path."
+            f"no published RCDM checkpoint for `type_model` {model!r}: there is one for each of "
+            f"{', '.join(ENCODER_NAMES)} (trunk, or head with `use_head`; supervised has no head). "
+            "For another encoder, train a model and pass it with `model_path`."
         )
     return key
 

@@ -699,8 +699,17 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
 
 def format_flags(flags: Mapping[str, Any]) -> str:
     """`{"image_size": 64, ...}` -> `--image_size 64 ...`, the way the scripts take them."""
-    return " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
-                    for k, v in flags.items())
+    return " ".join(f"--{k} {_setting(v)}" for k, v in flags.items())
+
+
+def format_keywords(flags: Mapping[str, Any]) -> str:
+    """`{"image_size": 64, ...}` -> "`image_size` 64 ...", as the library's messages name
+    arguments (a command shows them as its flags: `cli.policy.flag_message`)."""
+    return " ".join(f"`{k}` {_setting(v)}" for k, v in flags.items())
+
+
+def _setting(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -806,16 +815,16 @@ def _mismatch_message(expected, state_dict, missing, unexpected, mismatched, met
         _, got, want = ssl
         lines.append(
             f"The representation size differs (checkpoint ssl_dim {got[1]}, model {want[1]}): "
-            "check --type_model and --use_head."
+            "check `type_model` and `use_head`."
         )
     meta = meta or {}
     if meta.get("model_flags"):
-        lines.append(f"The checkpoint was saved with {format_flags(meta['model_flags'])}.")
+        lines.append(f"The checkpoint was saved with {format_keywords(meta['model_flags'])}.")
     if meta.get("encoder"):
         enc = meta["encoder"]
         lines.append(
-            f"Its encoder: --type_model {enc.get('type_model')}"
-            f"{' --use_head' if enc.get('use_head') else ''} (input {enc.get('normalize')})."
+            f"Its encoder: `type_model` {enc.get('type_model')}"
+            f"{' `use_head`' if enc.get('use_head') else ''} (input {enc.get('normalize')})."
         )
     if not meta.get("model_flags"):
         lines.append(

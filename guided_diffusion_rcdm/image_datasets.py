@@ -331,7 +331,7 @@ def _read_listing(data_dir: str, folder: Optional[str]) -> Optional[ImageListing
     return ImageListing(data_dir, files, record["dirs"], scanned=False)
 
 
-def scan_images(data_dir: str, flag: str = "--data_dir", index_dir: Optional[str] = None) -> ImageListing:
+def scan_images(data_dir: str, flag: str = "`data_dir`", index_dir: Optional[str] = None) -> ImageListing:
     """The images of `data_dir` (see `find_images`); with a process group, rank 0 alone lists the
     folder (or reads its listing from `index_dir`, see `ImageListing`) and sends the list to the
     others. Every rank must call it; an error on rank 0 is raised on every rank."""
@@ -371,7 +371,7 @@ def _scan_images(data_dir: str, flag: str, index_dir: Optional[str]) -> ImageLis
     return listing
 
 
-def find_images(data_dir: str, flag: str = "--data_dir", shared: bool = False) -> list[str]:
+def find_images(data_dir: str, flag: str = "`data_dir`", shared: bool = False) -> list[str]:
     """List `data_dir`'s images (recursively, sorted), or raise a clear error naming `flag` when it
     is unset, missing or empty. `shared=True` (every rank calls it): rank 0 alone lists the folder
     and the other ranks receive the list (see `scan_images`)."""

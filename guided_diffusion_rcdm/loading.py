@@ -59,10 +59,10 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise UsageError(f"--device {name!r} is not a device name (use cpu, cuda or cuda:N): {err}") from None
+        raise UsageError(f"`device` {name!r} is not a device name (use cpu, cuda or cuda:N): {err}") from None
     problem = device_problem(device)
     if problem:
-        raise UsageError(f"--device {name}: {problem}")
+        raise UsageError(f"`device` {name}: {problem}")
     return device
 
 
@@ -85,7 +85,7 @@ def resolve_model_flags(meta: dict, given: dict | None = None) -> dict:
         return {**chosen, "feat_cond": True, "ssl_dim": None}
     if saved.get("feat_cond") is False:
         raise UsageError(
-            "--model_path: this checkpoint was trained without --feat_cond (an unconditional model); "
+            "`model_path`: this checkpoint was trained without `feat_cond` (an unconditional model); "
             "RCDM sampling needs a representation-conditioned model"
         )
     flags = {k: saved.get(k, defaults[k]) for k in defaults}
@@ -109,12 +109,12 @@ def resolve_model_flags(meta: dict, given: dict | None = None) -> dict:
 def check_model_path(path: str) -> None:
     """Fail early when `model_path` names a local file that does not exist."""
     if path and "://" not in path and not os.path.isfile(path):
-        raise UsageError(f"--model_path {path}: no such file; pass an RCDM checkpoint, or leave it out "
-                         "to download the published model for --type_model")
+        raise UsageError(f"`model_path` {path}: no such file; pass an RCDM checkpoint, or leave it out "
+                         "to download the published model for `type_model`")
 
 
 def _describe_encoder(spec: EncoderSpec) -> str:
-    return f"--type_model {spec.name}" + (" --use_head" if spec.use_head else "")
+    return f"`type_model` {spec.name}" + (" `use_head`" if spec.use_head else "")
 
 
 # The keywords of `load_components` that choose the encoder over the checkpoint's record.
@@ -192,6 +192,6 @@ def load_components(
     except hub.CheckpointMismatchError as err:
         if "NaN" not in str(err) or not model_path:
             raise
-        raise hub.CheckpointMismatchError(f"--model_path {model_path}: {err}") from None
+        raise hub.CheckpointMismatchError(f"`model_path` {model_path}: {err}") from None
     model.to(device).eval()
     return Components(frozen, model, diffusion, device, precision, flags, spec, meta, model_path)

@@ -187,7 +187,7 @@ def representation_fidelity(
         if bad:  # a NaN similarity ranks in the middle and would pass for "mean rank 0.50"
             raise UsageError(
                 f"the {what} features hold {bad} non-finite value(s) (NaN or inf): the encoder's output "
-                "is broken (check its weights and --precision), so no fidelity can be computed"
+                "is broken (check its weights and `precision`), so no fidelity can be computed"
             )
     n, k, _ = samples.shape
     if n < 2:
@@ -325,7 +325,7 @@ def inception_weights_path(path: str | None = None, *, download: bool = True) ->
     if path:
         if not os.path.isfile(path):
             raise InceptionWeightsMissing(
-                f"--inception_path {path}: no such file. It must be pytorch-fid's {FID_WEIGHTS_FILE} "
+                f"`path` {path}: no such file. It must be pytorch-fid's {FID_WEIGHTS_FILE} "
                 f"(from {FID_WEIGHTS_URL})"
             )
         return Path(path)
@@ -342,7 +342,7 @@ def inception_weights_path(path: str | None = None, *, download: bool = True) ->
 def _missing_message(reason: str) -> str:
     return (
         f"FID and IS need the Inception weights {FID_WEIGHTS_FILE} ({reason}). Download it where there is "
-        f"network from {FID_WEIGHTS_URL} and either pass --inception_path FILE, or put it at "
+        f"network from {FID_WEIGHTS_URL} and either pass `path` FILE, or put it at "
         f"{hub.hub_cache_dir() / FID_WEIGHTS_FILE} (used with no network), or in the folder named by "
         f"{hub.MIRROR_ENV}."
     )

@@ -56,7 +56,7 @@ def device_problem(device: torch.device, gpu_count: int | None = None) -> str | 
         return None
     gpu_count = torch.cuda.device_count() if gpu_count is None else gpu_count
     if gpu_count == 0:
-        return "no GPU is available here; use --device cpu"
+        return "no GPU is available here; use `device` cpu"
     if device.index is not None and device.index >= gpu_count:
         return f"this machine has {gpu_count} GPU(s): cuda:0 to cuda:{gpu_count - 1}"
     return None
@@ -74,7 +74,7 @@ def resolve_precision(precision: str | None, use_fp16: bool = False, device=None
     if precision:
         if precision not in PRECISIONS:
             raise UsageError(
-                f"unknown --precision {precision!r}: choose one of {', '.join(PRECISION_CHOICES)}"
+                f"unknown `precision` {precision!r}: choose one of {', '.join(PRECISION_CHOICES)}"
             )
         chosen = precision
     elif use_fp16:

@@ -140,7 +140,7 @@ def shared_dimensions(neighbor_features: torch.Tensor, n_common: int, eps: float
     its count exceeds `n_common`.
     """
     if n_common < 0:
-        raise ValueError(f"--n_common must be >= 0, got {n_common}")
+        raise ValueError(f"`n_common` must be >= 0, got {n_common}")
     counts = dimension_counts(neighbor_features, eps)
     return torch.nonzero(counts > n_common).flatten()
 

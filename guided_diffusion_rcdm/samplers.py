@@ -108,8 +108,8 @@ class GuidedModel(nn.Module):
         unet = find_unet(model)
         if not getattr(unet, "supports_guidance", False):
             raise ValueError(
-                f"--guidance_scale {scale} needs a model trained with --feat_drop_prob > 0 (it has a "
-                "learned null representation); this one was not. Use --guidance_scale 1."
+                f"`guidance_scale` {scale} needs a model trained with `feat_drop_prob` > 0 (it has a "
+                "learned null representation); this one was not. Use `guidance_scale` 1."
             )
         self.unet = unet
 
@@ -132,7 +132,7 @@ def respace_for_sampler(diffusion: GaussianDiffusion, sampler: str, steps: int) 
     base_betas = getattr(diffusion, "base_betas", diffusion.betas)
     num_base = len(base_betas)
     if not 1 <= steps <= num_base:
-        raise UsageError(f"--steps must be between 1 and {num_base}, got {steps}")
+        raise UsageError(f"`steps` must be between 1 and {num_base}, got {steps}")
     if sampler == "dpm++":
         timesteps = logsnr_timesteps(np.cumprod(1.0 - base_betas), steps)
     else:
@@ -163,7 +163,7 @@ def logsnr_timesteps(alphas_cumprod: np.ndarray, steps: int, min_log_snr: float 
     log_snr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
     last = len(log_snr) - 1
     if not 1 <= steps <= last + 1:
-        raise UsageError(f"--steps must be between 1 and {last + 1}, got {steps}")
+        raise UsageError(f"`steps` must be between 1 and {last + 1}, got {steps}")
     targets = np.linspace(log_snr[0], max(log_snr[-1], min_log_snr), steps)
     chosen = [int(np.argmin(np.abs(log_snr - target))) for target in targets]
     chosen[0], chosen[-1] = 0, last  # sampling starts from x_T, at the last timestep

@@ -186,20 +186,20 @@ def create_gaussian_diffusion(
 def check_diffusion_flags(*, diffusion_steps: int, noise_schedule: str, timestep_respacing: str) -> None:
     """Raise `ValueError` naming the flag if the diffusion flags cannot work together."""
     if int(diffusion_steps) < 1:
-        raise UsageError(f"--diffusion_steps must be a positive integer, got {diffusion_steps}")
+        raise UsageError(f"`diffusion_steps` must be a positive integer, got {diffusion_steps}")
     if noise_schedule not in gd.BETA_SCHEDULES:
         raise UsageError(
-            f"unknown --noise_schedule {noise_schedule!r}: choose one of {', '.join(gd.BETA_SCHEDULES)}"
+            f"unknown `noise_schedule` {noise_schedule!r}: choose one of {', '.join(gd.BETA_SCHEDULES)}"
         )
     try:
         gd.get_named_beta_schedule(noise_schedule, int(diffusion_steps))
     except ValueError as err:
-        raise UsageError(f"--diffusion_steps / --noise_schedule: {err}") from None
+        raise UsageError(f"`diffusion_steps` / `noise_schedule`: {err}") from None
     if timestep_respacing:
         try:
             space_timesteps(diffusion_steps, timestep_respacing)
         except ValueError as err:
-            raise UsageError(f"--timestep_respacing {timestep_respacing!r}: {err}") from None
+            raise UsageError(f"`timestep_respacing` {timestep_respacing!r}: {err}") from None
 
 
 def check_model_flags(**flags: Any) -> tuple[float, ...]:
@@ -215,30 +215,30 @@ def check_model_flags(**flags: Any) -> tuple[float, ...]:
     attention_resolutions, num_head_channels = f["attention_resolutions"], f["num_head_channels"]
     num_heads, num_heads_upsample = f["num_heads"], f["num_heads_upsample"]
     if image_size < 1:
-        raise UsageError(f"--image_size must be positive, got {image_size}")
+        raise UsageError(f"`image_size` must be positive, got {image_size}")
     if num_res_blocks < 1:
-        raise UsageError(f"--num_res_blocks must be at least 1, got {num_res_blocks}")
+        raise UsageError(f"`num_res_blocks` must be at least 1, got {num_res_blocks}")
     if not 0.0 <= dropout < 1.0:
-        raise UsageError(f"--dropout must be in [0, 1), got {dropout}")
+        raise UsageError(f"`dropout` must be in [0, 1), got {dropout}")
     if feat_cond and (ssl_dim is None or ssl_dim < 1):
-        raise UsageError(f"ssl_dim must be a positive representation width with --feat_cond, got {ssl_dim}")
+        raise UsageError(f"ssl_dim must be a positive representation width with `feat_cond`, got {ssl_dim}")
     if norm_style not in ("gn", "cbn"):
-        raise UsageError(f"unknown --norm_style {norm_style!r}: use gn (GroupNorm, published) or cbn")
+        raise UsageError(f"unknown `norm_style` {norm_style!r}: use gn (GroupNorm, published) or cbn")
     if norm_style == "cbn" and not feat_cond:
-        raise UsageError("--norm_style cbn conditions the norms on the representation: it needs --feat_cond")
+        raise UsageError("`norm_style` cbn conditions the norms on the representation: it needs `feat_cond`")
     if shared_dim < 0:
-        raise UsageError(f"--shared_dim must be >= 0, got {shared_dim}")
+        raise UsageError(f"`shared_dim` must be >= 0, got {shared_dim}")
     if not 0.0 <= feat_drop_prob < 1.0:
-        raise UsageError(f"--feat_drop_prob must be in [0, 1), got {feat_drop_prob}")
+        raise UsageError(f"`feat_drop_prob` must be in [0, 1), got {feat_drop_prob}")
     if feat_drop_prob > 0 and not feat_cond:
-        raise UsageError("--feat_drop_prob drops the representation: it needs --feat_cond")
+        raise UsageError("`feat_drop_prob` drops the representation: it needs `feat_cond`")
 
     if channel_mult in ("", None):
         if image_size not in DEFAULT_CHANNEL_MULT:
             raise UsageError(
-                f"unsupported --image_size {image_size} without --channel_mult: the defaults cover "
+                f"unsupported `image_size` {image_size} without `channel_mult`: the defaults cover "
                 f"{', '.join(map(str, sorted(DEFAULT_CHANNEL_MULT)))}; for other sizes give "
-                "--channel_mult explicitly (e.g. --channel_mult 1,2,2 for 32x32)"
+                "`channel_mult` explicitly (e.g. `channel_mult` 1,2,2 for 32x32)"
             )
         mult = DEFAULT_CHANNEL_MULT[image_size]
     elif isinstance(channel_mult, str):
@@ -246,32 +246,32 @@ def check_model_flags(**flags: Any) -> tuple[float, ...]:
             mult = tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
         except ValueError:
             raise UsageError(
-                f"--channel_mult {channel_mult!r} must be comma-separated numbers, e.g. 1,2,2"
+                f"`channel_mult` {channel_mult!r} must be comma-separated numbers, e.g. 1,2,2"
             ) from None
     else:
         mult = tuple(channel_mult)
     if not mult or any(m <= 0 for m in mult):
-        raise UsageError(f"--channel_mult {channel_mult!r} must be positive multipliers, e.g. 1,2,2")
+        raise UsageError(f"`channel_mult` {channel_mult!r} must be positive multipliers, e.g. 1,2,2")
 
     downsampling = 2 ** (len(mult) - 1)
     if image_size % downsampling:
         raise UsageError(
-            f"--image_size {image_size} is not divisible by {downsampling}, the downsampling of "
-            f"{len(mult)} levels (--channel_mult {','.join(map(str, mult))})"
+            f"`image_size` {image_size} is not divisible by {downsampling}, the downsampling of "
+            f"{len(mult)} levels (`channel_mult` {','.join(map(str, mult))})"
         )
 
     widths = sorted({int(m * num_channels) for m in mult})
     bad = [w for w in widths if w < 1 or w % NUM_NORM_GROUPS]
     if bad:
         raise UsageError(
-            f"--num_channels {num_channels} with --channel_mult {','.join(map(str, mult))} gives "
+            f"`num_channels` {num_channels} with `channel_mult` {','.join(map(str, mult))} gives "
             f"{bad[0]} channels, which GroupNorm({NUM_NORM_GROUPS}) cannot divide: every "
             f"num_channels x channel_mult must be a multiple of {NUM_NORM_GROUPS}"
         )
 
     resolutions = _parse_ints(attention_resolutions, "attention_resolutions")
     if any(r < 1 for r in resolutions):
-        raise UsageError(f"--attention_resolutions {attention_resolutions!r} must be positive resolutions")
+        raise UsageError(f"`attention_resolutions` {attention_resolutions!r} must be positive resolutions")
     level_width = {2**level: int(m * num_channels) for level, m in enumerate(mult)}
     for res in resolutions:
         width = level_width.get(image_size // res)
@@ -281,12 +281,12 @@ def check_model_flags(**flags: Any) -> tuple[float, ...]:
             if num_head_channels != -1:
                 if num_head_channels < 1 or width % num_head_channels:
                     raise UsageError(
-                        f"--num_head_channels {num_head_channels} does not divide the {width} channels "
+                        f"`num_head_channels` {num_head_channels} does not divide the {width} channels "
                         f"of the attention at resolution {res}"
                     )
             elif heads != -1 and (heads < 1 or width % heads):
                 raise UsageError(
-                    f"--{flag} {heads} does not divide the {width} channels of the attention at "
+                    f"`{flag}` {heads} does not divide the {width} channels of the attention at "
                     f"resolution {res}"
                 )
     return mult
@@ -301,7 +301,7 @@ def _parse_ints(text: str, flag: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise UsageError(f"--{flag} {text!r} must be comma-separated integers, e.g. 32,16,8") from None
+        raise UsageError(f"`{flag}` {text!r} must be comma-separated integers, e.g. 32,16,8") from None
 
 
 # --------------------------------------------------------------------------- argparse helpers

@@ -371,7 +371,7 @@ class TrainLoop:
             try:
                 if self.resume_checkpoint:
                     if not bf.exists(self.resume_checkpoint):
-                        raise MissingInputError(f"--resume_checkpoint {self.resume_checkpoint!r} does not exist")
+                        raise MissingInputError(f"`resume_checkpoint` {self.resume_checkpoint!r} does not exist")
                     found = load_resume_files(self.resume_checkpoint, self.ema_rate)
                     for problem in found["problems"]:
                         logger.warn(f"resuming from {self.resume_checkpoint}: {problem}")
@@ -451,7 +451,7 @@ class TrainLoop:
                     raise
                 error = exc
         if self.world_size > 1 and dist_util.broadcast_object(error is not None):
-            raise error if error is not None else RuntimeError("rank 0 could not read --init_from")
+            raise error if error is not None else RuntimeError("rank 0 could not read `init_from`")
         self.checkpoint_meta["foundation"] = dist_util.broadcast_object(record)
         dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
         with torch.no_grad():

@@ -587,8 +587,8 @@ class UNetModel(nn.Module):
         """[batch_size x ssl_dim] copies of the learned null representation."""
         if not self.supports_guidance:
             raise ValueError(
-                "this model has no null representation: it was not trained with --feat_drop_prob > 0, "
-                "so representation guidance (--guidance_scale other than 1) is not available"
+                "this model has no null representation: it was not trained with `feat_drop_prob` > 0, "
+                "so representation guidance (`guidance_scale` other than 1) is not available"
             )
         return self.null_feat.unsqueeze(0).expand(batch_size, -1)
 

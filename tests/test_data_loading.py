@@ -90,7 +90,7 @@ def test_missing_or_empty_data_dir_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "sub" / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="holds no images"):
         load_data(data_dir=str(tmp_path / "empty"), batch_size=2, image_size=32)
-    with pytest.raises(ValueError, match="--data_dir"):
+    with pytest.raises(ValueError, match="pass `data_dir` DIR"):
         find_images("")
 
 

@@ -42,9 +42,9 @@ def test_a_spec_fills_the_encoders_own_input_and_builds_a_frozen_encoder(encoder
     assert encoder.spec == SPEC and encoder.spec.width == 512  # measured
     assert encoder.input_normalize == "imagenet" and encoder.input_size == 224
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
-    with pytest.raises(ValueError, match="--encoder_normalize 'centered'"):
+    with pytest.raises(ValueError, match="`input_normalize` 'centered'"):
         EncoderSpec("dino", input_normalize="centered")
-    with pytest.raises(ValueError, match="pooling 'cls': resnet18 is not a Vision Transformer"):
+    with pytest.raises(ValueError, match="`pooling` 'cls': resnet18 is not a Vision Transformer"):
         EncoderSpec("resnet18", pooling="cls", pretrained=False).build()
 
 

@@ -172,7 +172,7 @@ def test_a_dtype_is_recorded_and_another_one_refused(built, photos, tmp_path, ca
                                            progress=False, dtype="bf16")
     assert feats[0, 0].dtype == torch.bfloat16 and fc.read_index(cache)["dtype"] == "bf16"
     torch.testing.assert_close(feats[0, 0].float(), built["feats"][0], rtol=1e-2, atol=1e-2)
-    with pytest.raises(ValueError, match="stores its features in bf16.*--feat_cache_dtype bf16"):
+    with pytest.raises(ValueError, match="stores its features in bf16.*pass `dtype` bf16"):
         fc.prepare_feature_cache(cache, photos, built["files"], SPEC, StubEncoder, num_workers=0, progress=False)
 
 

@@ -93,7 +93,7 @@ def test_null_representation_replaces_the_right_fraction_in_training():
 def test_guidance_needs_a_model_trained_for_it():
     model, diffusion, _ = build()
     assert not model.supports_guidance
-    with pytest.raises(ValueError, match="--feat_drop_prob"):
+    with pytest.raises(ValueError, match="`feat_drop_prob`"):
         _sample(model.eval(), diffusion, "ddim", 2.0, torch.randn(1, SSL_DIM))
 
 
@@ -172,7 +172,7 @@ def test_cbn_converts_to_sync_batch_norm():
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [(dict(norm_style="layer"), "--norm_style"), (dict(feat_drop_prob=1.0), "--feat_drop_prob")],
+    [(dict(norm_style="layer"), "`norm_style`"), (dict(feat_drop_prob=1.0), "`feat_drop_prob`")],
 )
 def test_invalid_options(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -182,7 +182,7 @@ def test_invalid_options(overrides, message):
 def test_options_need_a_representation():
     flags = model_and_diffusion_defaults()
     flags.update(TINY, norm_style="cbn")
-    with pytest.raises(ValueError, match="--feat_cond"):
+    with pytest.raises(ValueError, match="`feat_cond`"):
         create_model_and_diffusion(**flags, feat_cond=False, ssl_dim=SSL_DIM, G_shared=False)
 
 

@@ -238,7 +238,7 @@ def test_mismatch_message_is_short_and_names_the_flags():
     assert "40 tensors of another shape, 0 missing from the checkpoint, 2 unexpected" in message
     assert "0.weight: checkpoint [16, 8], model [8, 8]" in message
     assert "unexpected 20.weight: checkpoint [16, 16]" in message
-    assert ("saved with --image_size 64 --num_channels 128 --attention_resolutions 16,8"
+    assert ("saved with `image_size` 64 `num_channels` 128 `attention_resolutions` 16,8"
             in message)
     assert len(message.splitlines()) <= 14  # not a wall of 60 keys
 

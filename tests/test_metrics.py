@@ -206,7 +206,7 @@ def test_inception_weights_without_batch_counters_load(tmp_path):
 
 def test_missing_inception_weights_say_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(M.InceptionWeightsMissing, match="--inception_path") as err:
+    with pytest.raises(M.InceptionWeightsMissing, match="pass `path` FILE") as err:
         M.load_inception(download=False)
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / M.FID_WEIGHTS_FILE) in str(err.value)
     # An offline mirror that lacks the file: the same message, and no network is contacted.

@@ -85,7 +85,7 @@ def test_precision_choice():
     assert resolve_precision(None, use_fp16=True, device="cpu") == "bf16"
     assert resolve_precision("bf16", device="cpu") == "bf16"
     assert resolve_precision(None, use_fp16=True, device="cuda") == "fp16"
-    with pytest.raises(ValueError, match="--precision"):
+    with pytest.raises(ValueError, match="`precision`"):
         resolve_precision("int8", device="cpu")
 
 
@@ -260,7 +260,7 @@ def test_a_gpu_that_is_not_there_is_named_in_one_line():
     assert device_problem(torch.device("cpu"), 0) is None
     assert device_problem(torch.device("cuda"), 1) is None and device_problem(torch.device("cuda:1"), 2) is None
     assert device_problem(torch.device("cuda:9"), 2) == "this machine has 2 GPU(s): cuda:0 to cuda:1"
-    assert device_problem(torch.device("cuda:0"), 0) == "no GPU is available here; use --device cpu"
+    assert device_problem(torch.device("cuda:0"), 0) == "no GPU is available here; use `device` cpu"
     from guided_diffusion_rcdm.apps import benchmark
 
     assert benchmark.main(["--device", "cuda:9"]) == 2 and benchmark.main(["--device", "gpu"]) == 2

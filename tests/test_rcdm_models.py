@@ -80,9 +80,9 @@ def test_published_checkpoint_through_the_mirror_fits_the_model(tmp_path, torch_
     message = str(err.value)
     assert "1 tensors of another shape, 0 missing" in message
     assert "ssl_emb.weight: checkpoint [1024, 256], model [1024, 2048]" in message
-    assert "check --type_model and --use_head" in message
-    assert "--image_size 128 --learn_sigma True" in message.replace(
-        "--diffusion_steps 1000 ", "").replace("--class_cond False ", "")
+    assert "check `type_model` and `use_head`" in message
+    assert "`image_size` 128 `learn_sigma` True" in message.replace(
+        "`diffusion_steps` 1000 ", "").replace("`class_cond` False ", "")
 
 
 def test_wrong_flags_against_a_published_layout(tmp_path):

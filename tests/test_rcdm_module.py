@@ -169,7 +169,7 @@ def test_plain_state_dict_takes_its_flags_from_the_command_line(files):
 
 
 def test_an_encoder_of_another_width_is_refused_with_the_reason(files):
-    with pytest.raises(UsageError, match=r"--type_model resnet50 gives 2048-d representations.*512-d"):
+    with pytest.raises(UsageError, match=r"`type_model` resnet50 gives 2048-d representations.*512-d"):
         RCDM(model_path=files["ckpt"], type_model="resnet50", pretrained_encoder=False, progress=False)
 
 

@@ -116,7 +116,7 @@ def test_respacing_for_dpm_solver_is_even_in_log_snr():
     assert respace_for_sampler(diffusion, "ddim", 25).timestep_map == sorted(
         create_gaussian_diffusion(steps=1000, timestep_respacing="25").timestep_map
     )
-    with pytest.raises(ValueError, match="--steps"):
+    with pytest.raises(ValueError, match="`steps` must be between 1 and"):
         respace_for_sampler(diffusion, "ddim", 0)
 
 

@@ -157,7 +157,7 @@ def test_feature_cache_encodes_once_and_matches_the_encoder(photos, encoder, tmp
     with pytest.raises(ValueError, match="was made with encoder"):
         prepare_feature_cache(str(tmp_path / "cache"), photos, files, {**info, "input_size": 64}, make)
     # the encoder's precision is part of the cache's identity: fp32 features are not passed off as bf16
-    with pytest.raises(ValueError, match="holds fp32 representations.*--encoder_precision fp32"):
+    with pytest.raises(ValueError, match="holds fp32 representations.*`encoder_precision` fp32"):
         prepare_feature_cache(str(tmp_path / "cache"), photos, files, info, make, precision="bf16")
     assert load_cache(str(tmp_path / "cache"))["encoder_precision"] == "fp32"
 

@@ -362,11 +362,11 @@ def test_wrong_layouts_are_one_clear_line(tmp_path):
 
 def test_bad_choices_are_one_clear_line():
     for kwargs, words in [
-        ({"use_head": True}, "--use_head: mae_vitb16 has no projector head"),
-        ({"pooling": "max"}, "--encoder_pooling 'max'"),
-        ({"input_size": 100}, "--encoder_input_size 100: mae_vitb16 needs a multiple of its patch size 16 (e.g. 96)"),
+        ({"use_head": True}, "`use_head`: mae_vitb16 has no projector head"),
+        ({"pooling": "max"}, "`pooling` 'max'"),
+        ({"input_size": 100}, "`input_size` 100: mae_vitb16 needs a multiple of its patch size 16 (e.g. 96)"),
         ({"use_head": True, "pooling": "mean_patch", "model": "dino_vits16"},
-         "--use_head with --encoder_pooling mean_patch"),
+         "`use_head` with `pooling` mean_patch"),
     ]:
         with pytest.raises(ValueError) as err:
             get_model(kwargs.pop("model", "mae_vitb16"), pretrained=False, **kwargs)

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..cli.flags import Flag, Parser, add_flags
 from ..cli.flags import parse_args as parse_flags
-from ..cli.policy import check_out_dir
+from ..cli.policy import check_out_dir, flag_message
 from ..errors import UsageError
 from ..fileio import atomic_write_text
 from ..precision import (
@@ -460,7 +460,7 @@ def main(argv=None, prog: str | None = None) -> int:
     args = parse_flags(parser, argv)
 
     def refuse(message: str) -> int:
-        print(f"{parser.prog}: error: {message}", file=sys.stderr, flush=True)
+        print(f"{parser.prog}: error: {flag_message(message, parser)}", file=sys.stderr, flush=True)
         return 2
 
     smoke_sets = ("configs", "batch_sizes", "iters", "warmup", "sample_batch", "train_batch", "measure_sampling")

@@ -48,7 +48,7 @@ from PIL import Image
 from .. import metrics
 from ..cli import sampling as su
 from ..cli.flags import Flag, Parser, add_flags
-from ..cli.policy import run_main
+from ..cli.policy import flag_message, run_main
 from ..errors import UsageError, UserError
 from ..image_datasets import IMAGE_EXTENSIONS, find_images, load_rgb_image, model_input
 from ..RCDM import RCDM
@@ -393,7 +393,7 @@ def _in_page(gr, fn: Callable) -> Callable:
         try:
             return fn(*args[:len(params)], **kwargs)
         except (UserError, ValueError) as err:
-            raise gr.Error(" ".join(str(err).split()) or type(err).__name__) from None
+            raise gr.Error(flag_message(" ".join(str(err).split())) or type(err).__name__) from None
 
     # The API's parameter names are `fn`'s; the progress bar follows the library's tqdm bars.
     progress = inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -695,4 +695,4 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = create_argparser(prog)
     args = parser.parse_args(argv)
-    return run_main(lambda: run(args), parser.prog)
+    return run_main(lambda: run(args), parser.prog, parser)

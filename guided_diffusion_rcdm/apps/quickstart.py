@@ -856,4 +856,4 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = create_argparser(prog)
     args = parser.parse_args(argv)
     command = shlex.join([*(prog.split() if prog else ["python", "scripts/quickstart.py"]), *argv])
-    return run_main(lambda: run(settings_from_args(args), command), parser.prog)
+    return run_main(lambda: run(settings_from_args(args), command), parser.prog, parser)

@@ -214,7 +214,8 @@ def table(r: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = create_argparser(prog).parse_args(argv)
+    parser = create_argparser(prog)
+    args = parser.parse_args(argv)
 
     def go() -> None:
         r = run(args)
@@ -223,4 +224,4 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             Path(args.out_json).write_text(json.dumps(r, indent=1))
             print(f"curves written to {args.out_json}")
 
-    return run_main(go, prog or "warm_start_benchmark")
+    return run_main(go, prog or "warm_start_benchmark", parser)

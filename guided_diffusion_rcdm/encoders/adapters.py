@@ -74,7 +74,7 @@ def _import(source: str):
         return importlib.import_module(module)
     except ImportError as err:
         install = f'pip install "guided-diffusion-rcdm[{extra}]"' if extra else f"pip install {module}"
-        raise MissingPackageError(f"--type_model {source}:...: needs the {module} package, which is not "
+        raise MissingPackageError(f"`type_model` {source}:...: needs the {module} package, which is not "
                                   f"installed ({err}): {install}") from None
 
 
@@ -109,7 +109,7 @@ def canonical_name(name: str) -> str:
 def _timm_create(name: str, pretrained: bool, weights: str) -> nn.Module:
     timm = _import("timm")
     if name not in timm.list_models(pretrained=False) and name not in timm.list_pretrained():
-        raise UsageError(f"--type_model timm:{name}: timm {timm.__version__} has no such model "
+        raise UsageError(f"`type_model` timm:{name}: timm {timm.__version__} has no such model "
                          "(timm.list_models() lists them)")
     if weights:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=weights))
@@ -125,9 +125,9 @@ def _timm_create(name: str, pretrained: bool, weights: str) -> nn.Module:
         cfg = timm.models.get_pretrained_cfg(name)
         where = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or name
         raise MissingInputError(
-            f"--type_model timm:{name}: its trained weights are not on this machine ({type(err).__name__}): "
+            f"`type_model` timm:{name}: its trained weights are not on this machine ({type(err).__name__}): "
             f"fetch them into the Hugging Face cache {hf_cache_dir()} (e.g. `hf download {where}` where "
-            "there is a network), or pass the file with --encoder_weights FILE, or --pretrained_encoder "
+            "there is a network), or pass the file with `weights` FILE, or `pretrained` "
             "False for random weights") from None
 
 
@@ -141,10 +141,10 @@ class TimmEncoder(nn.Module):
         if pooling:
             prefix = getattr(model, "num_prefix_tokens", None)
             if prefix is None:
-                raise UsageError(f"--encoder_pooling {pooling}: {type(model).__name__} has no tokens; leave "
-                                 "--encoder_pooling out (its own pooled features)")
+                raise UsageError(f"`pooling` {pooling}: {type(model).__name__} has no tokens; leave "
+                                 "`pooling` out (its own pooled features)")
             if pooling == "cls" and prefix < 1:
-                raise UsageError(f"--encoder_pooling cls: {type(model).__name__} has no class token; use "
+                raise UsageError(f"`pooling` cls: {type(model).__name__} has no class token; use "
                                  "mean_patch or leave it out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,17 +181,17 @@ def _hf_location(name: str, revision: str) -> dict[str, Any]:
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UsageError(f"--type_model hf:{name}: the folder has no config.json; save the model there with "
+            raise UsageError(f"`type_model` hf:{name}: the folder has no config.json; save the model there with "
                              "model.save_pretrained(FOLDER) and its processor with processor.save_pretrained(FOLDER)")
         return dict(pretrained_model_name_or_path=path)
     if os.sep in name.strip("/").replace("/", "", 1) or name.startswith((".", "/", "~")):
-        raise MissingInputError(f"--type_model hf:{name}: no such folder")
+        raise MissingInputError(f"`type_model` hf:{name}: no such folder")
     return dict(pretrained_model_name_or_path=name, revision=revision or None, local_files_only=hf_offline())
 
 
 def _hf_missing(name: str, err: Exception) -> UserError:
     return MissingInputError(
-        f"--type_model hf:{name}: not in the Hugging Face cache {hf_cache_dir()} ({type(err).__name__}): fetch "
+        f"`type_model` hf:{name}: not in the Hugging Face cache {hf_cache_dir()} ({type(err).__name__}): fetch "
         f"it with `hf download {name}` where there is a network (or unset HF_HUB_OFFLINE), or save it with "
         "save_pretrained to a folder and pass hf:FOLDER")
 
@@ -201,10 +201,10 @@ def _hf_call(name: str, what: str, call: Callable[[], Any]) -> Any:
         return call()
     except OSError as err:  # transformers' "not found" (cache, folder or hub) is an OSError
         if os.path.isdir(os.path.expanduser(name)):
-            raise UsageError(f"--type_model hf:{name}: {what}: {' '.join(str(err).split())[:300]}") from None
+            raise UsageError(f"`type_model` hf:{name}: {what}: {' '.join(str(err).split())[:300]}") from None
         raise _hf_missing(name, err) from None
     except ValueError as err:  # a config of no vision model / no image processor
-        raise UsageError(f"--type_model hf:{name}: {what}: {' '.join(str(err).split())[:300]}") from None
+        raise UsageError(f"`type_model` hf:{name}: {what}: {' '.join(str(err).split())[:300]}") from None
 
 
 def _hf_preprocess(name: str, revision: str) -> Preprocess:
@@ -214,7 +214,7 @@ def _hf_preprocess(name: str, revision: str) -> Preprocess:
                          lambda: transformers.AutoImageProcessor.from_pretrained(**where))
     mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
     if mean is None or std is None:
-        raise UsageError(f"--type_model hf:{name}: its processor {type(processor).__name__} is not an image "
+        raise UsageError(f"`type_model` hf:{name}: its processor {type(processor).__name__} is not an image "
                          "processor with a mean and std (not a vision model?)")
     size = None
     if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
@@ -233,13 +233,13 @@ class HFEncoder(nn.Module):
         self.model, self.pooling = model, pooling
         self.projects = hasattr(model, "get_image_features")
         if not self.projects and getattr(model, "main_input_name", "") != "pixel_values":
-            raise UsageError(f"--type_model hf:{name}: {type(model).__name__} is not a vision model (it takes "
+            raise UsageError(f"`type_model` hf:{name}: {type(model).__name__} is not a vision model (it takes "
                              f"{getattr(model, 'main_input_name', '?')}, not pixel_values)")
         config = getattr(model.config, "vision_config", model.config)
         self.patch = getattr(config, "patch_size", None)
         if pooling and not self.patch:
-            raise UsageError(f"--encoder_pooling {pooling}: {type(model).__name__} has no patch tokens; leave "
-                             "--encoder_pooling out (its pooled output)")
+            raise UsageError(f"`pooling` {pooling}: {type(model).__name__} has no patch tokens; leave "
+                             "`pooling` out (its pooled output)")
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         tower = getattr(self.model, "vision_model", self.model) if self.projects else self.model
@@ -248,7 +248,7 @@ class HFEncoder(nn.Module):
         prefix = tokens.shape[1] - (x.shape[-2] // patch) * (x.shape[-1] // patch)
         if self.pooling == "cls":
             if prefix < 1:
-                raise UsageError(f"--encoder_pooling cls: {type(self.model).__name__} has no class token; use "
+                raise UsageError(f"`pooling` cls: {type(self.model).__name__} has no class token; use "
                                  "mean_patch or leave it out")
             return tokens[:, 0]
         return tokens[:, prefix:].mean(1)
@@ -264,7 +264,7 @@ class HFEncoder(nn.Module):
             value = getattr(out, key, None)
             if value is not None:
                 return value.flatten(1)
-        raise UsageError(f"{type(self.model).__name__} has no pooled output: pass --encoder_pooling "
+        raise UsageError(f"{type(self.model).__name__} has no pooled output: pass `pooling` "
                          "mean_patch (or cls)")
 
 
@@ -291,7 +291,7 @@ def _hf_create(name: str, pretrained: bool, revision: str) -> tuple[nn.Module, s
         cls_ = cls
     if cls_ is not None and not hasattr(cls_, "get_image_features") \
             and getattr(cls_, "main_input_name", "pixel_values") != "pixel_values":
-        raise UsageError(f"--type_model hf:{name}: {cls_.__name__} is not a vision model (it takes "
+        raise UsageError(f"`type_model` hf:{name}: {cls_.__name__} is not a vision model (it takes "
                          f"{cls_.main_input_name}, not pixel_values)")
     if pretrained:
         progress = transformers.utils.logging.is_progress_bar_enabled()
@@ -331,14 +331,14 @@ def _open_clip_model(rest: str, weights: str, pretrained: bool):
     open_clip = _import("open_clip")
     arch, tag = _open_clip_parts(rest, weights)
     if arch not in open_clip.list_models():
-        raise UsageError(f"--type_model open_clip:{arch}: OpenCLIP has no such architecture "
+        raise UsageError(f"`type_model` open_clip:{arch}: OpenCLIP has no such architecture "
                          "(open_clip.list_models() lists them)")
     if pretrained and tag is None:
-        raise UsageError(f"--type_model open_clip:{arch} names no weights: add :TAG "
-                         "(open_clip.list_pretrained_tags_by_model) or :FILE, or pass --pretrained_encoder False "
+        raise UsageError(f"`type_model` open_clip:{arch} names no weights: add :TAG "
+                         "(open_clip.list_pretrained_tags_by_model) or :FILE, or pass `pretrained` False "
                          "for random weights")
     if tag and not os.path.isfile(tag) and (os.sep in tag or tag.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-        raise MissingInputError(f"--type_model open_clip:{rest}: no such weights file {tag}")
+        raise MissingInputError(f"`type_model` open_clip:{rest}: no such weights file {tag}")
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
@@ -353,12 +353,12 @@ def _open_clip_model(rest: str, weights: str, pretrained: bool):
             arch, pretrained=tag if pretrained else None, **extra), None, arch)
     except (LocalEntryNotFoundError, OSError) as err:
         raise MissingInputError(
-            f"--type_model open_clip:{rest}: the weights are not on this machine ({type(err).__name__}): fetch "
+            f"`type_model` open_clip:{rest}: the weights are not on this machine ({type(err).__name__}): fetch "
             f"them into the Hugging Face cache {hf_cache_dir()} where there is a network, or pass a local file "
             f"as open_clip:{arch}:FILE") from None
     except RuntimeError as err:
         if "pretrained" in str(err).lower() or "tag" in str(err).lower():
-            raise UsageError(f"--type_model open_clip:{rest}: {' '.join(str(err).split())[:300]}") from None
+            raise UsageError(f"`type_model` open_clip:{rest}: {' '.join(str(err).split())[:300]}") from None
         raise
 
 
@@ -390,21 +390,21 @@ class OpenCLIPEncoder(nn.Module):
 def _call_factory(rest: str) -> tuple[nn.Module, Preprocess]:
     module_name, sep, attr = rest.rpartition(":")
     if not sep or not module_name or not attr:
-        raise UsageError(f"--type_model py:{rest}: spell it py:package.module:factory")
+        raise UsageError(f"`type_model` py:{rest}: spell it py:package.module:factory")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise UsageError(f"--type_model py:{rest}: cannot import {module_name} ({err}); put it on PYTHONPATH") from None
+        raise UsageError(f"`type_model` py:{rest}: cannot import {module_name} ({err}); put it on PYTHONPATH") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise UsageError(f"--type_model py:{rest}: {module_name} has no function {attr}")
+        raise UsageError(f"`type_model` py:{rest}: {module_name} has no function {attr}")
     try:
         out = factory()
     except Exception as err:  # the user's code, whatever it raises: one line naming it
-        raise UsageError(f"--type_model py:{rest}: the factory raised {type(err).__name__}: {err}") from None
+        raise UsageError(f"`type_model` py:{rest}: the factory raised {type(err).__name__}: {err}") from None
     model, info = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
     if not isinstance(model, nn.Module) or not isinstance(info, dict):
-        raise UsageError(f"--type_model py:{rest}: the factory must return an nn.Module or (module, dict), "
+        raise UsageError(f"`type_model` py:{rest}: the factory must return an nn.Module or (module, dict), "
                          f"not {type(out).__name__}")
     from ..image_datasets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -436,13 +436,13 @@ def build_library_encoder(name: str, *, pretrained: bool, weights: str, revision
     and what identifies its weights: `revision` (HF commit) and/or `weights_file` (to hash)."""
     source, rest = split_name(name)
     if weights and source not in ("timm", "open_clip"):
-        raise UsageError(f"--encoder_weights: {source}: encoders take their weights from "
+        raise UsageError(f"`weights`: {source}: encoders take their weights from "
                          + ("the folder or repo" if source == "hf" else "the factory"))
     if weights and not os.path.isfile(weights):
-        raise MissingInputError(f"--encoder_weights {weights}: no such file")
+        raise MissingInputError(f"`weights` {weights}: no such file")
     if pooling and source in ("open_clip", "py"):
-        raise UsageError(f"--encoder_pooling {pooling}: {source}: encoders give one representation "
-                         "(leave --encoder_pooling out)")
+        raise UsageError(f"`pooling` {pooling}: {source}: encoders give one representation "
+                         "(leave `pooling` out)")
     ident: dict[str, str] = {}
     if source == "timm":
         module = TimmEncoder(_timm_create(rest, pretrained, weights), pooling)

@@ -548,7 +548,7 @@ def fetch_weights(model: str) -> str:
         return _download_published(key, use_head=False)[0]
     source = weights_file(model)
     if source is None:
-        raise UsageError(f"--type_model {model}: not a published encoder or torchvision model")
+        raise UsageError(f"`type_model` {model}: not a published encoder or torchvision model")
     return str(hub.download(source[0], file_name=source[1]))
 
 
@@ -577,10 +577,10 @@ def head_problem(model: str) -> str | None:
     key = model.lower()
     if key in vit_encoders.VIT_ENCODERS and not vit_encoders.VIT_ENCODERS[key].has_head:
         with_head = ", ".join(n for n, spec in vit_encoders.VIT_ENCODERS.items() if spec.has_head)
-        return (f"--use_head: {model} has no projector head (its method publishes none); leave --use_head "
+        return (f"`use_head`: {model} has no projector head (its method publishes none); leave `use_head` "
                 f"out, or choose an encoder with one (dino, simclr, barlow, vicreg, {with_head})")
     if key not in ENCODER_NAMES and key in torchvision_names():
-        return (f"--use_head: {model} is a torchvision classifier, without a projector head; leave --use_head "
+        return (f"`use_head`: {model} is a torchvision classifier, without a projector head; leave `use_head` "
                 "out, or choose an encoder with one (dino, simclr, barlow, vicreg)")
     return None
 
@@ -593,8 +593,8 @@ def _vit_encoder(trunk: nn.Module, head: nn.Module | None, use_head: bool) -> Fr
 
 def _no_pooling_choice(model: str, pooling: str) -> None:
     if pooling:
-        raise UsageError(f"--encoder_pooling {pooling!r}: {model} is not a Vision Transformer; its features "
-                         "are pooled one way (leave --encoder_pooling out)")
+        raise UsageError(f"`pooling` {pooling!r}: {model} is not a Vision Transformer; its features "
+                         "are pooled one way (leave `pooling` out)")
 
 
 def get_model(model: str = "dino", use_head: bool = False, pretrained: bool = True, *,
@@ -625,10 +625,10 @@ def get_model(model: str = "dino", use_head: bool = False, pretrained: bool = Tr
         return _torchvision_encoder(key, pretrained)
     if _looks_like_path(model):
         if not os.path.isfile(model):
-            raise MissingInputError(f"--type_model {model}: no such checkpoint file")
+            raise MissingInputError(f"`type_model` {model}: no such checkpoint file")
         return _local_encoder(model, use_head, pooling, input_size)
     raise UsageError(
-        f"unknown --type_model {model!r}. Use one of the published encoders "
+        f"unknown `type_model` {model!r}. Use one of the published encoders "
         f"({', '.join(ENCODER_NAMES)}), a Vision Transformer ({', '.join(vit_encoders.VIT_ENCODERS)}), "
         f"a torchvision classification model ({', '.join(torchvision_names())}), or the path of a "
         "local checkpoint file."

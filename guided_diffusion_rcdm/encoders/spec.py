@@ -136,7 +136,7 @@ class EncoderSpec:
     def __post_init__(self) -> None:
         name = str(self.name)
         if not name:
-            raise UsageError("--type_model is empty: name an encoder (e.g. dino) or a checkpoint file")
+            raise UsageError("`type_model` is empty: name an encoder (e.g. dino) or a checkpoint file")
         set_ = object.__setattr__  # frozen: fill the native choices once, here
         name = adapters.canonical_name(name)
         set_(self, "name", name)
@@ -148,16 +148,16 @@ class EncoderSpec:
         set_(self, "revision", str(self.revision or ""))
         if self.source:
             if self.use_head:
-                raise UsageError(f"--use_head: {name} gives the library's own representation; leave --use_head out")
+                raise UsageError(f"`use_head`: {name} gives the library's own representation; leave `use_head` out")
             if self.weights and not os.path.isfile(self.weights):
-                raise MissingInputError(f"--encoder_weights {weights}: no such file")
+                raise MissingInputError(f"`weights` {weights}: no such file")
             if not (self.input_normalize and self.input_size):
                 native = adapters.native_preprocess(name, self.weights, self.revision, self.pretrained)
                 set_(self, "input_normalize", str(self.input_normalize or native.normalize))
                 set_(self, "input_size", int(self.input_size or native.input_size))
         elif self.weights or self.revision:
-            raise UsageError(f"--encoder_weights: {name} takes no separate weights file (only timm: and "
-                             "open_clip: models do); name the checkpoint file with --type_model")
+            raise UsageError(f"`weights`: {name} takes no separate weights file (only timm: and "
+                             "open_clip: models do); name the checkpoint file with `type_model`")
         set_(self, "pooling", str(self.pooling or native_pooling(name)))
         set_(self, "input_normalize", str(self.input_normalize or native_input_normalize(name)))
         set_(self, "input_size", int(self.input_size or native_input_size(name)))
@@ -168,12 +168,12 @@ class EncoderSpec:
         try:
             parse_normalization(self.input_normalize)
         except UsageError:
-            raise UsageError(f"--encoder_normalize {self.input_normalize!r}: choose one of "
+            raise UsageError(f"`input_normalize` {self.input_normalize!r}: choose one of "
                              f"{', '.join(INPUT_NORMALIZATIONS)} or mean=R,G,B;std=R,G,B") from None
         if self.input_size < 1:
-            raise UsageError(f"--encoder_input_size {self.input_size}: must be a positive number of pixels")
+            raise UsageError(f"`input_size` {self.input_size}: must be a positive number of pixels")
         if self.pooling not in POOLINGS:
-            raise UsageError(f"--encoder_pooling {self.pooling!r}: choose one of "
+            raise UsageError(f"`pooling` {self.pooling!r}: choose one of "
                              f"{', '.join(p for p in POOLINGS if p)} (or leave it out)")
 
     @property
@@ -262,7 +262,7 @@ class EncoderSpec:
         except ValueError as err:
             if not self.source:
                 raise
-            raise UsageError(f"--type_model {self.name}: {err}") from None
+            raise UsageError(f"`type_model` {self.name}: {err}") from None
         encoder.spec = spec.with_width(width)
         return encoder
 
@@ -273,7 +273,7 @@ class EncoderSpec:
             return ""
         digest = hub.file_sha256(path)
         if self.weights_sha256 and digest != self.weights_sha256:
-            raise UsageError(f"--type_model {self.name}: the weights file {path} has SHA-256 {digest[:12]}..., "
+            raise UsageError(f"`type_model` {self.name}: the weights file {path} has SHA-256 {digest[:12]}..., "
                              f"not the recorded {self.weights_sha256[:12]}...: it changed since the checkpoint "
                              "or cache was made; put the original file back")
         return digest

@@ -460,15 +460,15 @@ def load_vit(spec: ViTSpec | str, obj=None, *, pooling: str = "cls", use_head: b
     random weights, no file). The head is built only with `use_head`."""
     spec = vit_spec(spec) if isinstance(spec, str) else spec
     if pooling not in POOLINGS:
-        raise UsageError(f"--encoder_pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+        raise UsageError(f"`pooling` {pooling!r}: choose one of {', '.join(POOLINGS)}")
     if use_head and not spec.has_head:
-        raise UsageError(f"--use_head: {spec.name} has no projector head ({FAMILY_NAMES[spec.family]} "
-                         "publishes none); leave it out (its CLS token) or use --encoder_pooling mean_patch")
+        raise UsageError(f"`use_head`: {spec.name} has no projector head ({FAMILY_NAMES[spec.family]} "
+                         "publishes none); leave it out (its CLS token) or use `pooling` mean_patch")
     if use_head and pooling != "cls":
-        raise UsageError(f"--use_head with --encoder_pooling {pooling}: {spec.name}'s projector head reads "
+        raise UsageError(f"`use_head` with `pooling` {pooling}: {spec.name}'s projector head reads "
                          "the CLS token; leave one of them out")
     if input_size % spec.patch:
-        raise UsageError(f"--encoder_input_size {input_size}: {spec.name} needs a multiple of its patch size "
+        raise UsageError(f"`input_size` {input_size}: {spec.name} needs a multiple of its patch size "
                          f"{spec.patch} (e.g. {max(1, round(input_size / spec.patch)) * spec.patch})")
     where = f"{source}: " if source else ""
     trunk_sd = head_sd = None
