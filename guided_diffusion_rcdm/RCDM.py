@@ -387,8 +387,8 @@ class RCDM(nn.Module):
         neighbor_feats = self.neighbor_features(neighbor_feats)
         if neighbor_feats.shape[0] < n_neighbors:
             raise UsageError(
-                f"--n_neighbors {n_neighbors}: only {neighbor_feats.shape[0]} neighbour images to "
-                "choose from; add images to --folder_nn_path or lower --n_neighbors"
+                f"`n_neighbors` {n_neighbors}: only {neighbor_feats.shape[0]} neighbour images to "
+                "choose from; add images to `neighbor_feats` or lower `n_neighbors`"
             )
         source = self.features(feat_source)[:1]
         target = self.features(feat_target)[:1]

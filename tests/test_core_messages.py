@@ -86,12 +86,12 @@ ALLOWED = [
     # The `rcdm` dispatcher: the command line itself (a top-level module, like the applications).
     ("__main__.py", ""),
     # Help texts of the model flags (argparse help, read with --help).
-    ("script_util.py", "when --num_head_channels is -1"),
-    ("script_util.py", "(-1: --num_heads)"),
-    ("script_util.py", "overriding --num_heads"),
-    ("script_util.py", "default: by --image_size"),
-    ("script_util.py", "with --norm_style cbn: width"),
-    ("script_util.py", "(enables --guidance_scale when sampling"),
+    ("config.py", "when --num_head_channels is -1"),
+    ("config.py", "(-1: --num_heads)"),
+    ("config.py", "overriding --num_heads"),
+    ("config.py", "default: by --image_size"),
+    ("config.py", "with --norm_style cbn: width"),
+    ("config.py", "(enables --guidance_scale when sampling"),
     # Argparse helpers: they declare `--key` options and format flags for a command's log line.
     ("script_util.py", "--"),  # add_dict_to_argparser's f"--{k}"
     ("hub.py", "--"),  # format_flags' f"--{k} ...", used by `rcdm train`'s log
@@ -103,13 +103,6 @@ ALLOWED = [
     ("precision.py", "--precision auto picks"),
     ("train_util.py", "resuming: --init_from "),
     ("loading.py", "--"),  # the ignored-architecture-flags warning, f"--{k} {value} (checkpoint: ...)"
-    # RCDM.py's messages change with its rewrite into SamplingConfig / one construction path.
-    ("RCDM.py", "--sampler "),
-    ("RCDM.py", "--steps must be at least 1"),
-    ("RCDM.py", "--guidance_scale "),
-    ("RCDM.py", " needs a model trained with --feat_drop_prob > 0"),
-    ("RCDM.py", "--n_neighbors "),
-    ("RCDM.py", "add images to --folder_nn_path or lower --n_neighbors"),
 ]
 FLAG = re.compile(r"(?<![\w-])--([a-z]|$)")  # `--steps`, or `--` before an f-string's {name}
 

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from guided_diffusion_rcdm.config import ModelConfig
 from guided_diffusion_rcdm import get_rcdm_models as rcdm
 from guided_diffusion_rcdm import hub
 from guided_diffusion_rcdm.encoders import EncoderSpec
@@ -47,7 +48,8 @@ def test_the_nine_published_urls():
 
 
 def test_published_meta_matches_the_reference():
-    assert {k: v for k, v in rcdm.MODEL_FLAGS_128.items()} == REFERENCE["flags"]
+    # the original's flags, the rest at their defaults: the same configuration
+    assert ModelConfig(**rcdm.MODEL_FLAGS_128) == ModelConfig(**REFERENCE["flags"])
     for name in ("simclr", "barlow", "vicreg", "dino"):
         head = rcdm.published_meta(name, True)["model_flags"]["ssl_dim"]
         trunk = rcdm.published_meta(name, False)["model_flags"]["ssl_dim"]
@@ -81,8 +83,7 @@ def test_published_checkpoint_through_the_mirror_fits_the_model(tmp_path, torch_
     assert "1 tensors of another shape, 0 missing" in message
     assert "ssl_emb.weight: checkpoint [1024, 256], model [1024, 2048]" in message
     assert "check `type_model` and `use_head`" in message
-    assert "`image_size` 128 `learn_sigma` True" in message.replace(
-        "`diffusion_steps` 1000 ", "").replace("`class_cond` False ", "")
+    assert "`image_size` 128 " in message and "`learn_sigma` True " in message
 
 
 def test_wrong_flags_against_a_published_layout(tmp_path):

@@ -138,7 +138,7 @@ def test_manipulate_changes_only_the_shared_dimensions(rcdm, files):
     assert torch.equal(moved[dims], feats[2][dims]) and torch.equal(moved[others], original[others])
     assert int(out["neighbors"][0]) == 0  # the source is in the folder: its own nearest neighbour
     assert out["samples"].shape == (3, 2, 3, 32, 32)
-    with pytest.raises(UsageError, match="--n_neighbors 5: only 3"):
+    with pytest.raises(UsageError, match="`n_neighbors` 5: only 3"):
         rcdm.manipulate(feats[0], feats[2], feats, n_neighbors=5, n_common=2)
 
 

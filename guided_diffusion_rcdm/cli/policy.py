@@ -42,6 +42,7 @@ KEYWORD_FLAGS = {
     "path": "--inception_path",       # metrics.load_inception / inception_weights_path
     "cache_dir": "--feat_cache",      # feature_cache.prepare_feature_cache
     "dtype": "--feat_cache_dtype",    # feature_cache.prepare_feature_cache
+    "neighbor_feats": "--folder_nn_path",  # RCDM.manipulate
 }
 _KEYWORD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
