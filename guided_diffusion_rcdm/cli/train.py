@@ -36,7 +36,7 @@ from ..script_util import (
     recorded_model_flags,
 )
 from ..run_control import lock_out_dir
-from ..train_util import TrainLoop, conditioned_batches, list_checkpoint_steps
+from ..train_util import TrainLoop, check_resume_weights, conditioned_batches, list_checkpoint_steps
 from .flags import ENCODER_FLAGS, ORIGINAL_NO_EFFECT, SPEED_FLAGS, Parser, add_flags
 from .policy import check_out_dir, run_command
 
@@ -89,6 +89,7 @@ def check_inputs(args) -> ImageListing:
         check_out_dir(args.feat_cache, "--feat_cache")  # a folder; not a file, nor under one
     if args.resume_checkpoint and not bf.exists(args.resume_checkpoint):
         raise MissingInputError(f"--resume_checkpoint {args.resume_checkpoint}: no such file")
+    check_resume_weights(args.out_dir, args.resume_checkpoint)  # unreadable or NaN: before the log opens
     return listing
 
 
