@@ -15,6 +15,7 @@ link, one training run per folder, and disk-full errors that say which file and 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import json
 import os
@@ -106,7 +107,7 @@ def disk_full_error(path: str, needed: Optional[int] = None) -> DiskFullError:
     need = f", about {format_bytes(needed)} needed" if needed else ""
     return _error(
         DiskFullError, errno.ENOSPC,
-        f"no space left to write {path} ({room} in {folder}{need}); nothing was written: free "
+        f"no space left to write {path} ({room} in {folder}{need}); the file was not written: free "
         "some space or choose another folder, then run again",
     )
 
@@ -181,11 +182,75 @@ def atomic_write(path: str, write: Callable, *, text: bool = False,
             raise
         if check is not None:
             check(tmp)
+        if _GROUPS:  # put in place with the other files of the group, or removed with them
+            _GROUPS[-1].append((tmp, path))
+            tmp = ""
+            return
         os.replace(tmp, path)
     finally:
-        if os.path.lexists(tmp):
+        if tmp and os.path.lexists(tmp):
             os.remove(tmp)
     _fsync_folder(folder)
+
+
+_GROUPS: list[list[tuple[str, str]]] = []
+
+
+@contextlib.contextmanager
+def all_or_nothing():
+    """Within it, the files `atomic_write` writes (and `save_npz`, `save_image`, ...) stay under their
+    temporary names; they are renamed into place together when the block ends without an error,
+    and removed when it raises (a full disk at the second output leaves neither). Not for files
+    that other processes must see before the end."""
+    group: list[tuple[str, str]] = []
+    _GROUPS.append(group)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in group:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
+    finally:
+        _GROUPS.remove(group)
+    for tmp, path in group:
+        os.replace(tmp, path)
+    for folder in dict.fromkeys(os.path.dirname(path) for _, path in group):
+        _fsync_folder(folder)
+
+
+@contextlib.contextmanager
+def whole_run_or_nothing(folder: str, on_failure: Callable[[], Any] | None = None, appends: tuple = ()):
+    """The part of a command that writes in `folder`: its outputs are put in place together
+    (`all_or_nothing`), and when the block raises (a full disk, Ctrl-C) the files it created in
+    `folder` (a new log, say) and `folder` itself, if it created it, are removed too, after
+    `on_failure()` (e.g. closing the log). A `DiskFullError` then says that nothing of the run was
+    kept, or, where a file named in `appends` (a log) was there before, only the lines it added."""
+    folder = os.path.abspath(folder)
+    existed = os.path.isdir(folder)
+    before = set(os.listdir(folder)) if existed else set()
+    try:
+        with all_or_nothing():
+            yield
+    except BaseException as err:
+        if on_failure is not None:
+            on_failure()
+        kept = []
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            for name in sorted(os.listdir(folder)):
+                path = os.path.join(folder, name)
+                if name not in before and (os.path.islink(path) or os.path.isfile(path)):
+                    os.remove(path)
+                elif name not in before:
+                    kept.append(name)
+            if not existed and not os.listdir(folder):
+                os.rmdir(folder)
+        if isinstance(err, DiskFullError) and not kept:
+            added = [name for name in appends if name in before]
+            left = f"nothing of this run was kept in {folder}" + (
+                f" but the lines it added to {', '.join(added)}" if added else "")
+            raise _error(DiskFullError, err.errno or errno.ENOSPC, f"{err} ({left})") from None
+        raise
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

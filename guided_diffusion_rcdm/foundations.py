@@ -75,6 +75,15 @@ class Foundation:
     def file_name(self) -> str:
         return os.path.basename(self.url)
 
+    def build(self, class_cond: bool | None = None) -> torch.nn.Module:
+        """The UNet of the published file (its flags, classes and representation width); call it
+        under `torch.device("meta")` to get the architecture alone."""
+        from .script_util import create_model_and_diffusion
+
+        return create_model_and_diffusion(
+            **self.flags, class_cond=self.class_cond if class_cond is None else class_cond,
+            feat_cond=self.ssl_dim is not None, ssl_dim=self.ssl_dim or 2048)[0]
+
 
 def _openai(name: str, file_name: str, class_cond: bool, **flags: Any) -> Foundation:
     return Foundation(name, OPENAI_BASE_URL + file_name, flags, class_cond=class_cond)
@@ -169,7 +178,9 @@ def load_foundation(init_from: str, *, progress: bool = True) -> FoundationWeigh
     that runs code when unpickled or is not a state dict, or a failed download."""
     if is_name(init_from):
         f = FOUNDATIONS[init_from]
-        verify = check_rcdm_layout if f.name.startswith("rcdm_") else hub.check_loadable
+        # the published architecture, before the file enters the download cache
+        shapes = hub.fits(f.build, f"the published {f.name} ({f.file_name()})")
+        verify = ((lambda p: (check_rcdm_layout(p), shapes(p))) if f.name.startswith("rcdm_") else shapes)
         path = str(hub.download(f.url, progress=progress, verify=verify))
         flags: dict | None = dict(f.flags)
         name: str | None = f.name
@@ -293,8 +304,7 @@ def mapping_counts(name: str, *, class_cond: bool | None = None, feat_cond: bool
 
     f = FOUNDATIONS[name]
     with torch.device("meta"):
-        source, _ = create_model_and_diffusion(**f.flags, class_cond=f.class_cond if class_cond is None else class_cond,
-                                               feat_cond=f.ssl_dim is not None, ssl_dim=f.ssl_dim or 2048)
+        source = f.build(class_cond)
         target, _ = create_model_and_diffusion(**f.flags, feat_cond=feat_cond, ssl_dim=ssl_dim)
     mapped = warm_start_state_dict(target.state_dict(), source.state_dict())
     return {"copied": len(mapped.copied), "dropped": len(mapped.dropped), "new": len(mapped.new)}

@@ -74,8 +74,25 @@ def get_dict_rcdm_model(model: str = "dino", use_head: bool = False) -> dict[str
     """The state dict of a published RCDM checkpoint, downloaded (or cached) safely."""
     key = _check_name(model)
     url = rcdm_checkpoint_url(key, _use_head(key, use_head))
-    state_dict, _ = hub.load_checkpoint(hub.download(url, verify=check_rcdm_layout))
+    path = hub.download(url, verify=published_check(key, _use_head(key, use_head)))
+    state_dict, _ = hub.load_checkpoint(path)
     return state_dict
+
+
+def published_check(model: str = "dino", use_head: bool = False):
+    """The `hub.download` check of a published RCDM file: the RCDM layout, then exactly the keys
+    and shapes of the UNet `published_meta` describes (built on the meta device), so that no other
+    architecture enters the cache under the published name."""
+    from .script_util import create_model_and_diffusion
+
+    flags = published_meta(model, use_head)["model_flags"]
+    shapes = hub.fits(lambda: create_model_and_diffusion(**flags)[0],
+                      f"the published 128x128 RCDM ({model}, ssl_dim {flags['ssl_dim']})")
+
+    def verify(path) -> None:
+        check_rcdm_layout(path)
+        shapes(path)
+    return verify
 
 
 # Keys every published RCDM checkpoint holds (the 128x128 UNet with its representation input).

@@ -344,10 +344,11 @@ def download(
     The expected SHA-256 (full digest or a prefix of at least 8 hex digits) is `sha256`, else the
     one pinned with `RCDM_SHA256_<NAME>` or a `SHA256SUMS` file (see `pinned_sha256`), else the
     published one (`expected_sha256`); when known it is verified on every use. A download must also
-    pass `verify(path)` (default: it loads as a checkpoint; callers add the expected layout) before
-    it is renamed into the cache, so a failed or wrong file never lands there. With `RCDM_MIRROR`
-    set, the URL is never contacted: a directory mirror's file is used in place, a URL mirror's
-    file is downloaded into the cache. The console says which file was used and its digest. A
+    pass `verify(path)` (default: it loads as a checkpoint; callers check the expected model's
+    keys and shapes, see `fits`) before it is renamed into the cache, so a failed or wrong file
+    (e.g. another architecture under the published name) never lands there. With `RCDM_MIRROR`
+    set, the URL is never contacted: a directory mirror's file is used in place (after the same
+    check), a URL mirror's file is downloaded into the cache. The console says which file was used and its digest. A
     file placed by hand in the cache is found under its cache name or, where that differs from the
     URL's, under the authors' name in a folder (`hand_placed_names`; `also` adds folders).
     """
@@ -372,6 +373,10 @@ def download(
     if mirror and "://" not in sources[0]:
         for candidate in sources:
             if os.path.isfile(candidate):
+                # used in place, never copied: checked like a download before it is used (and
+                # before its digest is remembered, so a refused file leaves nothing behind)
+                _run_verify(verify, Path(candidate), candidate, Path(candidate).name,
+                            "it was not used and nothing was cached")
                 digest = file_sha256(candidate)
                 _check_digest(
                     digest, expected, candidate,
@@ -439,23 +444,45 @@ def _fetch(source: str, dest: Path, expected: str | None, progress: bool, verify
             digest.hexdigest(), expected, source,
             "The download was discarded; if the mirror is right, the recorded checksum is not.",
         )
-        if verify is None:
-            return
-        try:
-            verify(Path(tmp))
-        except UnsafeCheckpointError as err:
-            raise UnsafeCheckpointError(
-                f"{str(err).replace(tmp, source)} The download was discarded; nothing was cached."
-            ) from None
-        except (CheckpointError, CheckpointMismatchError, ValueError, KeyError) as err:
-            reason = str(err).replace(tmp, dest.name).splitlines()[0]
-            raise DownloadError(
-                f"{source} is not the expected checkpoint ({reason}); it was discarded and "
-                "nothing was cached"
-            ) from None
+        _run_verify(verify, Path(tmp), source, dest.name, "it was discarded and nothing was cached")
 
     fileio.atomic_write(str(dest), download, check=check)
     return digest.hexdigest()
+
+
+def _run_verify(verify, path: Path, shown: str, name: str, outcome: str) -> None:
+    """`verify(path)` (None: no check); a file it refuses raises one line naming `shown` (the URL
+    or mirror file it came from), the reason (e.g. the first tensor of another shape) and `outcome`."""
+    if verify is None:
+        return
+    try:
+        verify(path)
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(f"{str(err).replace(str(path), shown)} {outcome[0].upper()}{outcome[1:]}.") from None
+    except (CheckpointError, CheckpointMismatchError, ValueError, KeyError) as err:
+        reason = str(err).replace(str(path), name).splitlines()[0]
+        raise DownloadError(f"{shown} is not the expected checkpoint ({reason}); {outcome}") from None
+
+
+def expect_fit(builder, state_dict: Mapping[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """`builder()` built on the meta device (no memory, no time), after checking that `state_dict`
+    has exactly its keys and shapes; else a one-line `CheckpointMismatchError` "`what` does not
+    fit: ..." naming the first tensor of another shape (file and model shapes) or missing key."""
+    with torch.device("meta"):
+        module = builder()
+    problem = fit_problem(module, state_dict)
+    if problem:
+        raise CheckpointMismatchError(f"{what} does not fit: {problem}")
+    return module
+
+
+def fits(builder, what: str):
+    """A `download(verify=...)` check: the file is a checkpoint whose state dict (see
+    `load_checkpoint`) has exactly the keys and shapes of the module `builder()` makes (e.g. the
+    published model's architecture), checked before the file enters the cache."""
+    def verify(path) -> None:
+        expect_fit(builder, load_checkpoint(path, mmap=True)[0], what)
+    return verify
 
 
 def _progress_bar(total: int | None, name: str):
@@ -750,11 +777,7 @@ def build_filled(builder, state_dict: Mapping[str, torch.Tensor] | None, what: s
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             return builder()
-    with torch.device("meta"):
-        module = builder()
-    problem = fit_problem(module, state_dict)
-    if problem:
-        raise CheckpointMismatchError(f"{what} does not fit: {problem}")
+    module = expect_fit(builder, state_dict, what)
     module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()},
                            strict=True, assign=True)
     return module
@@ -787,15 +810,22 @@ def load_state_dict_checked(
         raise CheckpointMismatchError(
             _mismatch_message(expected, state_dict, missing, unexpected, mismatched, meta, shown)
         )
-    broken = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()
-              and not v.is_meta and not bool(torch.isfinite(v).all())]
-    if broken:  # a diverged run's weights would only give NaN images
-        raise CheckpointMismatchError(
-            f"the checkpoint holds NaN or infinite weights ({len(broken)} of {len(state_dict)} tensors, "
-            f"first: {broken[0]}): it comes from a run that diverged; use an earlier checkpoint")
+    check_finite(state_dict)
     # Copying into a model built on the meta device would be a silent no-op: take the tensors.
     assign = assign or any(t.is_meta for t in expected.values())
     model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], what: str = "the checkpoint") -> None:
+    """A one-line `CheckpointMismatchError` "`what` holds NaN or infinite weights ..." when a
+    floating-point tensor of `state_dict` is not finite (a diverged run's weights would only give
+    NaN images, or train on from them)."""
+    broken = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()
+              and not v.is_meta and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointMismatchError(
+            f"{what} holds NaN or infinite weights ({len(broken)} of {len(state_dict)} tensors, "
+            f"first: {broken[0]}): it comes from a run that diverged; use an earlier checkpoint")
 
 
 def _mismatch_message(expected, state_dict, missing, unexpected, mismatched, meta, shown) -> str:

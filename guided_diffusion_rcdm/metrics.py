@@ -334,7 +334,7 @@ def inception_weights_path(path: str | None = None, *, download: bool = True) ->
     if not download and not cached.is_file() and not mirror:
         raise InceptionWeightsMissing(_missing_message("downloads are turned off"))
     try:
-        return hub.download(FID_WEIGHTS_URL, file_name=FID_WEIGHTS_FILE)
+        return hub.download(FID_WEIGHTS_URL, file_name=FID_WEIGHTS_FILE, verify=_check_inception_file)
     except hub.DownloadError as err:
         raise InceptionWeightsMissing(_missing_message(str(err).splitlines()[0])) from None
 
@@ -348,20 +348,37 @@ def _missing_message(reason: str) -> str:
     )
 
 
+def _inception_state_dict(obj, model: nn.Module) -> dict:
+    """The state dict in a weights file (plain, `{"state_dict": ...}` or the project's own), as fp32,
+    with the batch counters `model` has and files saved before BatchNorm counted batches lack."""
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if isinstance(obj, dict) and obj.get("format") == hub.CHECKPOINT_FORMAT:
+        sd = obj["state_dict"]
+    if not hub._is_state_dict(sd):
+        raise hub.CheckpointError(f"not a state dict of the FID Inception network (found {type(sd).__name__})")
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    for key in model.state_dict():
+        if key.endswith("num_batches_tracked") and key not in sd:
+            sd[key] = torch.tensor(0, dtype=torch.long)
+    return sd
+
+
+def _check_inception_file(path) -> None:
+    """`hub.download`'s check of the Inception weights: the FID network's keys and shapes, before
+    the file enters the cache."""
+    with torch.device("meta"):
+        model = FIDInceptionV3()
+    sd = _inception_state_dict(hub.safe_torch_load(path, mmap=True), model)
+    hub.expect_fit(FIDInceptionV3, sd, "the FID Inception network")
+
+
 def load_inception(path: str | None = None, *, download: bool = True,
                    device: torch.device | str = "cpu") -> FIDInceptionV3:
     """The FID Inception network with its published weights (see `inception_weights_path`), in eval mode."""
     file = inception_weights_path(path, download=download)
-    obj = hub.safe_torch_load(file)
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if isinstance(obj, dict) and obj.get("format") == hub.CHECKPOINT_FORMAT:
-        sd = obj["state_dict"]
     with torch.device("meta"):
         model = FIDInceptionV3()
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    for key in model.state_dict():  # files saved before BatchNorm counted its batches lack these
-        if key.endswith("num_batches_tracked") and key not in sd:
-            sd[key] = torch.tensor(0, dtype=torch.long)
+    sd = _inception_state_dict(hub.safe_torch_load(file), model)
     hub.load_state_dict_checked(model, sd, strict=True, assign=True)
     model.weights_source = str(file)
     return model.to(device).eval().requires_grad_(False)

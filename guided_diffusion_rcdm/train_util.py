@@ -101,7 +101,7 @@ def checkpoint_paths(out_dir: str, step: int, ema_rates) -> dict:
 
 def list_checkpoint_steps(out_dir: str) -> list[int]:
     """Steps with a `modelNNNNNN.pt` in `out_dir`, newest first."""
-    if not out_dir or not bf.exists(out_dir):
+    if not out_dir or not bf.isdir(out_dir):  # none yet, or a file (refused by the output check)
         return []
     steps = [int(m.group(1)) for m in map(_MODEL_RE.match, bf.listdir(out_dir)) if m]
     return sorted(set(steps), reverse=True)
@@ -146,6 +146,39 @@ def load_resume_files(model_path: str, ema_rates) -> dict:
         except Exception as exc:
             out["problems"].append(f"damaged EMA file {path} ({type(exc).__name__}: {exc})")
     return out
+
+
+def check_resume_weights(out_dir: str, resume_checkpoint: str = "") -> None:
+    """Before a run writes anything: the model file it would resume from (`resume_checkpoint`, else
+    the newest model file in `out_dir` that loads; damaged ones are skipped with a warning when the
+    run resumes) must load and hold finite weights, else one line naming it (`hub.CheckpointError`
+    or `hub.CheckpointMismatchError`). Rank 0 reads it, memory-mapped; every rank must call this,
+    and every rank raises rank 0's error."""
+    def check() -> None:
+        if resume_checkpoint:
+            sd, _ = hub.load_checkpoint(resume_checkpoint, map_location="cpu", mmap=True)
+            hub.check_finite(sd, f"`resume_checkpoint` {resume_checkpoint}")
+            return
+        for step in list_checkpoint_steps(out_dir):
+            path = checkpoint_paths(out_dir, step, ())["model"]
+            try:
+                sd, _ = hub.load_checkpoint(path, map_location="cpu", mmap=True)
+            except Exception:  # noqa: BLE001 (skipped when the run resumes, as the loop does)
+                continue
+            hub.check_finite(sd, f"{path}, the newest checkpoint in `out_dir` (the run would resume from it),")
+            return
+
+    if dist_util.get_world_size() == 1:
+        return check()
+    error = None
+    if dist_util.is_main_process():
+        try:
+            check()
+        except Exception as exc:  # every rank raises it, none waits
+            error = exc
+    error = dist_util.broadcast_object(error)
+    if error is not None:
+        raise error
 
 
 def remove_stale_temporaries(out_dir: str) -> list:

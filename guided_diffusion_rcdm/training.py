@@ -31,7 +31,7 @@ from .image_datasets import ImageListing, default_num_workers, load_data, scan_i
 from .precision import resolve_precision, set_fp32_math
 from .resample import create_named_schedule_sampler
 from .run_control import lock_out_dir, seed_everything
-from .train_util import TrainLoop, checkpoint_paths, conditioned_batches, list_checkpoint_steps
+from .train_util import TrainLoop, check_resume_weights, checkpoint_paths, conditioned_batches, list_checkpoint_steps
 
 
 @dataclass
@@ -89,6 +89,7 @@ def check_inputs(data_dir: str, out_dir: str, *, model: ModelConfig, encoder: En
         check_out_dir(feat_cache, "`feat_cache`")  # a folder; not a file, nor under one
     if resume_checkpoint and not bf.exists(resume_checkpoint):
         raise MissingInputError(f"`resume_checkpoint` {resume_checkpoint}: no such file")
+    check_resume_weights(out_dir, resume_checkpoint)  # unreadable or NaN: before the log opens
     if features is not None and (encoder is None or len(features) != len(listing.files)):
         raise UsageError(f"`features` ({len(features)} rows) needs the `encoder` that computed them and one row "
                          f"per image ({len(listing.files)} images)")

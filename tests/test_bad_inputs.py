@@ -265,6 +265,8 @@ def files(world):
     sd, meta = hub.load_checkpoint(world["ckpt"])
     sd = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in sd.items()}
     hub.save_checkpoint(str(nan_ckpt), sd, meta=meta)
+    (root / "nan_run").mkdir()  # a run whose newest checkpoint diverged: a rerun would resume from it
+    (root / "nan_run" / "model000002.pt").write_bytes(nan_ckpt.read_bytes())
     (root / "text.pt").write_text("not a checkpoint")
     (root / "truncated.pt").write_bytes(Path(world["ckpt"]).read_bytes()[:1000])
     np.savez(root / "empty.npz")
@@ -295,6 +297,9 @@ def _other_cases(world, files):
     yield "train", [*tr, "--feat_cache", f / "a_file"], ("--feat_cache",)
     yield "train", [*tr, "--feat_cache", f / "a_file" / "x"], ("--feat_cache",)
     yield "train", [*tr, "--resume_checkpoint", f / "missing.pt"], ("--resume_checkpoint",)
+    yield "train", [*tr, "--resume_checkpoint", f / "nan.pt"], ("--resume_checkpoint", "nan.pt", "NaN")
+    yield "train", [*tr, "--resume_checkpoint", f / "text.pt"], ("text.pt",)
+    yield "train", [*tr[:2], "--out_dir", f / "nan_run", *tr[4:]], ("model000002.pt", "NaN")
     yield "train", [*tr[:2], "--out_dir", f / "a_file", *tr[4:]], ("--out_dir",)
     yield "train", [*tr[:2], "--out_dir", f / "a_file" / "x", *tr[4:]], ("--out_dir",)
     yield "train", ["--data_dir", f / "a_file", *tr[2:]], ("--data_dir",)
@@ -312,6 +317,10 @@ def _other_cases(world, files):
                      "--pretrained_encoder", "False"], ("--use_head", "resnet18")
     yield "sample", [*smp[:-1], f / "bombs", "--model_path", w["ckpt"]], ("bomb.png", "decompression bomb")
     yield "sample", [*smp[:2], "--out_dir", f / "a_file", "--data_dir", folder, "--model_path", w["ckpt"]], ("--out_dir",)
+    nan = ["--model_path", f / "nan.pt", *interp[2:]]
+    yield "interpolate", [*nan, "--first_image_path", photos[0], "--second_image_path", photos[1]], ("nan.pt", "NaN")
+    yield "manipulate", [*nan, "--image_path", photos[0], "--image_target_path", photos[1], "--folder_nn_path",
+                         folder, "--n_neighbors", "2", "--n_common", "1"], ("nan.pt", "NaN")
     yield "interpolate", [*interp, "--first_image_path", f / "bombs" / "bomb.png", "--second_image_path", photos[1]], \
         ("--first_image_path", "bomb.png")
     yield "interpolate", [*interp[:-2], "--out_dir", f / "a_file" / "x", "--first_image_path", photos[0],
@@ -337,7 +346,7 @@ def _other_cases(world, files):
     yield "run_with_submitit.py", [*tr, "--local", "--feat_cache", f / "a_file"], ("--feat_cache",)
 
 
-OTHER_COUNT = 44  # the cases _other_cases yields (counted in the report of the bad inputs tested)
+OTHER_COUNT = 49  # the cases _other_cases yields (counted in the report of the bad inputs tested)
 
 
 def _too_long(signum, frame):
@@ -361,3 +370,81 @@ def test_other_bad_inputs_are_one_line_and_write_nothing(world, files, capsys):
         finally:
             signal.alarm(0)
     assert not failures, "\n\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- the download cache keeps only what fits
+
+
+@pytest.fixture(scope="module")
+def mirrors(world):
+    """Two mirror folders. `wrong` holds files of the published layouts but other architectures: a
+    ResNet-18 in DINO's `{"teacher": ...}` under the name of DINO's ResNet-50, a 32-px UNet under the
+    name of the published DINO-trunk RCDM. `good` holds the published architectures (random weights,
+    large tensors one row broadcast: small files)."""
+    import torchvision
+
+    from helpers_hub import random_state, write_rcdm_file, write_upstream_file
+    from guided_diffusion_rcdm.script_util import create_model_and_diffusion
+
+    wrong, good = world["root"] / "mirrors" / "wrong", world["root"] / "mirrors" / "good"
+    wrong.mkdir(parents=True)
+    good.mkdir()
+    with torch.device("meta"):
+        resnet18 = {k: list(v.shape) for k, v in torchvision.models.resnet18().state_dict().items()}
+    teacher = {f"module.backbone.{k}": v for k, v in random_state(resnet18, 0, big=1 << 14).items()}
+    torch.save({"teacher": teacher}, wrong / "dino_resnet50_pretrain_full_checkpoint.pth")
+    unet, _ = create_model_and_diffusion(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                                         attention_resolutions="16", learn_sigma=True, feat_cond=True, ssl_dim=2048)
+    torch.save(unet.state_dict(), wrong / "rcdm_ema_dino_trunk.pt")
+    write_upstream_file("dino", good)
+    write_rcdm_file(good / "rcdm_ema_dino_trunk.pt", "trunk")
+    return {"wrong": wrong, "good": good}
+
+
+def test_a_mirror_file_of_another_architecture_is_one_line_and_never_used_or_cached(world, mirrors, capsys,
+                                                                                    monkeypatch):
+    """A directory mirror (its files are used in place): the encoder of `rcdm train` and the published
+    RCDM of `rcdm sample` are refused in one line naming the file and its first tensor of another shape;
+    nothing is created anywhere, the download cache included."""
+    monkeypatch.setenv("RCDM_MIRROR", str(mirrors["wrong"]))
+    monkeypatch.setenv("TORCH_HOME", str(world["root"] / "torch_home"))
+    out, folder = world["root"] / "out", world["folder"]
+    assert_refused(capsys, world["root"], "train",
+                   ["--data_dir", folder, "--out_dir", out, "--feat_cond", "--type_model", "dino"],
+                   f"{mirrors['wrong'] / 'dino_resnet50_pretrain_full_checkpoint.pth'} is not the expected checkpoint",
+                   "the dino ResNet-50 trunk does not fit",
+                   "layer1.0.conv1.weight: file [64, 64, 3, 3], model [64, 64, 1, 1]", "nothing was cached")
+    assert_refused(capsys, world["root"], "sample",
+                   ["--data_dir", folder, "--out_dir", out, "--device", "cpu", "--type_model", "dino"],
+                   f"{mirrors['wrong'] / 'rcdm_ema_dino_trunk.pt'} is not the expected checkpoint",
+                   "the published 128x128 RCDM (dino, ssl_dim 2048) does not fit",
+                   "time_embed.0.weight: file [128, 32], model [1024, 256]", "nothing was cached")
+    assert not (world["root"] / "torch_home").exists()
+
+
+def test_a_served_file_of_another_architecture_is_discarded_and_the_published_one_admitted(mirrors, tmp_path,
+                                                                                           monkeypatch):
+    """A URL mirror (its files are downloaded into the cache): the wrong architectures are discarded
+    before they enter the cache; the published architectures are admitted under their names."""
+    from helpers_hub import serve_directory
+    from guided_diffusion_rcdm import hub
+    from guided_diffusion_rcdm.encoders import resnets
+    from guided_diffusion_rcdm.get_rcdm_models import get_dict_rcdm_model
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    with serve_directory(mirrors["wrong"]) as url:
+        monkeypatch.setenv("RCDM_MIRROR", url)
+        with pytest.raises(hub.DownloadError, match=r"dino_resnet50_pretrain_full_checkpoint.pth is not the "
+                                                     r"expected checkpoint \(the dino ResNet-50 trunk does not fit"):
+            resnets.fetch_weights("dino")
+        with pytest.raises(hub.DownloadError, match=r"rcdm_ema_dino_trunk.pt is not the expected checkpoint "
+                                                     r"\(the published 128x128 RCDM \(dino, ssl_dim 2048\) does not fit"):
+            get_dict_rcdm_model("dino")
+    assert not cache.exists() or not list(cache.iterdir())  # no file, no temporary
+    with serve_directory(mirrors["good"]) as url:
+        monkeypatch.setenv("RCDM_MIRROR", url)
+        assert resnets.fetch_weights("dino") == str(cache / "dino_resnet50_pretrain_full_checkpoint.pth")
+        assert get_dict_rcdm_model("dino")["ssl_emb.weight"].shape == (1024, 2048)
+    assert sorted(p.name for p in cache.iterdir()) == ["dino_resnet50_pretrain_full_checkpoint.pth",
+                                                      "rcdm_ema_dino_trunk.pt"]

@@ -221,6 +221,49 @@ def test_a_full_tmpfs_gives_one_line_and_leaves_no_partial_file(small_tmpfs, tmp
     assert not list(out.glob("*000002*"))
 
 
+def _sample_argv(photos, ckpt, out):
+    return ["sample", "--model_path", ckpt, "--device", "cpu", "--data_dir", os.path.dirname(photos[0]),
+            "--out_dir", str(out), "--num_images", "2", "--batch_size", "2", *TINY_ARGV]
+
+
+def test_sample_on_a_full_tmpfs_keeps_nothing_of_the_run_and_says_so(small_tmpfs, tmp_path, capsys):
+    """The tmpfs has room for the log and the grid (~17 KB) but not the .npz (~28 KB): the grid is not
+    put in place alone, the log and the folder the run made are removed, and the one line says so."""
+    from guided_diffusion_rcdm import __main__ as rcdm_command
+
+    photos = write_photos(tmp_path / "photos", ("astronaut", "coffee"))
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.pt")
+    st = os.statvfs(small_tmpfs)
+    (small_tmpfs / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 32 * 1024))
+    out = small_tmpfs / "out"
+    assert rcdm_command.main(_sample_argv(photos, ckpt, out)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"rcdm sample: error: no space left to write {out / 'samples.npz'} ("), last
+    assert last.endswith(f"(nothing of this run was kept in {out})"), last
+    assert sorted(os.listdir(small_tmpfs)) == ["filler"]
+    # a folder with an earlier run's log: the log keeps what was there and the lines this run added
+    out.mkdir()
+    (out / "log.txt").write_text("an earlier run\n")
+    assert rcdm_command.main(_sample_argv(photos, ckpt, out)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"(nothing of this run was kept in {out} but the lines it added to log.txt)"), last
+    assert os.listdir(out) == ["log.txt"] and (out / "log.txt").read_text().startswith("an earlier run\n")
+    logger.reset()
+
+
+def test_outputs_written_together_are_put_in_place_together_or_not_at_all(tmp_path):
+    with pytest.raises(fileio.DiskFullError):
+        with fileio.all_or_nothing():
+            fileio.atomic_write_bytes(str(tmp_path / "grid.jpeg"), b"grid")
+            assert os.listdir(tmp_path) and not (tmp_path / "grid.jpeg").exists()  # under its temporary name
+            fileio.atomic_write(str(tmp_path / "samples.npz"), lambda f: _FullDisk(f, 10).write(b"x" * 100))
+    assert os.listdir(tmp_path) == []
+    with fileio.all_or_nothing():
+        fileio.atomic_write_bytes(str(tmp_path / "grid.jpeg"), b"grid")
+        fileio.atomic_write_bytes(str(tmp_path / "samples.npz"), b"npz")
+    assert sorted(os.listdir(tmp_path)) == ["grid.jpeg", "samples.npz"]
+
+
 # ----------------------------------------------------------------------------- the one atomic writer
 
 

@@ -138,21 +138,40 @@ def test_trainloop_from_an_rcdm_of_another_width_changes_only_ssl_emb_weight_and
     assert f"resuming: --init_from {files['class']} ignored" in log
 
 
-def test_a_named_foundation_comes_through_the_hub(files, tmp_path, monkeypatch):
-    """`openai_256_uncond` from an RCDM_MIRROR directory (here a tiny unconditional file under the
-    release's name: TrainLoop takes the model as built, so the tiny flags apply)."""
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
+def test_a_named_foundation_comes_through_the_hub_only_with_the_releases_architecture(files, tmp_path, monkeypatch):
+    """`openai_256_uncond` from an RCDM_MIRROR directory: a file with the release's keys and shapes (one
+    random row broadcast per large tensor: a few MB) is read with the name's flags; a tiny UNet under the
+    release's name is refused, naming the file and its first tensor of another shape, before TrainLoop
+    builds anything, and nothing enters the download cache."""
+    from helpers_hub import random_state
+
+    f = foundations.FOUNDATIONS["openai_256_uncond"]
+    with torch.device("meta"):
+        shapes = {k: list(v.shape) for k, v in f.build().state_dict().items()}
+    good, bad = tmp_path / "mirror", tmp_path / "bad_mirror"
+    good.mkdir()
+    bad.mkdir()
+    torch.save(random_state(shapes, 4, big=1 << 16), good / f.file_name())
     uncond, _ = create_model_and_diffusion(**TINY)
-    torch.save(_random_weights(uncond, 4), mirror / "256x256_diffusion_uncond.pt")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv(hub.MIRROR_ENV, str(mirror))
+    torch.save(_random_weights(uncond, 4), bad / f.file_name())
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+    monkeypatch.setenv(hub.MIRROR_ENV, str(good))
+    weights = foundations.load_foundation("openai_256_uncond", progress=False)
+    assert (weights.name, weights.path, weights.flags) == ("openai_256_uncond", str(good / f.file_name()), f.flags)
+    assert {k: list(v.shape) for k, v in weights.state_dict.items()} == shapes
+
+    monkeypatch.setenv(hub.MIRROR_ENV, str(bad))
     model, diffusion = create_model_and_diffusion(**TINY, feat_cond=True, ssl_dim=8)
-    loop = TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-4,
-                     ema_rate="0.9", log_interval=1, save_interval=1, resume_checkpoint="", progress=False,
-                     out_dir=str(tmp_path / "run"), init_from="openai_256_uncond")
-    assert loop.checkpoint_meta["foundation"]["name"] == "openai_256_uncond"
-    assert torch.equal(loop.model.ssl_emb.bias, torch.zeros(4 * TINY["num_channels"]))  # unconditional: zero
+    with pytest.raises(hub.DownloadError) as err:
+        TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-4,
+                  ema_rate="0.9", log_interval=1, save_interval=1, resume_checkpoint="", progress=False,
+                  out_dir=str(tmp_path / "run"), init_from="openai_256_uncond")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{bad / f.file_name()} is not the expected checkpoint")
+    assert "time_embed.0.weight: file [128, 32], model [1024, 256]" in message
+    assert not list(home.rglob(f.file_name())) and (bad / f.file_name()).is_file()
 
 
 def test_a_name_sets_the_flags_it_needs_unless_given():
@@ -165,13 +184,15 @@ def test_a_name_sets_the_flags_it_needs_unless_given():
     assert train_cli.model_config(file_args) == (ModelConfig(**{k: getattr(file_args, k) for k in MODEL_FLAGS}), [])
 
 
-@pytest.mark.parametrize("case", ["shapes", "payload", "missing_name", "unknown_name"])
+@pytest.mark.parametrize("case", ["shapes", "payload", "missing_name", "unknown_name", "other_architecture"])
 def test_bad_init_from_is_one_line_exit_2_nothing_written(case, files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv(hub.MIRROR_ENV, str(tmp_path))  # no release file there: offline
     out = tmp_path / "run"
+    if case == "other_architecture":  # a tiny UNet under the release's name, in the mirror
+        (tmp_path / "256x256_diffusion_uncond.pt").write_bytes(files["wide"].read_bytes())
     init = {"shapes": str(files["wide"]), "payload": str(files["payload"]), "missing_name": "openai_128",
-            "unknown_name": "openai_1024"}[case]
+            "unknown_name": "openai_1024", "other_architecture": "openai_256_uncond"}[case]
     assert train_cli.main(_argv(files, out, "--init_from", init, "--max_steps", "1")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error:" in err, err
@@ -180,7 +201,9 @@ def test_bad_init_from_is_one_line_exit_2_nothing_written(case, files, tmp_path,
     assert not (files["root"] / "ran").exists()
     expected = {"shapes": "time_embed.0.weight is 256x64 in the file, 128x32 in the model",
                 "payload": "refused to load", "missing_name": "128x128_diffusion.pt",
-                "unknown_name": "no such foundation name"}[case]
+                "unknown_name": "no such foundation name",
+                "other_architecture": f"{tmp_path / '256x256_diffusion_uncond.pt'} is not the expected checkpoint "
+                                      "(the published openai_256_uncond (256x256_diffusion_uncond.pt) does not fit: "}[case]
     assert expected in err
     if case == "shapes":
         assert "--num_channels 64" in err

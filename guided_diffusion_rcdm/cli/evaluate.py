@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from .. import hub, metrics
 from ..encoders import EncoderSpec, encode_images, given_fields, sample_file_record
 from ..errors import UsageError
-from ..fileio import atomic_write_text, check_writable
+from ..fileio import atomic_write_text, check_writable, whole_run_or_nothing
 from ..get_rcdm_models import published_meta
 from ..get_ssl_models import ENCODER_NAMES
 from ..loading import resolve_device
@@ -147,8 +147,10 @@ def evaluate(args: argparse.Namespace) -> dict:
                   f"({scores.num_samples} here); compare only FIDs computed with the same number")
         results["fid_is"] = scores.as_dict() | {"ref": os.path.abspath(args.ref)}
 
-    check_writable(os.path.dirname(os.path.abspath(out)), "--out_json's folder")
-    atomic_write_text(out, json.dumps(results, indent=2))
+    folder = os.path.dirname(os.path.abspath(out))
+    with whole_run_or_nothing(folder):  # a full disk leaves no folder made for the scores either
+        check_writable(folder, "--out_json's folder")
+        atomic_write_text(out, json.dumps(results, indent=2))
     print(f"wrote {out}")
     return results
 

@@ -44,20 +44,20 @@ def sample(args: argparse.Namespace) -> None:
     su.check_out_dir(args.out_dir)
     rcdm = RCDM(args)  # a checkpoint or an encoder that does not fit fails here, before any write
     images, views, used = su.load_folder_views(paths, args.num_images, rcdm, "--data_dir", args.data_dir)
-    logger.configure(dir=args.out_dir, format_strs="stdout,log")
-    logger.log(su.describe(rcdm))
-    su.seed_everything(args.seed)
-    feats = rcdm.encode(views)
-    samples = []
-    for i, feat in enumerate(feats):
-        logger.log(f"sampling {args.batch_size} images from the representation of {used[i]}")
-        samples.append(rcdm.sample(feat.unsqueeze(0).expand(args.batch_size, -1)))
-    extra = su.distances_if_asked(args, rcdm, samples, feats)
-    grid, npz = su.output_paths(args)
-    su.save_grid([su.row(images[i], samples[i]) for i in range(len(used))], grid)
-    su.save_npz(npz, samples=su.to_uint8(su.stack(samples)), features=feats, images=su.to_uint8(images),
-                paths=used, **extra, **su.run_metadata(rcdm, args.seed))
-    logger.log(f"wrote {grid} and {npz}")
+    with su.writing_outputs(args):  # whole, or nothing left (a full disk, Ctrl-C)
+        logger.log(su.describe(rcdm))
+        su.seed_everything(args.seed)
+        feats = rcdm.encode(views)
+        samples = []
+        for i, feat in enumerate(feats):
+            logger.log(f"sampling {args.batch_size} images from the representation of {used[i]}")
+            samples.append(rcdm.sample(feat.unsqueeze(0).expand(args.batch_size, -1)))
+        extra = su.distances_if_asked(args, rcdm, samples, feats)
+        grid, npz = su.output_paths(args)
+        su.save_grid([su.row(images[i], samples[i]) for i in range(len(used))], grid)
+        su.save_npz(npz, samples=su.to_uint8(su.stack(samples)), features=feats, images=su.to_uint8(images),
+                    paths=used, **extra, **su.run_metadata(rcdm, args.seed))
+        logger.log(f"wrote {grid} and {npz}")
 
 
 INTERPOLATE_DOC = r"""Sample along the interpolation between the representations of two images.
@@ -91,20 +91,20 @@ def interpolate(args: argparse.Namespace) -> None:
     rcdm = RCDM(args)  # a checkpoint or an encoder that does not fit fails here, before any write
     first, first_view = su.load_image_views(args.first_image_path, rcdm, "--first_image_path")
     second, second_view = su.load_image_views(args.second_image_path, rcdm, "--second_image_path")
-    logger.configure(dir=args.out_dir, format_strs="stdout,log")
-    logger.log(su.describe(rcdm))
-    su.seed_everything(args.seed)
-    ends = rcdm.encode(su.stack([first_view, second_view]))
-    logger.log(f"interpolating ({', '.join(methods)}) over {args.batch_size} points with shared noise")
-    out = rcdm.interpolate(ends[0], ends[1], args.batch_size, methods=methods)
-    samples = out["samples"][:, :, 0]  # one noise: M x P x 3 x S x S
-    extra = su.distances_if_asked(args, rcdm, samples, out["features"])
-    grid, npz = su.output_paths(args)
-    su.save_grid([su.row(first, s, last=second) for s in samples], grid)
-    su.save_npz(npz, samples=su.to_uint8(samples), features=out["features"], alphas=out["alphas"],
-                methods=out["methods"], endpoint_features=ends, images=su.to_uint8(su.stack([first, second])),
-                paths=[args.first_image_path, args.second_image_path], **extra, **su.run_metadata(rcdm, args.seed))
-    logger.log(f"wrote {grid} and {npz}")
+    with su.writing_outputs(args):  # whole, or nothing left (a full disk, Ctrl-C)
+        logger.log(su.describe(rcdm))
+        su.seed_everything(args.seed)
+        ends = rcdm.encode(su.stack([first_view, second_view]))
+        logger.log(f"interpolating ({', '.join(methods)}) over {args.batch_size} points with shared noise")
+        out = rcdm.interpolate(ends[0], ends[1], args.batch_size, methods=methods)
+        samples = out["samples"][:, :, 0]  # one noise: M x P x 3 x S x S
+        extra = su.distances_if_asked(args, rcdm, samples, out["features"])
+        grid, npz = su.output_paths(args)
+        su.save_grid([su.row(first, s, last=second) for s in samples], grid)
+        su.save_npz(npz, samples=su.to_uint8(samples), features=out["features"], alphas=out["alphas"],
+                    methods=out["methods"], endpoint_features=ends, images=su.to_uint8(su.stack([first, second])),
+                    paths=[args.first_image_path, args.second_image_path], **extra, **su.run_metadata(rcdm, args.seed))
+        logger.log(f"wrote {grid} and {npz}")
 
 
 MANIPULATE_DOC = r"""Edit a representation: zero, or take from another image, the dimensions its neighbourhood shares.
@@ -149,33 +149,33 @@ def manipulate(args: argparse.Namespace) -> None:
     rcdm = RCDM(args)  # a checkpoint or an encoder that does not fit fails here, before any write
     source, source_view = su.load_image_views(args.image_path, rcdm, "--image_path")
     target, target_view = su.load_image_views(args.image_target_path, rcdm, "--image_target_path")
-    logger.configure(dir=args.out_dir, format_strs="stdout,log")
-    logger.log(su.describe(rcdm))
-    feats = rcdm.encode(su.stack([source_view, target_view]))
-    logger.log(f"encoding the {len(folder)} images of {args.folder_nn_path}")
-    hood_feats, hood_paths, skipped = rcdm.encode_files(folder)
-    if skipped:
-        logger.warn(f"{len(skipped)} unreadable image(s) in --folder_nn_path were skipped")
-    su.seed_everything(args.seed)
-    out = rcdm.manipulate(feats[0], feats[1], hood_feats, n_neighbors=args.n_neighbors,
-                          n_common=args.n_common, num_samples=args.batch_size, backend=args.knn_backend)
-    logger.log(f"{len(out['dims'])} of {rcdm.ssl_dim} dimensions are non-zero in more than "
-               f"{args.n_common} of the {args.n_neighbors} neighbours")
-    if len(out["dims"]) == 0:
-        logger.warn("no dimension is shared by the neighbourhood: the three rows differ only by "
-                    "chance; lower --n_common")
-    extra = su.distances_if_asked(args, rcdm, out["samples"], out["features"])
-    grid, npz = su.output_paths(args)
-    firsts = (source, source, target)
-    su.save_grid([su.row(img, s) for img, s in zip(firsts, out["samples"])], grid)
-    su.save_npz(
-        npz, samples=su.to_uint8(out["samples"]), features=out["features"], dims=out["dims"],
-        counts=out["counts"], source_feature=feats[0], target_feature=feats[1],
-        neighbors=[hood_paths[i] for i in out["neighbors"].tolist()], neighbor_distances=out["distances"],
-        images=su.to_uint8(su.stack([source, target])), paths=[args.image_path, args.image_target_path],
-        rows=["original", "zeroed", "transplanted"], **extra, **su.run_metadata(rcdm, args.seed),
-    )
-    logger.log(f"wrote {grid} and {npz}")
+    with su.writing_outputs(args):  # whole, or nothing left (a full disk, Ctrl-C)
+        logger.log(su.describe(rcdm))
+        feats = rcdm.encode(su.stack([source_view, target_view]))
+        logger.log(f"encoding the {len(folder)} images of {args.folder_nn_path}")
+        hood_feats, hood_paths, skipped = rcdm.encode_files(folder)
+        if skipped:
+            logger.warn(f"{len(skipped)} unreadable image(s) in --folder_nn_path were skipped")
+        su.seed_everything(args.seed)
+        out = rcdm.manipulate(feats[0], feats[1], hood_feats, n_neighbors=args.n_neighbors,
+                              n_common=args.n_common, num_samples=args.batch_size, backend=args.knn_backend)
+        logger.log(f"{len(out['dims'])} of {rcdm.ssl_dim} dimensions are non-zero in more than "
+                   f"{args.n_common} of the {args.n_neighbors} neighbours")
+        if len(out["dims"]) == 0:
+            logger.warn("no dimension is shared by the neighbourhood: the three rows differ only by "
+                        "chance; lower --n_common")
+        extra = su.distances_if_asked(args, rcdm, out["samples"], out["features"])
+        grid, npz = su.output_paths(args)
+        firsts = (source, source, target)
+        su.save_grid([su.row(img, s) for img, s in zip(firsts, out["samples"])], grid)
+        su.save_npz(
+            npz, samples=su.to_uint8(out["samples"]), features=out["features"], dims=out["dims"],
+            counts=out["counts"], source_feature=feats[0], target_feature=feats[1],
+            neighbors=[hood_paths[i] for i in out["neighbors"].tolist()], neighbor_distances=out["distances"],
+            images=su.to_uint8(su.stack([source, target])), paths=[args.image_path, args.image_target_path],
+            rows=["original", "zeroed", "transplanted"], **extra, **su.run_metadata(rcdm, args.seed),
+        )
+        logger.log(f"wrote {grid} and {npz}")
 
 
 COMMANDS = {"sample": (sample_argparser, sample), "interpolate": (interpolate_argparser, interpolate),

@@ -11,6 +11,7 @@ its recorded encoder is used unless `--type_model` says otherwise (`loading.load
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -88,6 +89,16 @@ def load_image_views(path: str, rcdm, flag: str) -> tuple[torch.Tensor, torch.Te
 def list_folder_images(folder: str, flag: str) -> list[str]:
     """The images under `folder` (recursively, sorted), or a user error naming `flag`."""
     return find_images(folder, flag=flag)
+
+
+@contextlib.contextmanager
+def writing_outputs(args: argparse.Namespace):
+    """The part of a command that writes: opens its log in --out_dir, and puts the outputs in place
+    together at the end; if it fails (a full disk, Ctrl-C), nothing it created is left, its log
+    and --out_dir (if it made it) included (`fileio.whole_run_or_nothing`)."""
+    with fileio.whole_run_or_nothing(args.out_dir, on_failure=logger.reset, appends=("log.txt",)):
+        logger.configure(dir=args.out_dir, format_strs="stdout,log")
+        yield
 
 
 # ----------------------------------------------------------------------------- outputs

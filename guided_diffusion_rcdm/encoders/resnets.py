@@ -20,6 +20,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 import torchvision
@@ -276,20 +277,32 @@ def _published_file(name: str, use_head: bool) -> tuple[str, Callable]:
     return TRUNK_URLS[name], split_trunk_file
 
 
+def _published_check(name: str, split: Callable) -> Callable:
+    """The `hub.download` check of a published encoder file: it splits into a trunk (and head)
+    with exactly the keys and shapes of the ResNet-50 trunk (and `name`'s head), so that no other
+    architecture (e.g. a ResNet-18 in DINO's layout) enters the cache under the published name."""
+    def verify(path) -> None:
+        trunk, head = split(hub.safe_torch_load(path, mmap=True))
+        hub.expect_fit(resnet50_trunk, trunk, f"the {name} ResNet-50 trunk")
+        if head and name in HEAD_BUILDERS:
+            hub.expect_fit(HEAD_BUILDERS[name], head, f"the {name} head")
+    return verify
+
+
 def _download_published(name: str, use_head: bool) -> tuple[str, Callable]:
     """(local path, splitter) of `_published_file`'s file, downloaded if need be; a trunk-only
     file that cannot be fetched (a mirror without it) gives way to the full checkpoint."""
     url, split = _published_file(name, use_head)
     try:
-        # the download must split into trunk (and head) before it enters the cache
-        return str(hub.download(url, verify=lambda p: split(hub.safe_torch_load(p)))), split
+        # the download must split into the expected trunk (and head) before it enters the cache
+        return str(hub.download(url, verify=_published_check(name, split))), split
     except hub.ChecksumError:
         raise
     except hub.DownloadError as err:
         if url == SSL_URLS[name]:
             raise
         try:
-            path = hub.download(SSL_URLS[name], verify=lambda p: SPLITTERS[name](hub.safe_torch_load(p)))
+            path = hub.download(SSL_URLS[name], verify=_published_check(name, SPLITTERS[name]))
         except hub.ChecksumError:
             raise
         except hub.DownloadError as full_err:
@@ -368,13 +381,31 @@ def _torchvision_encoder(name: str, pretrained: bool) -> FrozenEncoder:
         return FrozenEncoder(strip_classifier(hub.build_filled(lambda: _build_torchvision(name),
                                                            None, name)), input_normalize="imagenet")
     weights = torchvision.models.get_model_weights(name).DEFAULT
-    path = hub.download(weights.url)
-    sd = hub.safe_torch_load(path)
+    path = _download_torchvision(name)
+    sd = _torchvision_state_dict(name, hub.safe_torch_load(path))
+    model = hub.build_filled(lambda: _build_torchvision(name, weights), sd, f"{name} from {path}")
+    return FrozenEncoder(strip_classifier(model), input_normalize="imagenet")
+
+
+def _torchvision_state_dict(name: str, sd) -> StateDict:
+    if not hub._is_state_dict(sd):
+        raise hub.CheckpointError(f"not a torchvision {name} state dict")
     if name.startswith("densenet"):
         sd = {(lambda m: m.group(1) + m.group(2) if m else k)(_DENSENET_LEGACY.match(k)): v
               for k, v in sd.items()}
-    model = hub.build_filled(lambda: _build_torchvision(name, weights), sd, f"{name} from {path}")
-    return FrozenEncoder(strip_classifier(model), input_normalize="imagenet")
+    return dict(sd)
+
+
+def _download_torchvision(name: str) -> Path:
+    """torchvision's weights for `name` through the hub cache, checked to fit its architecture
+    (keys and shapes) before they enter it."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+
+    def verify(path) -> None:
+        sd = _torchvision_state_dict(name, hub.safe_torch_load(path, mmap=True))
+        hub.expect_fit(lambda: _build_torchvision(name, weights), sd, f"torchvision's {name}")
+
+    return hub.download(weights.url, verify=verify)
 
 
 # ----------------------------------------------------------------------------- local files
@@ -546,10 +577,9 @@ def fetch_weights(model: str) -> str:
         return str(vit_encoders.download(vit_encoders.vit_spec(key)))
     if key in ENCODER_NAMES:
         return _download_published(key, use_head=False)[0]
-    source = weights_file(model)
-    if source is None:
+    if weights_file(model) is None:
         raise UsageError(f"`type_model` {model}: not a published encoder or torchvision model")
-    return str(hub.download(source[0], file_name=source[1]))
+    return str(_download_torchvision(key))
 
 
 def native_input_size(model: str) -> int:

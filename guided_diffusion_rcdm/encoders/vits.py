@@ -508,13 +508,18 @@ def local_copy(spec: ViTSpec, use_head: bool = False):
 
 def download(spec: ViTSpec, use_head: bool = False):
     """The published file for `spec` (the one with the head when `use_head`) through the hub cache
-    (`RCDM_MIRROR`, checksums), checked to hold the expected layout before it is cached."""
+    (`RCDM_MIRROR`, checksums), checked before it is cached to hold the expected layout, with the
+    keys and shapes of `spec`'s backbone (and head, when the file has one)."""
     url, name, also = published_file(spec, use_head)
 
     def verify(path) -> None:
-        trunk, head = SPLITTERS[spec.family](hub.safe_torch_load(path))
+        trunk, head = SPLITTERS[spec.family](hub.safe_torch_load(path, mmap=True))
         if use_head and not head:
             raise hub.CheckpointError(f"no {FAMILY_NAMES[spec.family]} head (head.* keys)")
+        hub.expect_fit(lambda: build_timm_vit(spec, INPUT_SIZE), to_timm(spec, trunk, INPUT_SIZE),
+                       f"the {spec.name} backbone")
+        if head and spec.has_head:
+            hub.expect_fit(lambda: HEAD_BUILDERS[spec.family](spec.width), head, f"the {spec.name} head")
 
     return hub.download(url, file_name=name, verify=verify, also=also)
 
