@@ -103,7 +103,9 @@ def list_checkpoint_steps(out_dir: str) -> list[int]:
     """Steps with a `modelNNNNNN.pt` in `out_dir`, newest first."""
     if not out_dir or not bf.isdir(out_dir):  # none yet, or a file (refused by the output check)
         return []
-    steps = [int(m.group(1)) for m in map(_MODEL_RE.match, bf.listdir(out_dir)) if m]
+    # A local folder is listed without a stat of each entry: a dangling link in it is no error.
+    names = bf.listdir(out_dir) if fileio.is_remote(out_dir) else os.listdir(out_dir)
+    steps = [int(m.group(1)) for m in map(_MODEL_RE.match, names) if m]
     return sorted(set(steps), reverse=True)
 
 

@@ -141,18 +141,18 @@ def _args(**overrides):
 @pytest.mark.parametrize(
     "overrides, flag",
     [
-        (dict(image_size=48), "--image_size 48 without --channel_mult"),
-        (dict(image_size=32, channel_mult="1,2", num_channels=48), "--num_channels 48"),
+        (dict(image_size=48), "`image_size` 48 without `channel_mult`"),
+        (dict(image_size=32, channel_mult="1,2", num_channels=48), "`num_channels` 48"),
         (dict(image_size=32, channel_mult="1,1.5", num_channels=32), "GroupNorm"),
-        (dict(noise_schedule="sqrt"), "--noise_schedule 'sqrt'"),
-        (dict(timestep_respacing="ddim600"), "--timestep_respacing"),
-        (dict(diffusion_steps=0), "--diffusion_steps"),
+        (dict(noise_schedule="sqrt"), "`noise_schedule` 'sqrt'"),
+        (dict(timestep_respacing="ddim600"), "`timestep_respacing`"),
+        (dict(diffusion_steps=0), "`diffusion_steps`"),
         (dict(diffusion_steps=20), "diffusion_steps=20 is too few"),
         (dict(image_size=36, channel_mult="1,2,2,2"), "not divisible by 8"),
-        (dict(image_size=32, channel_mult="1,x"), "--channel_mult"),
-        (dict(attention_resolutions="16;8"), "--attention_resolutions"),
-        (dict(image_size=32, channel_mult="1,2", num_channels=32, num_heads=3), "--num_heads 3"),
-        (dict(image_size=32, channel_mult="1,2", num_head_channels=24), "--num_head_channels 24"),
+        (dict(image_size=32, channel_mult="1,x"), "`channel_mult`"),
+        (dict(attention_resolutions="16;8"), "`attention_resolutions`"),
+        (dict(image_size=32, channel_mult="1,2", num_channels=32, num_heads=3), "`num_heads` 3"),
+        (dict(image_size=32, channel_mult="1,2", num_head_channels=24), "`num_head_channels` 24"),
     ],
 )
 def test_invalid_flags_fail_before_building(overrides, flag, monkeypatch):
