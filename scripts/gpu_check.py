@@ -50,8 +50,7 @@ CHECKS = [
     ("ddp_gloo", 200),  # two processes compile the tiny UNet
     ("benchmark", 240),
 ]
-TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16",
-            learn_sigma=True, diffusion_steps=100, timestep_respacing="10")
+TINY = dict(timestep_respacing="10", ssl_dim=64)  # over ModelConfig's "tiny" preset
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -61,11 +60,10 @@ def _tiny(device, seed: int = 0, **extra):
     """A tiny representation-conditioned UNet with random (non-zero) weights, and its diffusion."""
     import torch
 
-    from guided_diffusion_rcdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+    from guided_diffusion_rcdm import ModelConfig
 
     torch.manual_seed(seed)
-    flags = {**model_and_diffusion_defaults(), **TINY, **extra}
-    model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=64)
+    model, diffusion = ModelConfig.preset("tiny", **{**TINY, **extra}).build()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim > 1 and not p.any():
