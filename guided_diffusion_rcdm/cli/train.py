@@ -12,6 +12,7 @@ limit or preemption) makes it finish the step, save and exit. See docs/training.
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Sequence
 
 from .. import foundations, hub
@@ -86,15 +87,9 @@ def train(args: argparse.Namespace):
     """Run `training.train` with the flags' values."""
     config, notes = model_config(args)
     spec = EncoderSpec.from_flags(args)  # encoder flags that cannot apply (e.g. --use_head without a head)
-    return training.train(
-        args.data_dir, args.out_dir, model=config, encoder=spec if args.feat_cond else None, notes=notes,
-        **{k: getattr(args, k) for k in (
-            "feat_cache", "feat_cache_dtype", "init_from", "max_steps", "max_minutes", "batch_size", "microbatch",
-            "lr", "weight_decay", "lr_anneal_steps", "ema_rate", "log_interval", "save_interval",
-            "resume_checkpoint", "schedule_sampler", "fp16_scale_growth", "precision", "encoder_precision",
-            "channels_last", "compile", "tf32", "num_workers", "random_crop", "random_flip", "sync_bn", "seed",
-            "progress")},
-    )
+    # Every keyword of `train` that is a flag of the same name takes the flag's value.
+    given = {k: getattr(args, k) for k in inspect.signature(training.train).parameters if hasattr(args, k)}
+    return training.train(**given, model=config, encoder=spec if args.feat_cond else None, notes=notes)
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
