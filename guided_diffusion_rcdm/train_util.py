@@ -227,7 +227,10 @@ class TrainLoop:
         parameter groups: the new tensors at `lr`, the copied ones at `lr * init_lr_scale`
         (default 1.0: every parameter at `lr`). The checkpoint's foundation record lists the new
         tensors (`meta["foundation"]["new"]`), so a resumed run rebuilds the same groups; it keeps
-        the learning rates its optimizer state saved, as for `lr`.
+        the learning rates its optimizer state saved, as for `lr`. Measured by
+        scripts/warm_start_benchmark.py (`--warm_lr_scales`, `--warm_new_lr_mult`), where no setting
+        gained more than the run-to-run spread on both seeds (docs/training.md, Results): not
+        offered by the train command.
     :param seed: the random streams of step S on rank R (timesteps, noise, representation
         dropout) are seeded from `(seed, R, S)`, so a resumed run draws what an uninterrupted one
         would; None: rank 0 draws one from torch's generator (recorded in the checkpoint). A `data`

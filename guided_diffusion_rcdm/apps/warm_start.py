@@ -7,15 +7,20 @@ encoder would do, in miniature:
    crops of the quickstart's photographs (scikit-image's), written as a checkpoint file;
 2. two RCDM runs of `--train_steps` steps each, on the same batches, timesteps and noise, conditioned on
    a frozen encoder's representation (`--type_model`, random fixed-seed weights unless
-   `--pretrained_encoder`): one from scratch, one with `TrainLoop(init_from=<that file>)`;
+   `--pretrained_encoder`): one from scratch, one with `TrainLoop(init_from=<that file>)`; optionally
+   more warm starts: the representation's path trained first (`--cond_first_steps`), or the copied
+   weights at a lower learning rate than the new `ssl_emb` (`--warm_lr_scales`, `--warm_new_lr_mult`:
+   `TrainLoop(init_lr_scale=...)`);
 3. every `--eval_every` steps, each run's training loss over the last steps and its
    representation fidelity: samples (DDIM, `--steps`) from the representations of the
    held-out views (the photographs' centre squares, two never trained on), encoded again and
    ranked against all conditioning representations (MRR), next to the shuffled-conditioning
-   control (`metrics.representation_fidelity`).
+   control (`metrics.representation_fidelity`); also the MRR smoothed over the last two
+   evaluations, since a single evaluation swings with the weights of that step.
 
-It prints a table and writes the curves as JSON (`--out_json`), with the number of steps the warm
-start needed to reach the scratch run's final MRR. Figures are measurements, not tests.
+It prints a table and writes the curves as JSON (`--out_json`), with the step at which each warm
+start reached the scratch run's final MRR (and final smoothed MRR), if it did. Figures are
+measurements, not tests.
 """
 
 from __future__ import annotations
@@ -50,8 +55,10 @@ BENCH_FLAGS = (
     Flag("samples_per_image", 2, int, "samples drawn from each held-out view at each evaluation"),
     Flag("cond_first_steps", 0, int, "also run a warm start that trains only the representation's path for "
          "this many steps (--train_only cond), then everything (0: no such run)"),
-    Flag("warm_lr_scale", 0.0, float, "also run a warm start whose copied weights train at --lr times this, the new "
-         "`ssl_emb` at --lr (TrainLoop(init_lr_scale=...)); 0: no such run"),
+    Flag("warm_lr_scales", "", help="comma-separated factors: for each, also run a warm start whose copied weights "
+         "train at --lr times it, the new `ssl_emb` at --lr (TrainLoop(init_lr_scale=...)); default: no such run"),
+    Flag("warm_new_lr_mult", 1.0, float, "in the --warm_lr_scales runs, the new `ssl_emb` trains at --lr times this "
+         "(the copied weights still at --lr times the scale)"),
     Flag("out_json", "", help="where to write the curves (JSON); default: none"),
 )
 
@@ -90,11 +97,13 @@ def views(crops_per_photo: int, seed: int) -> tuple[list[Image.Image], list[Imag
 
 
 def _loop(model, diffusion, args, out_dir: Path, init_from=None, cond_first: int = 0,
-          lr_scale: float = 1.0) -> TrainLoop:
+          lr_scale: float = 1.0, new_lr_mult: float = 1.0) -> TrainLoop:
+    """A TrainLoop with the new tensors at `--lr x new_lr_mult`, the copied ones at `--lr x lr_scale`."""
     return TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=args.batch_size, microbatch=-1,
-                     lr=args.lr, ema_rate="0.99", log_interval=10**9, save_interval=10**9, resume_checkpoint="",
-                     progress=False, out_dir=str(out_dir), precision="fp32", seed=args.seed, init_from=init_from,
-                     train_only="cond" if cond_first else "", train_only_steps=cond_first, init_lr_scale=lr_scale)
+                     lr=args.lr * new_lr_mult, ema_rate="0.99", log_interval=10**9, save_interval=10**9,
+                     resume_checkpoint="", progress=False, out_dir=str(out_dir), precision="fp32", seed=args.seed,
+                     init_from=init_from, train_only="cond" if cond_first else "", train_only_steps=cond_first,
+                     init_lr_scale=lr_scale / new_lr_mult)
 
 
 def _step(loop: TrainLoop, images: torch.Tensor, feats: torch.Tensor | None, order: np.ndarray, step: int,
@@ -123,6 +132,13 @@ def fidelity(model, sampler, encoder, held_feats: torch.Tensor, args) -> dict:
 def run(args: argparse.Namespace) -> dict:
     if args.train_steps < 1 or args.eval_every < 1 or args.pretrain_steps < 0:
         raise UsageError("--train_steps and --eval_every must be positive, --pretrain_steps at least 0")
+    try:
+        scales = [float(x) for x in args.warm_lr_scales.split(",") if x.strip()]
+    except ValueError:
+        scales = [-1.0]
+    if any(not 0 <= x < float("inf") for x in scales) or not 0 < args.warm_new_lr_mult < float("inf"):
+        raise UsageError(f"--warm_lr_scales {args.warm_lr_scales!r} / --warm_new_lr_mult {args.warm_new_lr_mult}: "
+                         "give comma-separated numbers >= 0 (e.g. 0.1,0.01) and a multiple > 0")
     torch.manual_seed(args.seed)
     flags = model_flags(args.image_size, args.num_channels)
     t0 = time.time()
@@ -163,13 +179,15 @@ def run(args: argparse.Namespace) -> dict:
         runs = [("scratch", None, 0, 1.0), ("warm", str(foundation), 0, 1.0)]
         if args.cond_first_steps:
             runs.append(("warm_cond_first", str(foundation), args.cond_first_steps, 1.0))
-        if args.warm_lr_scale:
-            runs.append(("warm_lr_scaled", str(foundation), 0, args.warm_lr_scale))
-        for name, init, cond_first, lr_scale in runs:
+        mult = args.warm_new_lr_mult
+        runs = [(*r, 1.0) for r in runs] + [
+            (f"warm_lr_x{x:g}" if mult == 1 else f"warm_new_x{mult:g}_copied_x{x:g}", str(foundation), 0, x, mult)
+            for x in scales]
+        for name, init, cond_first, lr_scale, new_lr_mult in runs:
             torch.manual_seed(args.seed + 2)
             model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=ssl_dim)
             loop = _loop(model, diffusion, args, tmp_path / name, init_from=init, cond_first=cond_first,
-                         lr_scale=lr_scale)
+                         lr_scale=lr_scale, new_lr_mult=new_lr_mult)
             curve = [{"step": 0, "loss": None, **fidelity(model, sampler, encoder, held_feats, args)}]
             window, t0, train_seconds = [], time.time(), 0.0
             for s in range(args.train_steps):
