@@ -258,6 +258,14 @@ class TrainLoop:
         embedding layers and norms), then everything; "" (default): everything from the start.
         Measured by scripts/warm_start_benchmark.py (`--cond_first_steps`), where it did not help
         (docs/training.md, Results): not offered by the train command.
+    :param init_lr_scale: after a warm start that created tensors (`ssl_emb`), AdamW has two
+        parameter groups: the new tensors at `lr`, the copied ones at `lr * init_lr_scale`
+        (default 1.0: every parameter at `lr`). The checkpoint's foundation record lists the new
+        tensors (`meta["foundation"]["new"]`), so a resumed run rebuilds the same groups; it keeps
+        the learning rates its optimizer state saved, as for `lr`. Measured by
+        scripts/warm_start_benchmark.py (`--warm_lr_scales`, `--warm_new_lr_mult`), where no setting
+        gained more than the run-to-run spread on both seeds (docs/training.md, Results): not
+        offered by the train command.
     :param seed: the random streams of step S on rank R (timesteps, noise, representation
         dropout) are seeded from `(seed, R, S)`, so a resumed run draws what an uninterrupted one
         would; None: rank 0 draws one from torch's generator (recorded in the checkpoint). A `data`
@@ -295,6 +303,7 @@ class TrainLoop:
         init_from=None,
         train_only="",
         train_only_steps=0,
+        init_lr_scale=1.0,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -302,6 +311,9 @@ class TrainLoop:
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr = lr
+        if not 0 <= init_lr_scale < float("inf"):
+            raise UsageError(f"init_lr_scale {init_lr_scale}: use a number >= 0 (1: the copied weights at lr)")
+        self.init_lr_scale = float(init_lr_scale)
         self.ema_rate = (
             [float(ema_rate)] if isinstance(ema_rate, (int, float))
             else [float(x) for x in str(ema_rate).split(",") if x.strip()]
@@ -437,8 +449,11 @@ class TrainLoop:
             "has_opt": found["opt"] is not None,
             "grad_scaler": (found["opt"] or {}).get("grad_scaler"),
             "schedule_sampler": (found["opt"] or {}).get("schedule_sampler"),
+            "new": (self.checkpoint_meta.get("foundation") or {}).get("new") or [],
         }
         summary = dist_util.broadcast_object(summary)
+        if found is None:  # rank 0 grouped its parameters before loading the optimizer's state
+            self._group_params(summary["new"])
         if summary["has_opt"]:
             opt_state = dist_util.broadcast_state(self.opt.state_dict() if found is not None else None)
             if found is None:
@@ -479,7 +494,7 @@ class TrainLoop:
                     weights = foundations.load_foundation(str(weights), progress=self.progress)
                 mapped = foundations.apply_warm_start(self.model, weights)
                 logger.log(mapped.summary(weights.label()))
-                record = weights.record()
+                record = {**weights.record(), "new": list(mapped.new)}
                 self.init_from = weights.given  # keep no reference to the file's tensors
             except Exception as exc:
                 if self.world_size == 1:
@@ -488,6 +503,7 @@ class TrainLoop:
         if self.world_size > 1 and dist_util.broadcast_object(error is not None):
             raise error if error is not None else RuntimeError("rank 0 could not read `init_from`")
         self.checkpoint_meta["foundation"] = dist_util.broadcast_object(record)
+        self._group_params(self.checkpoint_meta["foundation"]["new"])
         dist_util.sync_params(list(self.model.parameters()) + list(self.model.buffers()))
         with torch.no_grad():
             for params in self.ema_params:
@@ -511,6 +527,7 @@ class TrainLoop:
             with torch.no_grad():
                 for name, p in zip(names, params):
                     p.copy_(source[name].to(p.device, p.dtype))
+        self._group_params((self.checkpoint_meta.get("foundation") or {}).get("new") or [])
         if found["opt"] is not None:
             state = found["opt"]
             self.opt.load_state_dict(state["optimizer"])
@@ -528,6 +545,19 @@ class TrainLoop:
                 self.schedule_sampler.load_state_dict(sampler_state)
             if not self._seed_given and isinstance(state.get("seed"), int):
                 self.seed = state["seed"]
+
+    def _group_params(self, new: list) -> None:
+        """Rebuild AdamW (before it holds any state) with two parameter groups when a warm start
+        created the tensors `new`: those at `lr`, the copied ones at `lr * init_lr_scale`."""
+        new = set(new)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        fresh = [p for n, p in named if n in new]
+        copied = [p for n, p in named if n not in new]
+        if not fresh or not copied:
+            return
+        groups = [{"params": fresh, "lr": self.lr, "lr_scale": 1.0},
+                  {"params": copied, "lr": self.lr * self.init_lr_scale, "lr_scale": self.init_lr_scale}]
+        self.opt, self._fused_opt = _adamw(groups, lr=self.lr, weight_decay=self.weight_decay)
 
     # -- loop ------------------------------------------------------------------------------
     def _target(self) -> Optional[int]:
@@ -692,7 +722,7 @@ class TrainLoop:
             return
         lr = self.lr * (1 - self.step / self.lr_anneal_steps)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     # -- save ------------------------------------------------------------------------------
     def _state_dict_with(self, params) -> dict:

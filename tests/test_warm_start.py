@@ -83,7 +83,8 @@ def test_from_a_class_conditional_file_one_step_at_lr_0_keeps_every_shared_tenso
         mean = source["label_emb.weight"].double().mean(0).float()
         assert torch.equal(sd["ssl_emb.bias"], mean)
         assert meta["foundation"] == {"init_from": str(files["class"]), "name": None, "file": "class_cond.pt",
-                                      "sha256": hub.sha256_of(files["class"])}
+                                      "sha256": hub.sha256_of(files["class"]),
+                                      "new": ["ssl_emb.weight", "ssl_emb.bias"]}
     log = (out / "log.txt").read_text()
     assert "warm start from" in log and "tensors copied" in log
     line = next(x for x in log.splitlines() if "warm start from" in x)
@@ -264,3 +265,46 @@ def test_train_only_cond_updates_only_the_representation_path_first(files, tmp_p
         TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-2, ema_rate="0.9",
                   log_interval=1, save_interval=1, resume_checkpoint="", progress=False,
                   out_dir=str(tmp_path / "run2"), train_only="all")
+
+
+def test_init_lr_scale_trains_the_copied_weights_slower_and_a_resume_keeps_both_groups(files, tmp_path):
+    """Two AdamW groups after a warm start: the new `ssl_emb` at lr, the copied tensors at
+    lr * init_lr_scale; a resumed run rebuilds them and gets back the saved optimizer state."""
+    out = tmp_path / "run"
+
+    def loop(**kwargs):
+        model, diffusion = create_model_and_diffusion(**TINY, feat_cond=True, ssl_dim=ENCODER_WIDTH)
+        return TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1, lr=1e-2,
+                         ema_rate="0.9", log_interval=1, save_interval=1, resume_checkpoint="", progress=False,
+                         out_dir=str(out), seed=0, **kwargs)
+
+    first = loop(init_from=str(files["class"]), init_lr_scale=0.1, lr_anneal_steps=10)
+    logger.reset()
+    names = {id(p): n for n, p in first.model.named_parameters()}
+    new, copied = first.opt.param_groups
+    assert sorted(names[id(p)] for p in new["params"]) == ["ssl_emb.bias", "ssl_emb.weight"]
+    assert len(copied["params"]) == len(first.params) - 2
+    batch, cond = torch.randn(2, 3, 32, 32), {"feat": torch.randn(2, ENCODER_WIDTH)}
+    before = {k: v.clone() for k, v in first.model.state_dict().items()}
+    first.run_step(batch, cond)
+    assert (new["lr"], copied["lr"]) == (1e-2, pytest.approx(1e-3))  # step 0 of the annealing: the full lr
+    # Adam's first step moves each weight by about its group's lr
+    moved = {k: (v - before[k]).abs().max().item() for k, v in first.model.state_dict().items()}
+    assert moved["ssl_emb.weight"] == pytest.approx(1e-2, rel=0.05)
+    assert moved["out.2.weight"] == pytest.approx(1e-3, rel=0.05)
+    first.run_step(batch, cond)
+    assert (new["lr"], copied["lr"]) == (pytest.approx(9e-3), pytest.approx(9e-4))
+    first.save()
+    saved = first.opt.state_dict()
+
+    second = loop(init_from=str(files["class"]), lr_anneal_steps=10)  # resumes: same groups, saved state
+    logger.reset()
+    assert second.step == 2 and len(second.opt.param_groups) == 2
+    assert [g["lr_scale"] for g in second.opt.param_groups] == [1.0, 0.1]
+    state = second.opt.state_dict()
+    for i, s in saved["state"].items():
+        assert all(torch.equal(s[k], state["state"][i][k]) for k in s)
+    second.run_step(batch, cond)
+    assert [g["lr"] for g in second.opt.param_groups] == [pytest.approx(8e-3), pytest.approx(8e-4)]
+    with pytest.raises(Exception, match="init_lr_scale"):
+        loop(init_lr_scale=-1)
