@@ -43,6 +43,7 @@ from ..cli.policy import run_main
 from ..encoders import EncoderSpec, encode_images
 from ..errors import UsageError
 from ..image_datasets import model_input
+from ..config import ModelConfig
 from ..script_util import create_model_and_diffusion
 from ..train_util import TrainLoop
 from .quickstart import crop_view, view_boxes
@@ -79,11 +80,8 @@ def model_flags(image_size: int, num_channels: int) -> dict:
     """The small UNet: the quickstart's architecture (one residual block per level)."""
     if image_size not in (32, 64):
         raise UsageError(f"--image_size {image_size}: the benchmark runs at 32 or 64")
-    return {"image_size": image_size, "num_channels": num_channels, "num_res_blocks": 1,
-            "channel_mult": "1,2,2" if image_size == 32 else "1,2,2,2", "attention_resolutions": "8",
-            "num_head_channels": 32, "learn_sigma": False, "noise_schedule": "cosine", "diffusion_steps": 1000,
-            "predict_xstart": True,
-            "use_scale_shift_norm": True}
+    return ModelConfig.preset("quickstart", image_size=image_size, num_channels=num_channels,
+                              predict_xstart=True).flags()
 
 
 def views(crops_per_photo: int, seed: int) -> tuple[list[Image.Image], list[Image.Image]]:
