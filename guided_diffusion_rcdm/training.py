@@ -127,7 +127,7 @@ def train(
     tf32: bool = False,
     num_workers: int | None = None,
     random_crop: bool = False,
-    random_flip: bool = False,
+    random_flip: bool = True,
     sync_bn: bool = False,
     seed: int = 0,
     progress: bool = True,

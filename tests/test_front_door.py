@@ -138,3 +138,14 @@ def test_one_construction_path_for_every_way_in(ckpt):
         RCDM.from_checkpoint(ckpt, stepz=2)
     by_keywords.configure_sampling(sampler="dpm++", steps=3)
     assert by_keywords.sampling == sampling.replace(sampler="dpm++", steps=3)
+
+
+def test_the_train_command_and_train_agree_on_defaults():
+    """`rcdm train` passes its flags to `train()` by name: a flag's default and the keyword's are the same."""
+    from guided_diffusion_rcdm import training
+
+    args = parse_args(train_cli.create_argparser(), [])
+    shared = [(k, p.default) for k, p in inspect.signature(training.train).parameters.items()
+              if hasattr(args, k) and p.default is not inspect.Parameter.empty]
+    assert len(shared) > 20
+    assert [(k, getattr(args, k) or None) for k, _ in shared] == [(k, d or None) for k, d in shared]
