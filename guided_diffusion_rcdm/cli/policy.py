@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..encoders.spec import FLAGS as ENCODER_FLAGS
-from ..errors import UsageError, UserError
-from ..fileio import check_out_dir as _check_out_dir
+from ..errors import UserError
+from ..fileio import check_out_dir  # noqa: F401 (the commands check their output folder with it; its
+# message names `out_dir`, which `flag_message` shows as --out_dir)
 from .flags import parse_args
 
 DEBUG_ENV = "RCDM_DEBUG"  # set to 1 to get full tracebacks instead of one-line errors
@@ -90,8 +91,3 @@ def run_command(main: Callable[[argparse.Namespace], Any], parser: argparse.Argu
     error policy; return the exit status. A parser mistake exits at once with status 2."""
     args = parse_args(parser, argv)
     return run_main(lambda: main(args), parser.prog, parser)
-
-
-def check_out_dir(folder: str, flag: str = "--out_dir") -> None:
-    """Fail, naming the flag, when `folder` could not be created or written; creates nothing."""
-    _check_out_dir(folder, flag)
