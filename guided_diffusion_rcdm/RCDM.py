@@ -28,7 +28,7 @@ from . import representation_ops as ops
 from .config import SamplingConfig
 from .encoders import Images, check_paths_exist, encode_images
 from .image_datasets import find_images
-from .loading import ENCODER_KEYWORDS, Components, UsageError, load_components
+from .loading import ENCODER_KEYWORDS, SAMPLING_TIME_FLAGS, Components, UsageError, load_components
 from .precision import prepare_model
 from .samplers import SAMPLERS, respace_for_sampler, sample_images
 from .script_util import model_and_diffusion_defaults
@@ -74,7 +74,7 @@ def from_flags(args: argparse.Namespace | Mapping | None = None,
     parts = load_components(
         path, **encoder, device=sampling.device, precision=sampling.precision, tf32=sampling.tf32,
         model_flags={k: settings[k] for k in model_defaults
-                     if k in explicit or k in ("timestep_respacing", "use_fp16", "use_checkpoint")},
+                     if k in explicit or k in SAMPLING_TIME_FLAGS},
         G_shared=bool(settings["G_shared"]),
     )
     return parts, sampling
