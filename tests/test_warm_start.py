@@ -308,3 +308,28 @@ def test_init_lr_scale_trains_the_copied_weights_slower_and_a_resume_keeps_both_
     assert [g["lr"] for g in second.opt.param_groups] == [pytest.approx(8e-3), pytest.approx(8e-4)]
     with pytest.raises(Exception, match="init_lr_scale"):
         loop(init_lr_scale=-1)
+
+
+def test_warm_start_benchmark_runs_end_to_end(tmp_path, capsys):
+    """scripts/warm_start_benchmark.py in miniature, from a class-conditional foundation: it trains
+    the foundation on the photos' classes, both RCDM runs, evaluates each and writes the curves."""
+    from guided_diffusion_rcdm.apps import warm_start
+
+    out = tmp_path / "curves.json"
+    argv = ["--foundation", "class", "--pretrain_steps", "2", "--train_steps", "2", "--eval_every", "1",
+            "--steps", "2", "--crops_per_photo", "1", "--samples_per_image", "1", "--out_json", str(out)]
+    assert warm_start.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["runs"] == ["scratch", "warm"] and r["pretrain"]["conditioning"] == "class"
+    assert r["pretrain"]["steps"] == 2 and r["pretrain"]["final_loss"] > 0
+    assert r["num_heldout"] == 16 and r["num_train"] == 14  # one crop of each photo but the two unseen
+    for name in r["runs"]:
+        curve = r[name]["curve"]
+        assert [p["step"] for p in curve] == [0, 1, 2]
+        assert all(0 < p["mrr"] <= 1 and 0 < p["shuffled_mrr"] <= 1 for p in curve)
+        assert all(p["loss"] > 0 for p in curve[1:])
+    printed = capsys.readouterr().out
+    assert "foundation (class-conditional): 2 steps" in printed and "warm: reaches it at step" in printed
+    # bad input: one line, status 2
+    assert warm_start.main(["--warm_lr_scales", "x"]) == 2
+    assert "--warm_lr_scales" in capsys.readouterr().err

@@ -3,8 +3,13 @@
 `python scripts/warm_start_benchmark.py` (offline, CPU, a few minutes) does what a user with a new
 encoder would do, in miniature:
 
-1. the *foundation*: a small unconditional diffusion UNet pre-trained for `--pretrain_steps` on
-   crops of the quickstart's photographs (scikit-image's), written as a checkpoint file;
+1. the *foundation*: a small diffusion UNet pre-trained for `--pretrain_steps` on crops of the
+   quickstart's photographs (scikit-image's), written as a checkpoint file. `--foundation uncond`
+   (the default) is unconditional, like `openai_256_uncond`; `--foundation class` is
+   class-conditional, like `openai_64/128/512`: each crop's class is the photograph it was cut from
+   (guided-diffusion's 1000-class embedding, one class per photograph used), so the foundation's
+   embedding path already carries what the image shows, as ImageNet's labels do for the public
+   models;
 2. two RCDM runs of `--train_steps` steps each, on the same batches, timesteps and noise, conditioned on
    a frozen encoder's representation (`--type_model`, random fixed-seed weights unless
    `--pretrained_encoder`): one from scratch, one with `TrainLoop(init_from=<that file>)`; optionally
@@ -49,7 +54,9 @@ from ..train_util import TrainLoop
 from .quickstart import crop_view, view_boxes
 
 BENCH_FLAGS = (
-    Flag("pretrain_steps", 200, int, "steps of the unconditional foundation's pre-training"),
+    Flag("pretrain_steps", 200, int, "steps of the foundation's pre-training"),
+    Flag("foundation", "uncond", help="the foundation's conditioning: 'uncond' (like openai_256_uncond) or 'class', "
+         "one class per photograph (like the class-conditional openai_64/128/512)", choices=("uncond", "class")),
     Flag("train_steps", 240, int, "RCDM training steps of each run (scratch and warm start)"),
     Flag("eval_every", 40, int, "steps between fidelity evaluations"),
     Flag("crops_per_photo", 12, int, "training crops cut from each photograph"),
@@ -84,14 +91,15 @@ def model_flags(image_size: int, num_channels: int) -> dict:
                               predict_xstart=True).flags()
 
 
-def views(crops_per_photo: int, seed: int) -> tuple[list[Image.Image], list[Image.Image]]:
-    """Training crops (random squares of every photo but the unseen ones) and held-out views (every
-    photo's centre square), as PIL images."""
-    train, held = [], []
-    for _, image, boxes, centre in view_boxes(crops_per_photo, seed):
+def views(crops_per_photo: int, seed: int) -> tuple[list[Image.Image], list[int], list[Image.Image]]:
+    """Training crops (random squares of every photo but the unseen ones), each crop's class (the
+    index of its photo) and held-out views (every photo's centre square), as PIL images."""
+    train, labels, held = [], [], []
+    for label, (_, image, boxes, centre) in enumerate(view_boxes(crops_per_photo, seed)):
         train.extend(crop_view(image, box) for box in boxes)
+        labels.extend([label] * len(boxes))
         held.append(crop_view(image, centre))
-    return train, held
+    return train, labels, held
 
 
 def _loop(model, diffusion, args, out_dir: Path, init_from=None, cond_first: int = 0,
@@ -104,12 +112,13 @@ def _loop(model, diffusion, args, out_dir: Path, init_from=None, cond_first: int
                      init_lr_scale=lr_scale / new_lr_mult)
 
 
-def _step(loop: TrainLoop, images: torch.Tensor, feats: torch.Tensor | None, order: np.ndarray, step: int,
+def _step(loop: TrainLoop, images: torch.Tensor, cond: dict[str, torch.Tensor], order: np.ndarray, step: int,
           seed: int) -> float:
+    """One step on the batch `order[step]`; `cond`: the model's conditioning for every image
+    (`{}`, `{"y": classes}` or `{"feat": features}`)."""
     idx = torch.from_numpy(order[step])
     torch.manual_seed(seed * 1_000_003 + step)  # the same timesteps and noise in both runs
-    cond = {} if feats is None else {"feat": feats[idx]}
-    return float(loop.run_step(images[idx], cond))
+    return float(loop.run_step(images[idx], {k: v[idx] for k, v in cond.items()}))
 
 
 @torch.no_grad()
@@ -142,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     spec = EncoderSpec(args.type_model, pretrained=args.pretrained_encoder, input_size=args.encoder_input_size)
     encoder = spec.build("cpu")
-    train_views, held_views = views(args.crops_per_photo, args.seed)
+    train_views, labels, held_views = views(args.crops_per_photo, args.seed)
     images = torch.stack([model_input(v, args.image_size) for v in train_views])
     feats = encode_images(encoder, train_views, input_size=args.encoder_input_size).features
     held_feats = encode_images(encoder, held_views, input_size=args.encoder_input_size).features
@@ -150,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{len(train_views)} training crops, {len(held_views)} held-out views, encoder {spec.name} "
           f"({'published' if args.pretrained_encoder else 'random fixed-seed'} weights, width {ssl_dim}); "
           f"prepared in {time.time() - t0:.0f} s", flush=True)
-    _, sampler = create_model_and_diffusion(**flags, timestep_respacing=f"ddim{args.steps}")
+    _, sampler = create_model_and_diffusion(**{**flags, "timestep_respacing": f"ddim{args.steps}"})
     rng = np.random.default_rng(args.seed)
     total = max(args.pretrain_steps, args.train_steps)
     order = np.stack([rng.choice(len(images), args.batch_size, replace=False) for _ in range(total)])
@@ -161,16 +170,19 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         logger.configure(dir=str(tmp_path / "log"), format_strs=["log"])
-        # 1. the foundation: unconditional, on the same photographs
+        # 1. the foundation, on the same photographs: unconditional or one class per photograph
         t0 = time.time()
-        model, diffusion = create_model_and_diffusion(**flags)
+        class_cond = args.foundation == "class"
+        base_flags = {**flags, "class_cond": class_cond}
+        model, diffusion = create_model_and_diffusion(**base_flags)
         loop = _loop(model, diffusion, args, tmp_path / "foundation")
-        losses = [_step(loop, images, None, order, s, args.seed + 1) for s in range(args.pretrain_steps)]
+        base_cond = {"y": torch.tensor(labels)} if class_cond else {}
+        losses = [_step(loop, images, base_cond, order, s, args.seed + 1) for s in range(args.pretrain_steps)]
         foundation = tmp_path / "foundation.pt"
-        hub.save_checkpoint(foundation, model.state_dict(), meta={"model_flags": flags})
-        out["pretrain"] = {"steps": args.pretrain_steps, "seconds": time.time() - t0,
+        hub.save_checkpoint(foundation, model.state_dict(), meta={"model_flags": base_flags})
+        out["pretrain"] = {"steps": args.pretrain_steps, "conditioning": args.foundation, "seconds": time.time() - t0,
                            "final_loss": float(np.mean(losses[-20:])) if losses else None}
-        print(f"foundation: {args.pretrain_steps} steps in {out['pretrain']['seconds']:.0f} s, loss "
+        print(f"foundation ({'class-conditional' if class_cond else 'unconditional'}): {args.pretrain_steps} steps in {out['pretrain']['seconds']:.0f} s, loss "
               f"{out['pretrain']['final_loss'] or float('nan'):.4f}", flush=True)
 
         # 2. the RCDM from scratch and from the foundation: same batches, timesteps and noise
@@ -183,14 +195,14 @@ def run(args: argparse.Namespace) -> dict:
             for x in scales]
         for name, init, cond_first, lr_scale, new_lr_mult in runs:
             torch.manual_seed(args.seed + 2)
-            model, diffusion = create_model_and_diffusion(**flags, feat_cond=True, ssl_dim=ssl_dim)
+            model, diffusion = create_model_and_diffusion(**{**flags, "feat_cond": True, "ssl_dim": ssl_dim})
             loop = _loop(model, diffusion, args, tmp_path / name, init_from=init, cond_first=cond_first,
                          lr_scale=lr_scale, new_lr_mult=new_lr_mult)
             curve = [{"step": 0, "loss": None, **fidelity(model, sampler, encoder, held_feats, args)}]
             window, t0, train_seconds = [], time.time(), 0.0
             for s in range(args.train_steps):
                 t1 = time.time()
-                window.append(_step(loop, images, feats, order, s, args.seed + 2))
+                window.append(_step(loop, images, {"feat": feats}, order, s, args.seed + 2))
                 train_seconds += time.time() - t1
                 if (s + 1) % args.eval_every == 0 or s + 1 == args.train_steps:
                     curve.append({"step": s + 1, "loss": float(np.mean(window)),
@@ -232,7 +244,7 @@ def table(r: dict) -> str:
     third = r["args"]["train_steps"] // 3
     lines.append(f"scratch final MRR {r['scratch_final_mrr']:.3f}, smoothed {r['scratch_final_mrr_smoothed']:.3f} "
                  f"(chance {r['scratch']['curve'][-1]['chance_mrr']:.3f}); target: reached within {third} steps; "
-                 f"foundation {r['pretrain']['steps']} steps, {r['pretrain']['seconds']:.0f} s; training time scratch "
+                 f"foundation ({r['pretrain'].get('conditioning', 'uncond')}) {r['pretrain']['steps']} steps, {r['pretrain']['seconds']:.0f} s; training time scratch "
                  f"{r['scratch']['train_seconds']:.0f} s")
     for name in names[1:]:
         got = [r[f"{name}_steps_to_scratch_final_{k}"] for k in ("mrr", "mrr_smoothed")]
