@@ -328,6 +328,11 @@ def test_warm_start_benchmark_runs_end_to_end(tmp_path, capsys):
         assert [p["step"] for p in curve] == [0, 1, 2]
         assert all(0 < p["mrr"] <= 1 and 0 < p["shuffled_mrr"] <= 1 for p in curve)
         assert all(p["loss"] > 0 for p in curve[1:])
+    # the same command, the same figures: every run draws the same batches, timesteps and noise
+    assert warm_start.main(argv[:-1] + [str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert [again[n]["curve"] for n in r["runs"]] == [r[n]["curve"] for n in r["runs"]]
+    assert again["pretrain"]["final_loss"] == r["pretrain"]["final_loss"]
     printed = capsys.readouterr().out
     assert "foundation (class-conditional): 2 steps" in printed and "warm: reaches it at step" in printed
     # bad input: one line, status 2

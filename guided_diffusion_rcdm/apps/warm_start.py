@@ -117,7 +117,9 @@ def _step(loop: TrainLoop, images: torch.Tensor, cond: dict[str, torch.Tensor], 
     """One step on the batch `order[step]`; `cond`: the model's conditioning for every image
     (`{}`, `{"y": classes}` or `{"feat": features}`)."""
     idx = torch.from_numpy(order[step])
-    torch.manual_seed(seed * 1_000_003 + step)  # the same timesteps and noise in both runs
+    # The same noise (torch) and timesteps (the schedule sampler draws with numpy) in every run.
+    torch.manual_seed(seed * 1_000_003 + step)
+    np.random.seed((seed * 1_000_003 + step) % 2**32)
     return float(loop.run_step(images[idx], {k: v[idx] for k, v in cond.items()}))
 
 
