@@ -256,16 +256,15 @@ class TrainLoop:
     :param train_only: "cond": for the first `train_only_steps` steps only the representation's
         path is updated (`foundations.is_conditioning_parameter`: `ssl_emb`, the residual blocks'
         embedding layers and norms), then everything; "" (default): everything from the start.
-        Measured by scripts/warm_start_benchmark.py (`--cond_first_steps`), where it did not help
-        (docs/training.md, Results): not offered by the train command.
+        Measured by scripts/warm_start_benchmark.py (`--cond_first_steps`; docs/training.md,
+        Results); the train command's `--train_only`.
     :param init_lr_scale: after a warm start that created tensors (`ssl_emb`), AdamW has two
         parameter groups: the new tensors at `lr`, the copied ones at `lr * init_lr_scale`
         (default 1.0: every parameter at `lr`). The checkpoint's foundation record lists the new
         tensors (`meta["foundation"]["new"]`), so a resumed run rebuilds the same groups; it keeps
         the learning rates its optimizer state saved, as for `lr`. Measured by
-        scripts/warm_start_benchmark.py (`--warm_lr_scales`, `--warm_new_lr_mult`), where no setting
-        gained more than the run-to-run spread on both seeds (docs/training.md, Results): not
-        offered by the train command.
+        scripts/warm_start_benchmark.py (`--warm_lr_scales`, `--warm_new_lr_mult`; docs/training.md,
+        Results); the train command's `--init_lr_scale`.
     :param seed: the random streams of step S on rank R (timesteps, noise, representation
         dropout) are seeded from `(seed, R, S)`, so a resumed run draws what an uninterrupted one
         would; None: rank 0 draws one from torch's generator (recorded in the checkpoint). A `data`
@@ -312,7 +311,7 @@ class TrainLoop:
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr = lr
         if not 0 <= init_lr_scale < float("inf"):
-            raise UsageError(f"init_lr_scale {init_lr_scale}: use a number >= 0 (1: the copied weights at lr)")
+            raise UsageError(f"`init_lr_scale` {init_lr_scale}: use a number >= 0 (1: the copied weights at `lr`)")
         self.init_lr_scale = float(init_lr_scale)
         self.ema_rate = (
             [float(ema_rate)] if isinstance(ema_rate, (int, float))
@@ -357,8 +356,8 @@ class TrainLoop:
         from .foundations import TRAIN_ONLY_CHOICES, is_conditioning_parameter
 
         if train_only not in TRAIN_ONLY_CHOICES or train_only_steps < 0:
-            raise UsageError(f"train_only {train_only!r} / train_only_steps {train_only_steps}: use train_only "
-                             "'cond' with a number of steps >= 0, or no train_only")
+            raise UsageError(f"`train_only` {train_only!r} / `train_only_steps` {train_only_steps}: use `train_only` "
+                             "'cond' with a number of steps >= 0, or no `train_only`")
         self.train_only_steps = int(train_only_steps) if train_only else 0
         self._held = [p for n, p in self.model.named_parameters()
                       if p.requires_grad and not is_conditioning_parameter(n)] if train_only else []

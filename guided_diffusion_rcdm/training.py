@@ -107,6 +107,9 @@ def train(
     feat_cache: str = "",
     feat_cache_dtype: str = "fp32",
     init_from: str | None = None,
+    init_lr_scale: float = 1.0,
+    train_only: str = "",
+    train_only_steps: int = 0,
     max_steps: int = 0,
     max_minutes: float = 0.0,
     batch_size: int = 1,
@@ -148,6 +151,12 @@ def train(
     :param feat_cache: a folder where the representations are computed once and reused.
     :param init_from: a warm start: a UNet state-dict file, or a foundation name
         (`foundations.FOUNDATIONS`: openai_64 ... openai_512, rcdm_<encoder>[_head]).
+    :param init_lr_scale: with `init_from`: the copied weights train at `lr * init_lr_scale`, the
+        new `ssl_emb` at `lr` (default 1.0: everything at `lr`).
+    :param train_only, train_only_steps: with `init_from`: `train_only="cond"` updates only the
+        representation's path (`ssl_emb`, the residual blocks' embedding layers and norms) for the
+        first `train_only_steps` steps, then everything. Both are measured in docs/training.md
+        (Results: warm start vs scratch).
     :param max_steps, max_minutes: stop after this many steps / minutes of training (0: never),
         saving a checkpoint. `lr_anneal_steps` also ends the run (the original's).
     :param precision: the UNet's compute precision: fp32, bf16, fp16 or auto (None: fp32; with
@@ -160,6 +169,9 @@ def train(
     :param on_start: called with the `TrainLoop` before its first step (e.g. to tune threads).
     Other keywords are TrainLoop's (the original's training flags of the same names).
     """
+    if (init_lr_scale != 1.0 or train_only) and not init_from:
+        raise UsageError("`init_lr_scale` and `train_only` shape a warm start: give `init_from` too (or leave "
+                         "them at 1.0 and '')")
     dist_util.setup_dist()
     config = _model_config(model, init_from)
     spec = _encoder_spec(encoder)
@@ -234,6 +246,7 @@ def train(
             "microbatch": microbatch, "ema_rate": ema_rate, "schedule_sampler": schedule_sampler,
             "use_fp16": config.use_fp16, "fp16_scale_growth": fp16_scale_growth, "data_dir": data_dir,
             "feat_cache": feat_cache, "init_from": init_from if isinstance(init_from, str) else None,
+            "init_lr_scale": init_lr_scale, "train_only": train_only, "train_only_steps": train_only_steps,
             "precision": precision, "encoder_precision": encoder_precision,
             "world_size": dist_util.get_world_size(), **(train_meta or {}),
         },
@@ -247,7 +260,8 @@ def train(
         weight_decay=weight_decay, lr_anneal_steps=lr_anneal_steps, out_dir=out_dir,
         precision="auto" if requested == "auto" else precision, checkpoint_meta=meta,
         max_steps=max_steps, max_seconds=60.0 * max_minutes, progress=progress, channels_last=channels_last,
-        compile=compile, seed=seed, init_from=init_weights,
+        compile=compile, seed=seed, init_from=init_weights, init_lr_scale=init_lr_scale, train_only=train_only,
+        train_only_steps=train_only_steps,
     )
     del init_weights  # the foundation's tensors are in the model now: free the file's copy
     if on_start is not None:

@@ -338,3 +338,31 @@ def test_warm_start_benchmark_runs_end_to_end(tmp_path, capsys):
     # bad input: one line, status 2
     assert warm_start.main(["--warm_lr_scales", "x"]) == 2
     assert "--warm_lr_scales" in capsys.readouterr().err
+
+
+def test_train_command_warm_start_recipe_flags(files, tmp_path, capsys):
+    """--train_only cond --train_only_steps 1 --init_lr_scale 0.5 through the train command: after
+    one step only the representation's path moved, after two everything did; the flags are recorded.
+    Without --init_from they are refused in one line, nothing written."""
+    out = tmp_path / "run"
+    argv = _argv(files, out, "--init_from", str(files["class"]), "--lr", "1e-2", "--train_only", "cond",
+                 "--train_only_steps", "1", "--init_lr_scale", "0.5")
+    source = files["class_sd"]
+    assert train_cli.main([*argv, "--max_steps", "1"]) == 0
+    logger.reset()
+    sd, meta = hub.load_checkpoint(out / "model000001.pt")
+    moved = {k for k in sd if k in source and not torch.equal(sd[k], source[k])}
+    assert moved and all(foundations.is_conditioning_parameter(k) for k in moved), sorted(moved)
+    assert "input_blocks.1.0.emb_layers.1.weight" in moved and "out.2.weight" not in moved
+    assert {k: meta["train_flags"][k] for k in ("init_lr_scale", "train_only", "train_only_steps")} == \
+        {"init_lr_scale": 0.5, "train_only": "cond", "train_only_steps": 1}
+    assert train_cli.main([*argv, "--max_steps", "2"]) == 0  # resumes; the held weights train now
+    logger.reset()
+    sd, _ = hub.load_checkpoint(out / "model000002.pt")
+    assert not torch.equal(sd["out.2.weight"], source["out.2.weight"])
+
+    bad = tmp_path / "bad"
+    assert train_cli.main(_argv(files, bad, "--init_lr_scale", "0.1", "--max_steps", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--init_lr_scale and --train_only shape a warm start" in err, err
+    assert "--init_from" in err and not bad.exists()

@@ -172,6 +172,12 @@ _DECLARED: list[Flag] = [
          "run ignores it): openai_64, openai_128, openai_256, openai_256_uncond, openai_512 (guided-diffusion's "
          "ImageNet models), rcdm_<encoder>[_head] (the published RCDMs, e.g. rcdm_dino, rcdm_simclr_head) or a "
          "UNet state dict file; a name sets the model flags it needs unless given. See docs/training.md"),
+    Flag("init_lr_scale", 1.0, float, "with --init_from: the copied weights train at --lr times this, the new "
+         "`ssl_emb` at --lr (1: everything at --lr; 0.1 helped in docs/training.md's warm-start benchmark)",
+         range=Range(0, 10)),
+    Flag("train_only", "", help="with --init_from: 'cond' trains only the representation's path (`ssl_emb`, the "
+         "residual blocks' embedding layers and norms) for --train_only_steps, then everything", choices=("", "cond")),
+    Flag("train_only_steps", 0, int, "the steps of --train_only cond", range=NON_NEGATIVE),
     Flag("feat_cache", "", help="folder of cached representations: encode the dataset once, then train from it"),
     Flag("feat_cache_dtype", "fp32", help="how --feat_cache stores the representations: fp32 (exact), bf16 or fp16 "
          "(half the size); recorded in the cache, which another dtype refuses", choices=("fp32", "bf16", "fp16")),
