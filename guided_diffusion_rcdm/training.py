@@ -172,6 +172,9 @@ def train(
     if (init_lr_scale != 1.0 or train_only) and not init_from:
         raise UsageError("`init_lr_scale` and `train_only` shape a warm start: give `init_from` too (or leave "
                          "them at 1.0 and '')")
+    if bool(train_only) != (train_only_steps > 0):
+        raise UsageError(f"`train_only` {train_only!r} with `train_only_steps` {train_only_steps}: give both "
+                         "(e.g. 'cond' and 500) or neither")
     dist_util.setup_dist()
     config = _model_config(model, init_from)
     spec = _encoder_spec(encoder)

@@ -366,3 +366,7 @@ def test_train_command_warm_start_recipe_flags(files, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--init_lr_scale and --train_only shape a warm start" in err, err
     assert "--init_from" in err and not bad.exists()
+    assert train_cli.main(_argv(files, bad, "--init_from", str(files["class"]), "--train_only", "cond")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--train_only 'cond' with --train_only_steps 0: give both" in err, err
+    assert not bad.exists()

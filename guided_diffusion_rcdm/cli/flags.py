@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..foundations import TRAIN_ONLY_CHOICES
 from ..metrics import FID_WEIGHTS_FILE, METRICS, REF_RESIZE
 from ..precision import PRECISION_CHOICES
 from ..representation_ops import INTERPOLATIONS
@@ -173,10 +174,10 @@ _DECLARED: list[Flag] = [
          "ImageNet models), rcdm_<encoder>[_head] (the published RCDMs, e.g. rcdm_dino, rcdm_simclr_head) or a "
          "UNet state dict file; a name sets the model flags it needs unless given. See docs/training.md"),
     Flag("init_lr_scale", 1.0, float, "with --init_from: the copied weights train at --lr times this, the new "
-         "`ssl_emb` at --lr (1: everything at --lr; 0.1 helped in docs/training.md's warm-start benchmark)",
-         range=Range(0, 10)),
+         "`ssl_emb` at --lr (1: everything at --lr; from a class-conditional foundation, 0.1 halved the steps "
+         "in docs/training.md's benchmark)", range=Range(0, 10)),
     Flag("train_only", "", help="with --init_from: 'cond' trains only the representation's path (`ssl_emb`, the "
-         "residual blocks' embedding layers and norms) for --train_only_steps, then everything", choices=("", "cond")),
+         "residual blocks' embedding layers and norms) for --train_only_steps, then everything", choices=TRAIN_ONLY_CHOICES),
     Flag("train_only_steps", 0, int, "the steps of --train_only cond", range=NON_NEGATIVE),
     Flag("feat_cache", "", help="folder of cached representations: encode the dataset once, then train from it"),
     Flag("feat_cache_dtype", "fp32", help="how --feat_cache stores the representations: fp32 (exact), bf16 or fp16 "
