@@ -76,10 +76,18 @@ def _load_init_from(init_from, model: ModelConfig, out_dir: str, resume_checkpoi
 
 def check_inputs(data_dir: str, out_dir: str, *, model: ModelConfig, encoder: EncoderSpec | None,
                  image_paths: Sequence[str] | None = None, features: torch.Tensor | None = None,
-                 feat_cache: str = "", resume_checkpoint: str = "") -> ImageListing:
-    """The checks `train` makes before any work, without training: the images (listed, or the
-    listing a previous run left in `out_dir`), the model settings and the input files. Returns the
-    images; raises a `UserError` naming the argument otherwise. Writes nothing."""
+                 feat_cache: str = "", resume_checkpoint: str = "", init_from: Any = None,
+                 init_lr_scale: float = 1.0, train_only: str = "", train_only_steps: int = 0) -> ImageListing:
+    """The checks `train` makes before any work, without training: the warm-start settings, the
+    images (listed, or the listing a previous run left in `out_dir`), the model settings and the
+    input files. Returns the images; raises a `UserError` naming the argument otherwise. Writes
+    nothing."""
+    if (init_lr_scale != 1.0 or train_only) and not init_from:
+        raise UsageError("`init_lr_scale` and `train_only` shape a warm start: give `init_from` too (or leave "
+                         "them at 1.0 and '')")
+    if bool(train_only) != (train_only_steps > 0):
+        raise UsageError(f"`train_only` {train_only!r} with `train_only_steps` {train_only_steps}: give both "
+                         "(e.g. 'cond' and 500) or neither")
     if image_paths is None:
         listing = scan_images(data_dir, index_dir=out_dir)
     else:
@@ -169,19 +177,15 @@ def train(
     :param on_start: called with the `TrainLoop` before its first step (e.g. to tune threads).
     Other keywords are TrainLoop's (the original's training flags of the same names).
     """
-    if (init_lr_scale != 1.0 or train_only) and not init_from:
-        raise UsageError("`init_lr_scale` and `train_only` shape a warm start: give `init_from` too (or leave "
-                         "them at 1.0 and '')")
-    if bool(train_only) != (train_only_steps > 0):
-        raise UsageError(f"`train_only` {train_only!r} with `train_only_steps` {train_only_steps}: give both "
-                         "(e.g. 'cond' and 500) or neither")
     dist_util.setup_dist()
     config = _model_config(model, init_from)
     spec = _encoder_spec(encoder)
     conditioned = spec is not None or features is not None
     # Cheap checks first: a mistake in the settings or the data writes nothing and builds nothing.
     listing = check_inputs(data_dir, out_dir, model=config, encoder=spec, image_paths=image_paths,
-                           features=features, feat_cache=feat_cache, resume_checkpoint=resume_checkpoint)
+                           features=features, feat_cache=feat_cache, resume_checkpoint=resume_checkpoint,
+                           init_from=init_from, init_lr_scale=init_lr_scale, train_only=train_only,
+                           train_only_steps=train_only_steps)
     # The foundation next: a missing name offline, an unsafe file or one that does not fit the
     # model fails before anything is written.
     init_weights = _load_init_from(init_from, config, out_dir, resume_checkpoint, progress)

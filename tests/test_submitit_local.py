@@ -88,6 +88,9 @@ def test_cli_without_slurm_says_what_to_do_and_keeps_the_original_flags(tmp_path
     assert "does not exist" in err  # checked before anything is queued
     err = refused(["--data_dir", photos, "--local", "--image_size", "100", "--out_dir", tmp_path / "run2"])
     assert "image_size" in err and not (tmp_path / "run2" / "submitit").exists()  # nothing queued
+    err = refused(["--data_dir", photos, "--local", "--train_only", "cond", "--train_only_steps", "10",
+                   "--out_dir", tmp_path / "run3"])
+    assert "--init_from" in err and not (tmp_path / "run3" / "submitit").exists()  # a warm-start setting alone
 
 
 def test_the_launcher_needs_a_writable_out_dir_and_makes_it_absolute(tmp_path, monkeypatch):

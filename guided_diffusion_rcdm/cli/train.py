@@ -80,7 +80,9 @@ def check_inputs(args: argparse.Namespace):
     config, _ = model_config(args)
     spec = EncoderSpec.from_flags(args) if args.feat_cond else None
     return training.check_inputs(args.data_dir, args.out_dir, model=config, encoder=spec, feat_cache=args.feat_cache,
-                                 resume_checkpoint=args.resume_checkpoint)
+                                 resume_checkpoint=args.resume_checkpoint, init_from=args.init_from,
+                                 init_lr_scale=args.init_lr_scale, train_only=args.train_only,
+                                 train_only_steps=args.train_only_steps)
 
 
 def train(args: argparse.Namespace):
