@@ -6,7 +6,7 @@ encoder would do, in miniature:
 1. the *foundation*: a small diffusion UNet pre-trained for `--pretrain_steps` on crops of the
    quickstart's photographs (scikit-image's), written as a checkpoint file. `--foundation uncond`
    (the default) is unconditional, like `openai_256_uncond`; `--foundation class` is
-   class-conditional, like `openai_64/128/512`: each crop's class is the photograph it was cut from
+   class-conditional, like `openai_64/128/256/512`: each crop's class is the photograph it was cut from
    (guided-diffusion's 1000-class embedding, one class per photograph used), so the foundation's
    embedding path already carries what the image shows, as ImageNet's labels do for the public
    models;
@@ -56,7 +56,7 @@ from .quickstart import crop_view, view_boxes
 BENCH_FLAGS = (
     Flag("pretrain_steps", 200, int, "steps of the foundation's pre-training"),
     Flag("foundation", "uncond", help="the foundation's conditioning: 'uncond' (like openai_256_uncond) or 'class', "
-         "one class per photograph (like the class-conditional openai_64/128/512)", choices=("uncond", "class")),
+         "one class per photograph (like the class-conditional openai_64/128/256/512)", choices=("uncond", "class")),
     Flag("train_steps", 240, int, "RCDM training steps of each run (scratch and warm start)"),
     Flag("eval_every", 40, int, "steps between fidelity evaluations"),
     Flag("crops_per_photo", 12, int, "training crops cut from each photograph"),
@@ -182,9 +182,10 @@ def run(args: argparse.Namespace) -> dict:
         losses = [_step(loop, images, base_cond, order, s, args.seed + 1) for s in range(args.pretrain_steps)]
         foundation = tmp_path / "foundation.pt"
         hub.save_checkpoint(foundation, model.state_dict(), meta={"model_flags": base_flags})
-        out["pretrain"] = {"steps": args.pretrain_steps, "conditioning": args.foundation, "seconds": time.time() - t0,
-                           "final_loss": float(np.mean(losses[-20:])) if losses else None}
-        print(f"foundation ({'class-conditional' if class_cond else 'unconditional'}): {args.pretrain_steps} steps in {out['pretrain']['seconds']:.0f} s, loss "
+        out["pretrain"] = {"steps": args.pretrain_steps, "conditioning": args.foundation,
+                           "seconds": time.time() - t0, "final_loss": float(np.mean(losses[-20:])) if losses else None}
+        kind = "class-conditional" if class_cond else "unconditional"
+        print(f"foundation ({kind}): {args.pretrain_steps} steps in {out['pretrain']['seconds']:.0f} s, loss "
               f"{out['pretrain']['final_loss'] or float('nan'):.4f}", flush=True)
 
         # 2. the RCDM from scratch and from the foundation: same batches, timesteps and noise
@@ -246,8 +247,8 @@ def table(r: dict) -> str:
     third = r["args"]["train_steps"] // 3
     lines.append(f"scratch final MRR {r['scratch_final_mrr']:.3f}, smoothed {r['scratch_final_mrr_smoothed']:.3f} "
                  f"(chance {r['scratch']['curve'][-1]['chance_mrr']:.3f}); target: reached within {third} steps; "
-                 f"foundation ({r['pretrain'].get('conditioning', 'uncond')}) {r['pretrain']['steps']} steps, {r['pretrain']['seconds']:.0f} s; training time scratch "
-                 f"{r['scratch']['train_seconds']:.0f} s")
+                 f"foundation ({r['pretrain'].get('conditioning', 'uncond')}) {r['pretrain']['steps']} steps, "
+                 f"{r['pretrain']['seconds']:.0f} s; training time scratch {r['scratch']['train_seconds']:.0f} s")
     for name in names[1:]:
         got = [r[f"{name}_steps_to_scratch_final_{k}"] for k in ("mrr", "mrr_smoothed")]
         done = [r[name][f"target_reached_{k}"] for k in ("mrr", "mrr_smoothed")]

@@ -177,7 +177,8 @@ _DECLARED: list[Flag] = [
          "`ssl_emb` at --lr (1: everything at --lr; from a class-conditional foundation, 0.1 halved the steps "
          "in docs/training.md's benchmark)", range=Range(0, 10)),
     Flag("train_only", "", help="with --init_from: 'cond' trains only the representation's path (`ssl_emb`, the "
-         "residual blocks' embedding layers and norms) for --train_only_steps, then everything", choices=TRAIN_ONLY_CHOICES),
+         "residual blocks' embedding layers and norms) for --train_only_steps, then everything",
+         choices=TRAIN_ONLY_CHOICES),
     Flag("train_only_steps", 0, int, "the steps of --train_only cond", range=NON_NEGATIVE),
     Flag("feat_cache", "", help="folder of cached representations: encode the dataset once, then train from it"),
     Flag("feat_cache_dtype", "fp32", help="how --feat_cache stores the representations: fp32 (exact), bf16 or fp16 "

@@ -25,9 +25,9 @@ from .policy import run_command
 TRAIN_FLAGS = ("data_dir", "out_dir", "feat_cond", *ENCODER_FLAGS, "schedule_sampler", "lr", "weight_decay",
                "lr_anneal_steps", "batch_size", "microbatch", "ema_rate", "log_interval", "save_interval",
                "resume_checkpoint", "fp16_scale_growth")
-NEW_TRAIN_FLAGS = ("init_from", "init_lr_scale", "train_only", "train_only_steps", "feat_cache", "feat_cache_dtype", *SPEED_FLAGS, "encoder_precision",
-                   "max_steps", "max_minutes", "num_workers", "random_crop", "random_flip", "seed", "progress",
-                   "sync_bn")
+NEW_TRAIN_FLAGS = ("init_from", "init_lr_scale", "train_only", "train_only_steps", "feat_cache", "feat_cache_dtype",
+                   *SPEED_FLAGS, "encoder_precision", "max_steps", "max_minutes", "num_workers", "random_crop",
+                   "random_flip", "seed", "progress", "sync_bn")
 
 
 def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:
