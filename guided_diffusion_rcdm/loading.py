@@ -18,6 +18,7 @@ import torch
 
 from . import hub
 from .encoders import EncoderSpec
+from .encoders.spec import FLAGS as ENCODER_FLAGS
 from .errors import UsageError
 from .get_rcdm_models import load_rcdm_checkpoint
 from .precision import default_device, device_problem, resolve_precision, set_fp32_math
@@ -117,9 +118,9 @@ def _describe_encoder(spec: EncoderSpec) -> str:
     return f"`type_model` {spec.name}" + (" `use_head`" if spec.use_head else "")
 
 
-# The keywords of `load_components` that choose the encoder over the checkpoint's record.
-ENCODER_KEYWORDS = ("type_model", "use_head", "encoder_normalize", "pretrained_encoder", "encoder_pooling",
-                    "encoder_input_size", "encoder_weights")
+# The keywords of `load_components` that choose the encoder over the checkpoint's record: the
+# encoder's flags (`EncoderSpec` field -> flag).
+ENCODER_KEYWORDS = tuple(ENCODER_FLAGS.values())
 
 
 def load_components(
