@@ -25,9 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..cli.flags import Flag, Parser, add_flags
 from ..cli.flags import parse_args as parse_flags
-from ..cli.policy import check_out_dir, flag_message
+from ..cli.policy import flag_message
 from ..errors import UsageError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, check_out_dir
 from ..precision import (
     auto_speed,
     cpu_features,

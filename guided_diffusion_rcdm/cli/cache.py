@@ -18,9 +18,10 @@ from .. import dist_util, logger
 from ..errors import UsageError
 from ..encoders import EncoderSpec
 from ..feature_cache import prepare_feature_cache
+from ..fileio import check_out_dir
 from ..image_datasets import scan_images
 from .flags import ENCODER_FLAGS, Parser, add_flags
-from .policy import check_out_dir, run_command
+from .policy import run_command
 
 
 def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:

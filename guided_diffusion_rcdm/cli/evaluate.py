@@ -27,13 +27,13 @@ from collections.abc import Sequence
 from .. import hub, metrics
 from ..encoders import EncoderSpec, encode_images, given_fields, sample_file_record
 from ..errors import UsageError
-from ..fileio import atomic_write_text, check_writable, whole_run_or_nothing
+from ..fileio import atomic_write_text, check_out_dir, check_writable, whole_run_or_nothing
 from ..get_rcdm_models import published_meta
 from ..get_ssl_models import ENCODER_NAMES
 from ..loading import resolve_device
 from ..precision import set_fp32_math
 from .flags import ENCODER_FLAGS, Parser, add_flags
-from .policy import check_out_dir, run_command
+from .policy import run_command
 
 
 def create_argparser(prog: str | None = None) -> argparse.ArgumentParser:

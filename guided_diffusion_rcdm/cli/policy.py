@@ -26,8 +26,6 @@ from typing import Any
 
 from ..encoders.spec import FLAGS as ENCODER_FLAGS
 from ..errors import UserError
-from ..fileio import check_out_dir  # noqa: F401 (the commands check their output folder with it; its
-# message names `out_dir`, which `flag_message` shows as --out_dir)
 from .flags import parse_args
 
 DEBUG_ENV = "RCDM_DEBUG"  # set to 1 to get full tracebacks instead of one-line errors

@@ -24,14 +24,13 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from .. import fileio, logger
-from ..fileio import save_npz  # noqa: F401 (the commands write sample files with it)
+from ..fileio import check_out_dir, save_npz  # noqa: F401 (the commands use them)
 from ..errors import UsageError
 from ..image_datasets import ImageTooLargeError, find_images, load_rgb_image, model_input
 from ..loading import Components, check_model_path, resolve_device  # noqa: F401 (the commands use them)
 from ..representation_ops import faiss_available
 from ..run_control import seed_everything  # noqa: F401 (the commands seed with it)
 from ..script_util import MODEL_FLAGS
-from .policy import check_out_dir  # noqa: F401 (the commands use it)
 from .flags import ENCODER_FLAGS, ORIGINAL_NO_EFFECT, SPEED_FLAGS, Parser, add_flags
 
 # The flags of every sampling command, in --help's order.
