@@ -27,6 +27,12 @@ The mapping (`warm_start_state_dict`):
   RCDM of another width only `ssl_emb.weight` is new (its bias is kept).
 - `null_feat` (`--feat_drop_prob`) starts at zero when the file has none of that width.
 
+Optionally (`--init_fit_images N`, `with_fitted_ssl_emb`), a class-conditional foundation's new
+`ssl_emb` starts instead as the least-squares map from N labelled images' representations to their
+classes' embeddings (`fit_ssl_emb`): before the first update the model then computes what the
+foundation computes for the class a linear probe of the representation reads, rather than for the
+mean class. The tensors stay "new" (the learning rate of `init_lr_scale` still treats them so).
+
 Any other difference (a tensor of another shape, a missing one, an extra one) means the model flags
 do not describe the file's architecture: `WarmStartError` names the first such tensor and the flags
 to use.
@@ -37,7 +43,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -144,12 +150,15 @@ class FoundationWeights:
     path: str
     state_dict: dict
     flags: dict | None
+    fitted: dict = field(default_factory=dict)  # new tensors' starting values (`with_fitted_ssl_emb`)
+    fit: dict | None = None  # how they were fitted (recorded)
 
     def record(self) -> dict:
         """What a checkpoint trained from it records (`meta["foundation"]`); hashes the file (once:
         `hub.file_sha256` remembers it)."""
-        return {"init_from": self.given, "name": self.name, "file": os.path.basename(self.path),
-                "sha256": hub.file_sha256(self.path)}
+        record = {"init_from": self.given, "name": self.name, "file": os.path.basename(self.path),
+                  "sha256": hub.file_sha256(self.path)}
+        return {**record, "ssl_emb_fit": self.fit} if self.fit else record
 
     def label(self) -> str:
         return self.name or self.path
@@ -233,13 +242,17 @@ class WarmStart:
     copied: list
     dropped: list
     new: list
+    fit: dict | None = None
 
     def summary(self, label: str) -> str:
         """The one log line: counts of copied, dropped and new tensors."""
         def names(keys):
             return f" ({', '.join(keys)})" if keys else ""
+        fit = self.fit or {}
+        fitted = (f"; ssl_emb fitted to the class embeddings of {fit['images']} labelled images "
+                  f"({fit['classes']} classes)" if fit else "")
         return (f"warm start from {label}: {len(self.copied)} tensors copied, {len(self.dropped)} dropped"
-                f"{names(self.dropped)}, {len(self.new)} new{names(self.new)}")
+                f"{names(self.dropped)}, {len(self.new)} new{names(self.new)}{fitted}")
 
 
 def warm_start_state_dict(target: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
@@ -248,6 +261,7 @@ def warm_start_state_dict(target: Mapping[str, torch.Tensor], source: Mapping[st
     tensors may live on the meta device: only names, shapes and dtypes are read). See the module
     docstring for the rules; raises `WarmStartError` when the architectures differ."""
     out, copied, new = {}, [], []
+    fitted = foundation.fitted if foundation is not None else {}
     hint = _fix_hint(foundation, source)
     where = f"{what} {foundation.label()}" if foundation is not None else what
     for key, want in target.items():
@@ -258,7 +272,9 @@ def warm_start_state_dict(target: Mapping[str, torch.Tensor], source: Mapping[st
             copied.append(key)
         elif key in NEW_OK:
             value = torch.zeros(want.shape, dtype=want.dtype)
-            if key == "ssl_emb.bias" and "label_emb.weight" in source:
+            if key in fitted and tuple(fitted[key].shape) == tuple(want.shape):
+                value = fitted[key].detach().to("cpu", want.dtype).clone()
+            elif key == "ssl_emb.bias" and "label_emb.weight" in source:
                 classes = source["label_emb.weight"]
                 if tuple(classes.shape[1:]) == tuple(want.shape):
                     value = classes.detach().double().mean(0).to(want.dtype)
@@ -277,7 +293,60 @@ def warm_start_state_dict(target: Mapping[str, torch.Tensor], source: Mapping[st
         k = extra[0]
         raise WarmStartError(f"{where} does not fit the model flags: the model has no {k} "
                              f"({_fmt(source[k].shape)} in the file); {hint}")
-    return WarmStart(out, copied, dropped, new)
+    fit = foundation.fit if foundation is not None and any(k in fitted for k in new) else None
+    return WarmStart(out, copied, dropped, new, fit)
+
+
+def fit_ssl_emb(class_embeddings: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor,
+                ridge: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear map `feats -> class_embeddings[labels]` of least squares (ridge regression).
+
+    :param class_embeddings: C x E, a class-conditional foundation's `label_emb.weight`.
+    :param feats: N x D representations of N images; `labels`: their N classes (0 <= label < C).
+    :param ridge: the penalty on the weights, relative to the representations' mean variance
+        (trace of their covariance / D): small fits the N images closely, large shrinks the map
+        towards predicting their mean class embedding.
+    :return: `ssl_emb`'s weight (E x D) and bias (E), float32: `feats @ weight.T + bias` is the
+        fit. Computed in float64 on the CPU.
+    """
+    x = feats.detach().to("cpu", torch.float64).reshape(len(feats), -1)
+    y = class_embeddings.detach().to("cpu", torch.float64)[labels.to("cpu", torch.long)]
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc = x - x_mean
+    gram = xc.T @ xc
+    scale = float(gram.trace()) / gram.shape[0] or 1.0
+    gram.diagonal().add_(ridge * scale)
+    weight = torch.linalg.solve(gram, xc.T @ (y - y_mean)).T  # E x D
+    bias = y_mean - weight @ x_mean
+    return weight.float().contiguous(), bias.float()
+
+
+def check_fit(foundation: FoundationWeights, num_classes: int) -> None:
+    """Raise `UsageError` (one line) unless `foundation` has class embeddings for `num_classes`
+    classes: what `with_fitted_ssl_emb` needs, checked before any image is encoded."""
+    classes = foundation.state_dict.get("label_emb.weight")
+    if classes is None:
+        raise UsageError(f"`init_fit_images` needs a class-conditional foundation (one with `label_emb`, e.g. "
+                         f"openai_128); {foundation.label()} has no class embeddings")
+    if num_classes > len(classes):
+        raise UsageError(f"`init_fit_images`: {num_classes} classes (the images' folders) go beyond the "
+                         f"foundation's {len(classes)} classes; use one folder per class, in the foundation's order")
+
+
+def with_fitted_ssl_emb(foundation: FoundationWeights, feats: torch.Tensor, labels: torch.Tensor,
+                        ridge: float = 0.1) -> FoundationWeights:
+    """`foundation` whose warm start gives `ssl_emb` the `fit_ssl_emb` of `feats` (N x D) and
+    `labels` (N classes of the foundation) instead of zero weights and the mean class embedding.
+    Raises `UsageError` (one line) for a foundation without class embeddings or labels out of its
+    range."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if len(labels) != len(feats) or len(labels) < 2 or int(labels.min()) < 0:
+        raise UsageError(f"`init_fit_images`: {len(labels)} labels for {len(feats)} representations; give at "
+                         "least two images, each with its class (>= 0)")
+    check_fit(foundation, int(labels.max()) + 1)
+    weight, bias = fit_ssl_emb(foundation.state_dict["label_emb.weight"], feats, labels, ridge)
+    fit = {"images": len(labels), "classes": int(labels.unique().numel()), "ridge": ridge}
+    return replace(foundation, fitted={"ssl_emb.weight": weight, "ssl_emb.bias": bias}, fit=fit)
 
 
 def check_fits(foundation: FoundationWeights, builder) -> WarmStart:

@@ -17,6 +17,7 @@ import random
 import signal
 import warnings
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
@@ -610,6 +611,14 @@ class ImageStream:
         return images, big, kwargs
 
 
+def folder_classes(paths: Sequence[str]) -> list[int]:
+    """Each image's class: the index of its parent folder among the sorted folders (so ImageNet's
+    train folders n01440764 ... n15075141 give its class indices 0 ... 999)."""
+    names = [bf.dirname(p) for p in paths]
+    index = {x: i for i, x in enumerate(sorted(set(names)))}
+    return [index[x] for x in names]
+
+
 def load_data(
     *,
     data_dir,
@@ -646,11 +655,7 @@ def load_data(
             f"{data_dir!r} holds {len(all_files)} images, fewer than the {world_size} processes "
             "that must each read a share: add images or use fewer processes"
         )
-    classes = None
-    if class_cond:
-        names = [bf.dirname(p) for p in all_files]
-        index = {x: i for i, x in enumerate(sorted(set(names)))}
-        classes = [index[x] for x in names]
+    classes = folder_classes(all_files) if class_cond else None
     dataset = ImageDataset(
         image_size,
         all_files,

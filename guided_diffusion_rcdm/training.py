@@ -23,11 +23,11 @@ import torch
 
 from . import dist_util, foundations, logger
 from .config import ModelConfig
-from .encoders import EncoderSpec
+from .encoders import EncoderSpec, encode_images
 from .errors import MissingInputError, UsageError
 from .feature_cache import prepare_feature_cache
 from .fileio import RunLockedError, UnwritableFolderError, check_out_dir
-from .image_datasets import ImageListing, default_num_workers, load_data, scan_images
+from .image_datasets import ImageListing, default_num_workers, folder_classes, load_data, scan_images
 from .precision import resolve_precision, set_fp32_math
 from .resample import create_named_schedule_sampler
 from .run_control import lock_out_dir, seed_everything
@@ -77,7 +77,8 @@ def _load_init_from(init_from, model: ModelConfig, out_dir: str, resume_checkpoi
 def check_inputs(data_dir: str, out_dir: str, *, model: ModelConfig, encoder: EncoderSpec | None,
                  image_paths: Sequence[str] | None = None, features: torch.Tensor | None = None,
                  feat_cache: str = "", resume_checkpoint: str = "", init_from: Any = None,
-                 init_lr_scale: float = 1.0, train_only: str = "", train_only_steps: int = 0) -> ImageListing:
+                 init_lr_scale: float = 1.0, train_only: str = "", train_only_steps: int = 0,
+                 init_fit_images: int = 0) -> ImageListing:
     """The checks `train` makes before any work, without training: the warm-start settings, the
     images (listed, or the listing a previous run left in `out_dir`), the model settings and the
     input files. Returns the images; raises a `UserError` naming the argument otherwise. Writes
@@ -88,6 +89,9 @@ def check_inputs(data_dir: str, out_dir: str, *, model: ModelConfig, encoder: En
     if bool(train_only) != (train_only_steps > 0):
         raise UsageError(f"`train_only` {train_only!r} with `train_only_steps` {train_only_steps}: give both "
                          "(e.g. 'cond' and 500) or neither")
+    if init_fit_images < 0 or (init_fit_images and not (init_from and (encoder is not None or features is not None))):
+        raise UsageError(f"`init_fit_images` {init_fit_images}: give a number >= 0; above 0 it fits the new "
+                         "`ssl_emb` of a warm start, so it needs `init_from` and an encoder")
     if image_paths is None:
         listing = scan_images(data_dir, index_dir=out_dir)
     else:
@@ -101,7 +105,33 @@ def check_inputs(data_dir: str, out_dir: str, *, model: ModelConfig, encoder: En
     if features is not None and (encoder is None or len(features) != len(listing.files)):
         raise UsageError(f"`features` ({len(features)} rows) needs the `encoder` that computed them and one row "
                          f"per image ({len(listing.files)} images)")
+    if init_fit_images and len(set(folder_classes(listing.files))) < 2:
+        raise UsageError(f"`init_fit_images` needs the images of {data_dir} in one folder per class (their "
+                         "classes are the folders, sorted, in the foundation's class order); they are in one folder")
     return listing
+
+
+def _fit_images(image_paths: Sequence[str], n: int, seed: int) -> list[int]:
+    """The indices of the `n` images (at most all) the `init_fit_images` fit reads: a fixed-seed
+    random choice over the whole list, so every class folder can be in it; in list order."""
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(len(image_paths), generator=g)[:n].tolist())
+
+
+def _fit_ssl_emb(weights: foundations.FoundationWeights, image_paths: Sequence[str], n: int, *, encoder,
+                 features: torch.Tensor | None, precision: str, seed: int, progress: bool):
+    """`weights` with `ssl_emb` fitted to the class embeddings of `n` training images' classes
+    (`foundations.with_fitted_ssl_emb`), from their representations (`features`' rows, else the
+    frozen `encoder` on their centre crops)."""
+    pick = _fit_images(image_paths, n, seed)
+    classes = folder_classes(image_paths)
+    if features is not None:
+        feats, kept = features[pick], pick
+    else:
+        encoded = encode_images(encoder, [image_paths[i] for i in pick], precision=precision, progress=progress,
+                                desc="fitting ssl_emb: encoding images", warn=logger.warn)
+        feats, kept = encoded.features, [pick[i] for i in encoded.kept]
+    return foundations.with_fitted_ssl_emb(weights, feats, torch.tensor([classes[i] for i in kept]))
 
 
 def train(
@@ -118,6 +148,7 @@ def train(
     init_lr_scale: float = 1.0,
     train_only: str = "",
     train_only_steps: int = 0,
+    init_fit_images: int = 0,
     max_steps: int = 0,
     max_minutes: float = 0.0,
     batch_size: int = 1,
@@ -165,6 +196,11 @@ def train(
         representation's path (`ssl_emb`, the residual blocks' embedding layers and norms) for the
         first `train_only_steps` steps, then everything. Both are measured in docs/training.md
         (Results: warm start vs scratch).
+    :param init_fit_images: with a class-conditional `init_from` (openai_64/128/256/512): the new
+        `ssl_emb` starts as the least-squares map from this many training images' representations
+        (a fixed-seed random choice) to their classes' embeddings (`foundations.fit_ssl_emb`) instead
+        of zero weights; an image's class is its folder's index among the sorted folders, which for
+        ImageNet's train set is the foundation's class index (default 0: zero weights).
     :param max_steps, max_minutes: stop after this many steps / minutes of training (0: never),
         saving a checkpoint. `lr_anneal_steps` also ends the run (the original's).
     :param precision: the UNet's compute precision: fp32, bf16, fp16 or auto (None: fp32; with
@@ -185,10 +221,13 @@ def train(
     listing = check_inputs(data_dir, out_dir, model=config, encoder=spec, image_paths=image_paths,
                            features=features, feat_cache=feat_cache, resume_checkpoint=resume_checkpoint,
                            init_from=init_from, init_lr_scale=init_lr_scale, train_only=train_only,
-                           train_only_steps=train_only_steps)
+                           train_only_steps=train_only_steps, init_fit_images=init_fit_images)
     # The foundation next: a missing name offline, an unsafe file or one that does not fit the
     # model fails before anything is written.
     init_weights = _load_init_from(init_from, config, out_dir, resume_checkpoint, progress)
+    fit = init_fit_images if isinstance(init_weights, foundations.FoundationWeights) else 0
+    if fit:
+        foundations.check_fit(init_weights, max(folder_classes(listing.files)) + 1)
     # The encoder next (unless its representations are given or cached): a file that is not an
     # encoder, or weights that cannot be downloaded, fail before the output folder is touched.
     device = dist_util.dev()
@@ -230,6 +269,9 @@ def train(
     if spec is not None:
         logger.log(f"encoder {spec.describe()}")
     config = config.replace(feat_cond=conditioned, ssl_dim=spec.width if spec is not None else config.ssl_dim)
+    if fit and dist_util.is_main_process():  # rank 0 makes the warm start; the others receive its weights
+        init_weights = _fit_ssl_emb(init_weights, image_paths, fit, encoder=built, features=features,
+                                    precision=encoder_precision, seed=seed, progress=progress)
 
     logger.log("creating model and diffusion...")
     unet, diffusion = config.build()
@@ -254,6 +296,7 @@ def train(
             "use_fp16": config.use_fp16, "fp16_scale_growth": fp16_scale_growth, "data_dir": data_dir,
             "feat_cache": feat_cache, "init_from": init_from if isinstance(init_from, str) else None,
             "init_lr_scale": init_lr_scale, "train_only": train_only, "train_only_steps": train_only_steps,
+            "init_fit_images": init_fit_images,
             "precision": precision, "encoder_precision": encoder_precision,
             "world_size": dist_util.get_world_size(), **(train_meta or {}),
         },

@@ -370,3 +370,74 @@ def test_train_command_warm_start_recipe_flags(files, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--train_only 'cond' with --train_only_steps 0: give both" in err, err
     assert not bad.exists()
+
+
+def test_a_fitted_ssl_emb_makes_the_rcdm_predict_the_foundations_prediction_for_each_images_class(files):
+    """`with_fitted_ssl_emb`: with a tiny ridge the least-squares map sends each fitted
+    representation to its class's embedding, so the warm-started RCDM predicts exactly what the
+    foundation predicts for that class (not for the mean class)."""
+    source = files["class_sd"]
+    weights = foundations.load_foundation(str(files["class"]))
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(6, ENCODER_WIDTH, generator=g) * 3 + 1  # fewer images than dimensions: an exact fit
+    labels = torch.tensor([3, 3, 7, 7, 42, 999])
+    fitted = foundations.with_fitted_ssl_emb(weights, feats, labels, ridge=1e-9)
+    assert fitted.fit == {"images": 6, "classes": 4, "ridge": 1e-9} and weights.fitted == {}
+    rcdm, _ = create_model_and_diffusion(**TINY, feat_cond=True, ssl_dim=ENCODER_WIDTH)
+    mapped = foundations.apply_warm_start(rcdm, fitted)
+    assert mapped.new == ["ssl_emb.weight", "ssl_emb.bias"]
+    assert "ssl_emb fitted to the class embeddings of 6 labelled images (4 classes)" in mapped.summary("f")
+    assert fitted.record()["ssl_emb_fit"] == fitted.fit
+    foundation, _ = create_model_and_diffusion(**TINY, class_cond=True)
+    foundation.load_state_dict(source)
+    rcdm.eval(), foundation.eval()
+    x, t = torch.randn(6, 3, 32, 32, generator=g), torch.tensor([1, 20, 40, 60, 80, 99])
+    with torch.no_grad():
+        assert torch.allclose(rcdm.ssl_emb(feats), source["label_emb.weight"][labels], atol=1e-4)
+        ours, theirs = rcdm(x, t, feat=feats), foundation(x, t, y=labels)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    # A foundation without class embeddings has nothing to fit to: one line.
+    with pytest.raises(foundations.UsageError, match="needs a class-conditional foundation"):
+        foundations.with_fitted_ssl_emb(foundations.load_foundation(str(files["rcdm"])), feats, labels)
+    with pytest.raises(foundations.UsageError, match="beyond the foundation's 1000 classes"):
+        foundations.with_fitted_ssl_emb(weights, feats, labels + 1)
+
+
+def test_train_command_init_fit_images_fits_ssl_emb_to_the_folders_classes(files, tmp_path, capsys):
+    """--init_fit_images 3 through the train command: at --lr 0 the checkpoint's `ssl_emb` is the fit
+    of the three photographs' representations (same encoder, centre crops) to the class embeddings of
+    their folders' classes; logged and recorded. Bad uses: one line, exit 2, nothing written."""
+    from guided_diffusion_rcdm.encoders import EncoderSpec, encode_images
+    from guided_diffusion_rcdm.image_datasets import find_images, folder_classes
+
+    out = tmp_path / "run"
+    assert train_cli.main(_argv(files, out, "--init_from", str(files["class"]), "--init_fit_images", "3",
+                                "--lr", "0", "--max_steps", "1")) == 0
+    logger.reset()
+    sd, meta = hub.load_checkpoint(out / "model000001.pt")
+    paths = find_images(files["photos"])
+    encoder = EncoderSpec("resnet18", pretrained=False).build("cpu")
+    feats = encode_images(encoder, paths).features
+    labels = torch.tensor(folder_classes(paths))
+    assert sorted(labels.tolist()) == [0, 0, 1]
+    weight, bias = foundations.fit_ssl_emb(files["class_sd"]["label_emb.weight"], feats, labels)
+    assert torch.allclose(sd["ssl_emb.weight"], weight, atol=1e-6) and torch.allclose(sd["ssl_emb.bias"], bias, atol=1e-5)
+    assert sd["ssl_emb.weight"].abs().sum() > 0
+    assert meta["foundation"]["ssl_emb_fit"] == {"images": 3, "classes": 2, "ridge": 0.1}
+    assert meta["foundation"]["new"] == ["ssl_emb.weight", "ssl_emb.bias"]
+    assert meta["train_flags"]["init_fit_images"] == 3
+    log = (out / "log.txt").read_text()
+    assert "ssl_emb fitted to the class embeddings of 3 labelled images (2 classes)" in log
+
+    flat = make_photo_dir(tmp_path / "flat", names=("astronaut", "coffee"), short_side=40, nested=False)
+    cases = [
+        (["--init_from", str(files["rcdm"]), "--init_fit_images", "2"], "needs a class-conditional foundation"),
+        (["--init_fit_images", "2"], "--init_fit_images 2: give a number >= 0; above 0 it fits"),
+        (["--init_from", str(files["class"]), "--init_fit_images", "2", "--data_dir", flat], "in one folder per class"),
+    ]
+    for i, (extra, expected) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        assert train_cli.main(_argv(files, bad, "--max_steps", "1", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert not bad.exists()

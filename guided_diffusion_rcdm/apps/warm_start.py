@@ -7,7 +7,8 @@ encoder would do, in miniature:
    quickstart's photographs (scikit-image's), written as a checkpoint file. `--foundation uncond`
    (the default) is unconditional, like `openai_256_uncond`; `--foundation class` is
    class-conditional, like `openai_64/128/256/512`: each crop's class is the photograph it was cut from
-   (guided-diffusion's 1000-class embedding, one class per photograph used), so the foundation's
+   (guided-diffusion's 1000-class embedding, one class per photograph used; `--photos_per_class 2`:
+   one class per two photographs, so a class no longer tells which photograph), so the foundation's
    embedding path already carries what the image shows, as ImageNet's labels do for the public
    models;
 2. two RCDM runs of `--train_steps` steps each, on the same batches, timesteps and noise, conditioned on
@@ -15,7 +16,8 @@ encoder would do, in miniature:
    `--pretrained_encoder`): one from scratch, one with `TrainLoop(init_from=<that file>)`; optionally
    more warm starts: the representation's path trained first (`--cond_first_steps`), or the copied
    weights at a lower learning rate than the new `ssl_emb` (`--warm_lr_scales`, `--warm_new_lr_mult`:
-   `TrainLoop(init_lr_scale=...)`);
+   `TrainLoop(init_lr_scale=...)`), or `ssl_emb` fitted to the class embeddings of the training
+   crops' classes (`--fit`: `--init_fit_images`, `foundations.with_fitted_ssl_emb`);
 3. every `--eval_every` steps, each run's training loss over the last steps and its
    representation fidelity: samples (DDIM, `--steps`) from the representations of the
    held-out views (the photographs' centre squares, two never trained on), encoded again and
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import hub, logger, metrics
+from .. import foundations, hub, logger, metrics
 from ..cli.flags import Flag, Parser, add_flags
 from ..cli.policy import run_main
 from ..encoders import EncoderSpec, encode_images
@@ -57,6 +59,11 @@ BENCH_FLAGS = (
     Flag("pretrain_steps", 200, int, "steps of the foundation's pre-training"),
     Flag("foundation", "uncond", help="the foundation's conditioning: 'uncond' (like openai_256_uncond) or 'class', "
          "one class per photograph (like the class-conditional openai_64/128/256/512)", choices=("uncond", "class")),
+    Flag("photos_per_class", 1, int, "with --foundation class: photographs per class (2: classes coarser than the "
+         "photographs, as an ImageNet class is coarser than what a representation tells apart)"),
+    Flag("fit", False, bool, "with --foundation class: also run a warm start whose `ssl_emb` starts fitted to the class "
+         "embeddings of the training crops' classes (--init_fit_images), and with --cond_first_steps one that "
+         "then trains the representation's path first"),
     Flag("train_steps", 240, int, "RCDM training steps of each run (scratch and warm start)"),
     Flag("eval_every", 40, int, "steps between fidelity evaluations"),
     Flag("crops_per_photo", 12, int, "training crops cut from each photograph"),
@@ -139,8 +146,11 @@ def fidelity(model, sampler, encoder, held_feats: torch.Tensor, args) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.train_steps < 1 or args.eval_every < 1 or args.pretrain_steps < 0:
-        raise UsageError("--train_steps and --eval_every must be positive, --pretrain_steps at least 0")
+    if args.train_steps < 1 or args.eval_every < 1 or args.pretrain_steps < 0 or args.photos_per_class < 1:
+        raise UsageError("--train_steps, --eval_every and --photos_per_class must be positive, --pretrain_steps at "
+                         "least 0")
+    if args.fit and args.foundation != "class":
+        raise UsageError("--fit needs --foundation class: the fit maps representations to class embeddings")
     try:
         scales = [float(x) for x in args.warm_lr_scales.split(",") if x.strip()]
     except ValueError:
@@ -153,7 +163,8 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     spec = EncoderSpec(args.type_model, pretrained=args.pretrained_encoder, input_size=args.encoder_input_size)
     encoder = spec.build("cpu")
-    train_views, labels, held_views = views(args.crops_per_photo, args.seed)
+    train_views, photos, held_views = views(args.crops_per_photo, args.seed)
+    labels = [p // args.photos_per_class for p in photos]
     images = torch.stack([model_input(v, args.image_size) for v in train_views])
     feats = encode_images(encoder, train_views, input_size=args.encoder_input_size).features
     held_feats = encode_images(encoder, held_views, input_size=args.encoder_input_size).features
@@ -196,6 +207,12 @@ def run(args: argparse.Namespace) -> dict:
         runs = [(*r, 1.0) for r in runs] + [
             (f"warm_lr_x{x:g}" if mult == 1 else f"warm_new_x{mult:g}_copied_x{x:g}", str(foundation), 0, x, mult)
             for x in scales]
+        if args.fit:  # the ssl_emb of --init_fit_images: fitted to the training crops' classes
+            fitted = foundations.with_fitted_ssl_emb(foundations.load_foundation(str(foundation)), feats,
+                                                     torch.tensor(labels))
+            runs.append(("warm_fit", fitted, 0, 1.0, 1.0))
+            if args.cond_first_steps:
+                runs.append(("warm_fit_cond_first", fitted, args.cond_first_steps, 1.0, 1.0))
         for name, init, cond_first, lr_scale, new_lr_mult in runs:
             torch.manual_seed(args.seed + 2)
             model, diffusion = create_model_and_diffusion(**{**flags, "feat_cond": True, "ssl_dim": ssl_dim})

@@ -180,6 +180,10 @@ _DECLARED: list[Flag] = [
          "residual blocks' embedding layers and norms) for --train_only_steps, then everything",
          choices=TRAIN_ONLY_CHOICES),
     Flag("train_only_steps", 0, int, "the steps of --train_only cond", range=NON_NEGATIVE),
+    Flag("init_fit_images", 0, int, "with a class-conditional --init_from (openai_64/128/256/512): start the new "
+         "`ssl_emb` as the least-squares map from this many training images' representations to their classes' "
+         "embeddings (class: the image's folder, sorted, as in ImageNet's train set), not at zero (0: zero)",
+         range=NON_NEGATIVE),
     Flag("feat_cache", "", help="folder of cached representations: encode the dataset once, then train from it"),
     Flag("feat_cache_dtype", "fp32", help="how --feat_cache stores the representations: fp32 (exact), bf16 or fp16 "
          "(half the size); recorded in the cache, which another dtype refuses", choices=("fp32", "bf16", "fp16")),

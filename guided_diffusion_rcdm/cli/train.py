@@ -25,7 +25,8 @@ from .policy import run_command
 TRAIN_FLAGS = ("data_dir", "out_dir", "feat_cond", *ENCODER_FLAGS, "schedule_sampler", "lr", "weight_decay",
                "lr_anneal_steps", "batch_size", "microbatch", "ema_rate", "log_interval", "save_interval",
                "resume_checkpoint", "fp16_scale_growth")
-NEW_TRAIN_FLAGS = ("init_from", "init_lr_scale", "train_only", "train_only_steps", "feat_cache", "feat_cache_dtype",
+NEW_TRAIN_FLAGS = ("init_from", "init_lr_scale", "train_only", "train_only_steps", "init_fit_images",
+                   "feat_cache", "feat_cache_dtype",
                    *SPEED_FLAGS, "encoder_precision", "max_steps", "max_minutes", "num_workers", "random_crop",
                    "random_flip", "seed", "progress", "sync_bn")
 
@@ -82,7 +83,7 @@ def check_inputs(args: argparse.Namespace):
     return training.check_inputs(args.data_dir, args.out_dir, model=config, encoder=spec, feat_cache=args.feat_cache,
                                  resume_checkpoint=args.resume_checkpoint, init_from=args.init_from,
                                  init_lr_scale=args.init_lr_scale, train_only=args.train_only,
-                                 train_only_steps=args.train_only_steps)
+                                 train_only_steps=args.train_only_steps, init_fit_images=args.init_fit_images)
 
 
 def train(args: argparse.Namespace):
