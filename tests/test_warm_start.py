@@ -428,6 +428,16 @@ def test_train_command_init_fit_images_fits_ssl_emb_to_the_folders_classes(files
     assert meta["train_flags"]["init_fit_images"] == 3
     log = (out / "log.txt").read_text()
     assert "ssl_emb fitted to the class embeddings of 3 labelled images (2 classes)" in log
+    # The Python front door takes a foundation fitted to representations and labels of one's own.
+    from guided_diffusion_rcdm import training
+    own = foundations.with_fitted_ssl_emb(foundations.load_foundation(str(files["class"])), feats, labels + 5)
+    training.train(files["photos"], str(tmp_path / "own"), model=ModelConfig(**TINY), encoder=encoder.spec,
+                   init_from=own, lr=0.0, max_steps=1, batch_size=2, num_workers=0, progress=False,
+                   log_formats="log")
+    logger.reset()
+    sd, meta = hub.load_checkpoint(tmp_path / "own" / "model000001.pt")
+    assert torch.equal(sd["ssl_emb.weight"], own.fitted["ssl_emb.weight"])
+    assert meta["foundation"]["ssl_emb_fit"] == {"images": 3, "classes": 2, "ridge": 0.1}
 
     flat = make_photo_dir(tmp_path / "flat", names=("astronaut", "coffee"), short_side=40, nested=False)
     cases = [
