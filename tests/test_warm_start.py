@@ -451,3 +451,34 @@ def test_train_command_init_fit_images_fits_ssl_emb_to_the_folders_classes(files
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
         assert not bad.exists()
+
+
+def test_init_fit_images_with_two_torchrun_ranks_fits_on_rank_0_and_trains(files, tmp_path):
+    """Two real processes (gloo on 127.0.0.1): rank 0 encodes and fits while rank 1 waits at the
+    warm start's broadcast; the run finishes and its checkpoint holds the single-process fit."""
+    import subprocess
+    import sys
+
+    from helpers_hub import free_port
+    from guided_diffusion_rcdm.encoders import EncoderSpec, encode_images
+    from guided_diffusion_rcdm.image_datasets import find_images, folder_classes
+    from guided_diffusion_rcdm.training import _fit_images
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run"
+    argv = _argv(files, out, "--init_from", str(files["class"]), "--init_fit_images", "2", "--lr", "0",
+                 "--max_steps", "1", "--batch_size", "1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_", "PMI_", "OMPI_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(repo, "scripts", "image_train.py"), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sd, meta = hub.load_checkpoint(out / "model000001.pt")
+    paths = find_images(files["photos"])
+    pick = _fit_images(paths, 2, 0)
+    feats = encode_images(EncoderSpec("resnet18", pretrained=False).build("cpu"), [paths[i] for i in pick]).features
+    labels = torch.tensor([folder_classes(paths)[i] for i in pick])
+    weight, _ = foundations.fit_ssl_emb(files["class_sd"]["label_emb.weight"], feats, labels)
+    assert torch.allclose(sd["ssl_emb.weight"], weight, atol=1e-6)
+    assert meta["foundation"]["ssl_emb_fit"]["images"] == 2 and meta["train_flags"]["world_size"] == 2
