@@ -312,15 +312,19 @@ def test_init_lr_scale_trains_the_copied_weights_slower_and_a_resume_keeps_both_
 
 def test_warm_start_benchmark_runs_end_to_end(tmp_path, capsys):
     """scripts/warm_start_benchmark.py in miniature, from a class-conditional foundation: it trains
-    the foundation on the photos' classes, both RCDM runs, evaluates each and writes the curves."""
+    the foundation on the photos' classes (two photographs a class), the RCDM runs (scratch, warm,
+    fitted `ssl_emb`), evaluates each and writes the curves."""
     from guided_diffusion_rcdm.apps import warm_start
 
     out = tmp_path / "curves.json"
     argv = ["--foundation", "class", "--pretrain_steps", "2", "--train_steps", "2", "--eval_every", "1",
-            "--steps", "2", "--crops_per_photo", "1", "--samples_per_image", "1", "--out_json", str(out)]
+            "--steps", "2", "--crops_per_photo", "1", "--samples_per_image", "1", "--fit", "--photos_per_class", "2",
+            "--out_json", str(out)]
     assert warm_start.main(argv) == 0
     r = json.loads(out.read_text())
-    assert r["runs"] == ["scratch", "warm"] and r["pretrain"]["conditioning"] == "class"
+    assert r["runs"] == ["scratch", "warm", "warm_fit"] and r["pretrain"]["conditioning"] == "class"
+    # the fitted ssl_emb starts elsewhere than the zero one: its first samples differ
+    assert r["warm_fit"]["curve"][0] != r["warm"]["curve"][0]
     assert r["pretrain"]["steps"] == 2 and r["pretrain"]["final_loss"] > 0
     assert r["num_heldout"] == 16 and r["num_train"] == 14  # one crop of each photo but the two unseen
     for name in r["runs"]:
@@ -338,6 +342,8 @@ def test_warm_start_benchmark_runs_end_to_end(tmp_path, capsys):
     # bad input: one line, status 2
     assert warm_start.main(["--warm_lr_scales", "x"]) == 2
     assert "--warm_lr_scales" in capsys.readouterr().err
+    assert warm_start.main(["--fit"]) == 2
+    assert "--fit needs --foundation class" in capsys.readouterr().err
 
 
 def test_train_command_warm_start_recipe_flags(files, tmp_path, capsys):

@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> dict:
             reached = next((p["step"] for p in out[name]["curve"] if p["step"] > 0 and p[key] >= target), None)
             out[f"{name}_steps_to_scratch_final_{key}"] = reached
             out[name][f"target_reached_{key}"] = reached is not None and reached <= args.train_steps / 3
-    out["target_reached"] = out["warm"]["target_reached_mrr"]
+    out["target_reached_by"] = [n for n in out["runs"][1:] if out[n]["target_reached_mrr"]]
     return out
 
 
