@@ -89,8 +89,9 @@ def check_inputs(data_dir: str, out_dir: str, *, model: ModelConfig, encoder: En
     if bool(train_only) != (train_only_steps > 0):
         raise UsageError(f"`train_only` {train_only!r} with `train_only_steps` {train_only_steps}: give both "
                          "(e.g. 'cond' and 500) or neither")
-    if init_fit_images < 0 or (init_fit_images and not (init_from and (encoder is not None or features is not None))):
-        raise UsageError(f"`init_fit_images` {init_fit_images}: give a number >= 0; above 0 it fits the new "
+    if init_fit_images < 0 or init_fit_images == 1 or (
+            init_fit_images and not (init_from and (encoder is not None or features is not None))):
+        raise UsageError(f"`init_fit_images` {init_fit_images}: give 0 (no fit) or at least 2; it fits the new "
                          "`ssl_emb` of a warm start, so it needs `init_from` and an encoder")
     if image_paths is None:
         listing = scan_images(data_dir, index_dir=out_dir)
@@ -122,15 +123,23 @@ def _fit_ssl_emb(weights: foundations.FoundationWeights, image_paths: Sequence[s
                  features: torch.Tensor | None, precision: str, seed: int, progress: bool):
     """`weights` with `ssl_emb` fitted to the class embeddings of `n` training images' classes
     (`foundations.with_fitted_ssl_emb`), from their representations (`features`' rows, else the
-    frozen `encoder` on their centre crops)."""
+    frozen `encoder` on their centre crops).
+
+    Called on every rank: each encodes its share of the images, all gather the rows (in the order
+    of one process) and make the same fit, so a fit that cannot be made stops every rank alike."""
     pick = _fit_images(image_paths, n, seed)
     classes = folder_classes(image_paths)
-    if features is not None:
+    if features is not None:  # every rank holds the cache
         feats, kept = features[pick], pick
     else:
-        encoded = encode_images(encoder, [image_paths[i] for i in pick], precision=precision, progress=progress,
+        share = pick[dist_util.get_rank()::dist_util.get_world_size()]
+        encoded = encode_images(encoder, [image_paths[i] for i in share], precision=precision,
+                                progress=progress and dist_util.is_main_process(),
                                 desc="fitting ssl_emb: encoding images", warn=logger.warn)
-        feats, kept = encoded.features, [pick[i] for i in encoded.kept]
+        parts = dist_util.all_gather_objects((encoded.features.cpu(), [share[i] for i in encoded.kept]))
+        kept = [i for _, part_kept in parts for i in part_kept]
+        order = sorted(range(len(kept)), key=kept.__getitem__)
+        feats, kept = torch.cat([f for f, _ in parts])[order], [kept[i] for i in order]
     return foundations.with_fitted_ssl_emb(weights, feats, torch.tensor([classes[i] for i in kept]))
 
 
@@ -269,7 +278,7 @@ def train(
     if spec is not None:
         logger.log(f"encoder {spec.describe()}")
     config = config.replace(feat_cond=conditioned, ssl_dim=spec.width if spec is not None else config.ssl_dim)
-    if fit and dist_util.is_main_process():  # rank 0 makes the warm start; the others receive its weights
+    if fit:  # every rank encodes a share; rank 0's weights are the ones TrainLoop maps and sends
         init_weights = _fit_ssl_emb(init_weights, image_paths, fit, encoder=built, features=features,
                                     precision=encoder_precision, seed=seed, progress=progress)
 

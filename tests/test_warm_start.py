@@ -448,7 +448,8 @@ def test_train_command_init_fit_images_fits_ssl_emb_to_the_folders_classes(files
     flat = make_photo_dir(tmp_path / "flat", names=("astronaut", "coffee"), short_side=40, nested=False)
     cases = [
         (["--init_from", str(files["rcdm"]), "--init_fit_images", "2"], "needs a class-conditional foundation"),
-        (["--init_fit_images", "2"], "--init_fit_images 2: give a number >= 0; above 0 it fits"),
+        (["--init_fit_images", "2"], "--init_fit_images 2: give 0 (no fit) or at least 2; it fits"),
+        (["--init_from", str(files["class"]), "--init_fit_images", "1"], "--init_fit_images 1: give 0 (no fit)"),
         (["--init_from", str(files["class"]), "--init_fit_images", "2", "--data_dir", flat], "in one folder per class"),
     ]
     for i, (extra, expected) in enumerate(cases):
@@ -459,9 +460,9 @@ def test_train_command_init_fit_images_fits_ssl_emb_to_the_folders_classes(files
         assert not bad.exists()
 
 
-def test_init_fit_images_with_two_torchrun_ranks_fits_on_rank_0_and_trains(files, tmp_path):
-    """Two real processes (gloo on 127.0.0.1): rank 0 encodes and fits while rank 1 waits at the
-    warm start's broadcast; the run finishes and its checkpoint holds the single-process fit."""
+def test_init_fit_images_with_two_torchrun_ranks_shares_the_encoding_and_trains(files, tmp_path):
+    """Two real processes (gloo on 127.0.0.1): each encodes one of the two images, both fit on the
+    gathered rows; the run finishes and its checkpoint holds the single-process fit."""
     import subprocess
     import sys
 
@@ -488,3 +489,37 @@ def test_init_fit_images_with_two_torchrun_ranks_fits_on_rank_0_and_trains(files
     weight, _ = foundations.fit_ssl_emb(files["class_sd"]["label_emb.weight"], feats, labels)
     assert torch.allclose(sd["ssl_emb.weight"], weight, atol=1e-6)
     assert meta["foundation"]["ssl_emb_fit"]["images"] == 2 and meta["train_flags"]["world_size"] == 2
+
+
+def test_a_fit_that_cannot_be_made_stops_both_ranks_with_the_same_line(files, tmp_path):
+    """Two ranks started as torchrun starts them (RANK, WORLD_SIZE; gloo on 127.0.0.1), each
+    encoding one of the two images the fit reads; one image is unreadable, so one representation is
+    left: both ranks refuse in the same line and exit 2, and no checkpoint is written."""
+    import subprocess
+    import sys
+
+    from helpers_hub import free_port
+
+    data = tmp_path / "data"
+    make_photo_dir(data, names=("astronaut",), short_side=40)
+    os.makedirs(data / "sub")
+    (data / "sub" / "broken.jpg").write_bytes(b"not a JPEG")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run"
+    argv = _argv(files, out, "--init_from", str(files["class"]), "--init_fit_images", "2", "--max_steps", "1")
+    argv[argv.index("--data_dir") + 1] = str(data)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_", "PMI_", "OMPI_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=repo, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, os.path.join(repo, "scripts", "image_train.py"), *argv],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    errors = [err.strip().splitlines()[-1] for _, err in results]
+    assert [p.returncode for p in procs] == [2, 2], errors
+    assert errors[0] == errors[1] and "give at least two images" in errors[0], errors
+    assert not list(out.glob("*.pt"))
