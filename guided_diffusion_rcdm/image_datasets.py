@@ -611,12 +611,16 @@ class ImageStream:
         return images, big, kwargs
 
 
+def folder_index(paths: Sequence[str]) -> dict[str, int]:
+    """The class of each folder holding images: its index among the sorted folders (so ImageNet's
+    train folders n01440764 ... n15075141 are its classes 0 ... 999)."""
+    return {x: i for i, x in enumerate(sorted({bf.dirname(p) for p in paths}))}
+
+
 def folder_classes(paths: Sequence[str]) -> list[int]:
-    """Each image's class: the index of its parent folder among the sorted folders (so ImageNet's
-    train folders n01440764 ... n15075141 give its class indices 0 ... 999)."""
-    names = [bf.dirname(p) for p in paths]
-    index = {x: i for i, x in enumerate(sorted(set(names)))}
-    return [index[x] for x in names]
+    """Each image's class: its folder's index among the sorted folders (`folder_index`)."""
+    index = folder_index(paths)
+    return [index[bf.dirname(p)] for p in paths]
 
 
 def load_data(

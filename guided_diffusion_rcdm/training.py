@@ -27,7 +27,7 @@ from .encoders import EncoderSpec, encode_images
 from .errors import MissingInputError, UsageError
 from .feature_cache import prepare_feature_cache
 from .fileio import RunLockedError, UnwritableFolderError, check_out_dir
-from .image_datasets import ImageListing, default_num_workers, folder_classes, load_data, scan_images
+from .image_datasets import ImageListing, default_num_workers, folder_index, load_data, scan_images
 from .precision import resolve_precision, set_fp32_math
 from .resample import create_named_schedule_sampler
 from .run_control import lock_out_dir, seed_everything
@@ -106,7 +106,7 @@ def check_inputs(data_dir: str, out_dir: str, *, model: ModelConfig, encoder: En
     if features is not None and (encoder is None or len(features) != len(listing.files)):
         raise UsageError(f"`features` ({len(features)} rows) needs the `encoder` that computed them and one row "
                          f"per image ({len(listing.files)} images)")
-    if init_fit_images and len(set(folder_classes(listing.files))) < 2:
+    if init_fit_images and len(folder_index(listing.files)) < 2:
         raise UsageError(f"`init_fit_images` needs the images of {data_dir} in one folder per class (their "
                          "classes are the folders, sorted, in the foundation's class order); they are in one folder")
     return listing
@@ -119,16 +119,16 @@ def _fit_images(image_paths: Sequence[str], n: int, seed: int) -> list[int]:
     return sorted(torch.randperm(len(image_paths), generator=g)[:n].tolist())
 
 
-def _fit_ssl_emb(weights: foundations.FoundationWeights, image_paths: Sequence[str], n: int, *, encoder,
-                 features: torch.Tensor | None, precision: str, seed: int, progress: bool):
+def _fit_ssl_emb(weights: foundations.FoundationWeights, image_paths: Sequence[str], n: int, *,
+                 folders: dict[str, int], encoder, features: torch.Tensor | None, precision: str, seed: int,
+                 progress: bool):
     """`weights` with `ssl_emb` fitted to the class embeddings of `n` training images' classes
-    (`foundations.with_fitted_ssl_emb`), from their representations (`features`' rows, else the
-    frozen `encoder` on their centre crops).
+    (their folders' in `folders`: `folder_index` of the whole listing), from their representations
+    (`features`' rows, else the frozen `encoder` on their centre crops).
 
     Called on every rank: each encodes its share of the images, all gather the rows (in the order
     of one process) and make the same fit, so a fit that cannot be made stops every rank alike."""
     pick = _fit_images(image_paths, n, seed)
-    classes = folder_classes(image_paths)
     if features is not None:  # every rank holds the cache
         feats, kept = features[pick], pick
     else:
@@ -140,7 +140,8 @@ def _fit_ssl_emb(weights: foundations.FoundationWeights, image_paths: Sequence[s
         kept = [i for _, part_kept in parts for i in part_kept]
         order = sorted(range(len(kept)), key=kept.__getitem__)
         feats, kept = torch.cat([f for f, _ in parts])[order], [kept[i] for i in order]
-    return foundations.with_fitted_ssl_emb(weights, feats, torch.tensor([classes[i] for i in kept]))
+    labels = torch.tensor([folders[bf.dirname(image_paths[i])] for i in kept])
+    return foundations.with_fitted_ssl_emb(weights, feats, labels)
 
 
 def train(
@@ -235,8 +236,9 @@ def train(
     # model fails before anything is written.
     init_weights = _load_init_from(init_from, config, out_dir, resume_checkpoint, progress)
     fit = init_fit_images if isinstance(init_weights, foundations.FoundationWeights) else 0
+    folders = folder_index(listing.files) if fit else {}  # the classes: every folder of the listing
     if fit:
-        foundations.check_fit(init_weights, max(folder_classes(listing.files)) + 1)
+        foundations.check_fit(init_weights, len(folders))
     # The encoder next (unless its representations are given or cached): a file that is not an
     # encoder, or weights that cannot be downloaded, fail before the output folder is touched.
     device = dist_util.dev()
@@ -279,8 +281,8 @@ def train(
         logger.log(f"encoder {spec.describe()}")
     config = config.replace(feat_cond=conditioned, ssl_dim=spec.width if spec is not None else config.ssl_dim)
     if fit:  # every rank encodes a share; rank 0's weights are the ones TrainLoop maps and sends
-        init_weights = _fit_ssl_emb(init_weights, image_paths, fit, encoder=built, features=features,
-                                    precision=encoder_precision, seed=seed, progress=progress)
+        init_weights = _fit_ssl_emb(init_weights, image_paths, fit, folders=folders, encoder=built,
+                                    features=features, precision=encoder_precision, seed=seed, progress=progress)
 
     logger.log("creating model and diffusion...")
     unet, diffusion = config.build()
